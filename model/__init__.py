@@ -1,0 +1,17 @@
+"""The latent diffusion model: UNet, VAE, CLIP text encoder, samplers and checkpoint loading."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.pipeline import Pipeline
+
+__all__ = ["Pipeline", "load_pipeline"]
+
+
+def load_pipeline(source: str, device: Any = None, dtype: Any = None) -> Pipeline:
+    """Load a pipeline from a checkpoint file, a diffusers folder, a hub repo id or "demo"."""
+    from model.checkpoint import load_pipeline as _load
+
+    return _load(source, device=device, dtype=dtype)

@@ -1,0 +1,1 @@
+"""Everything around the model: settings, HTTP API, Redis queue, engine and workers."""
