@@ -1,0 +1,302 @@
+"""The LDM denoising UNet with spatial-transformer cross-attention (Rombach et al., 2022).
+
+Module attribute names mirror the original checkpoints' keys below `model.diffusion_model.`
+(`input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`, ...), so a single-file
+checkpoint loads with one strict `load_state_dict` and no mapping table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of one UNet; defaults are Stable Diffusion 1.x."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full latent size) with attention
+    num_heads: int | None = 8  # SD 1.x: fixed head count ...
+    head_dim: int | None = None  # ... SD 2.x: fixed channels per head (64)
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_projection: bool = False  # SD 2.x projects in/out of transformers with Linear
+    upcast_attention: bool = False  # compute attention in float32 under fp16 (SD 2.1-v)
+    norm_groups: int = 32
+
+    def heads_for(self, channels: int) -> tuple[int, int]:
+        """(number of heads, channels per head) of a transformer with `channels` channels."""
+        if self.head_dim is not None:
+            return channels // self.head_dim, self.head_dim
+        assert self.num_heads is not None, "UNetConfig needs num_heads or head_dim"
+        return self.num_heads, channels // self.num_heads
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of per-sample timesteps, (B,) -> (B, dim), float32."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype, as the original LDM does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return F.group_norm(
+            x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps
+        ).to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the time embedding added between them, plus a skip path."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            GroupNorm32(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = (
+            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)  # (B, C_out, H, W)
+        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention; self-attention when no context is given."""
+
+    def __init__(
+        self, query_dim: int, context_dim: int, heads: int, head_dim: int, upcast: bool
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.upcast = upcast
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b, n, _ = x.shape
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N|M, heads*d)
+        q, k, v = (
+            t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v)
+        )
+        dtype = q.dtype
+        if self.upcast and dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
+        out = out.to(dtype).transpose(1, 2).reshape(b, n, -1)  # (B, N, heads*d)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection of the transformer's feed-forward (Shazeer, 2020)."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, upcast: bool) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, head_dim, upcast)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, upcast)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the (H*W) positions of a feature map, conditioned on the text."""
+
+    def __init__(self, channels: int, cfg: UNetConfig) -> None:
+        super().__init__()
+        heads, head_dim = cfg.heads_for(channels)
+        inner = heads * head_dim
+        self.use_linear = cfg.use_linear_projection
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
+        if self.use_linear:
+            self.proj_in: nn.Module = nn.Linear(channels, inner)
+            self.proj_out: nn.Module = nn.Linear(inner, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, cfg.context_dim, heads, head_dim, cfg.upcast_attention)
+            for _ in range(cfg.transformer_depth)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, HW, inner)
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, inner|C, H, W)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + residual
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given what it needs: time embedding or text context."""
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """eps (or v) = unet(x, t, context), each row with its own timestep."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        emb_dim = mc * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]
+        )
+        skip_channels, ch = [mc], mc
+        last = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
+                ch = mult * mc
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(ch, cfg))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != last:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, groups),
+            SpatialTransformer(ch, cfg),
+            ResBlock(ch, emb_dim, ch, groups),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(ch, cfg))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out[2].weight.dtype
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B, C_in, h, w), t (B,), context (B, N, context_dim) -> (B, C_out, h, w)."""
+        dtype = self.dtype
+        emb = self.time_embed(
+            timestep_embedding(t, self.config.model_channels).to(dtype)
+        )  # (B, 4*mc)
+        h, context = x.to(dtype), context.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)

@@ -1,0 +1,49 @@
+"""Tiny random-weight model configs shaped like SD 1.x and SD 2.x, shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# diffusers UNet2DConditionModel configs; ours are derived from them by the loader.
+UNET_SD1: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 2,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+
+UNET_SD2: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "cross_attention_dim": 48,
+    "attention_head_dim": [2, 4, 4],  # 16 channels per head at every level, as SD 2.x's 64
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "norm_num_groups": 16,
+}
+
+
+def randomize_(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
+    """Give every parameter distinct random values, so swapped weights cannot go unnoticed."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * scale
+            if name.endswith("weight") and p.ndim == 1:  # norms: around 1
+                noise += 1.0
+            p.copy_(noise)
+    return module
