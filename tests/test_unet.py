@@ -111,3 +111,19 @@ def test_unsupported_diffusers_config_is_refused() -> None:
         unet_config_from_diffusers(
             {**UNET_SD1, "addition_embed_type": "text_time"}, source="unet/config.json"
         )
+
+
+def test_latent_sides_not_divisible_by_the_downsampling_match_diffusers() -> None:
+    """Any image side that is a multiple of 8 works: a 9x11 latent goes down and back up."""
+    ref = randomize_(UNet2DConditionModel(**UNET_SD1), seed=4).eval()
+    cfg = unet_config_from_diffusers(ref.config, source="test")
+    sd = unet_state_dict_from_diffusers(ref.state_dict(), cfg, source="test")
+    ours = build_module(lambda: UNetModel(cfg), sd, what="UNet", source="test")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 9, 11, generator=g)
+    ctx = torch.randn(1, 77, 32, generator=g)
+    t = torch.tensor([400.0])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample, atol=1e-5, rtol=1e-4
+        )
