@@ -1,0 +1,369 @@
+"""The Redis data model: submit, claim, heartbeat, progress, finish, cancel, reclaim.
+
+One stream per model read by the consumer group ``workers`` carries job ids; a hash per
+job carries the state (layout in :mod:`service.queue_keys`). Every conditional state
+change is one Lua script (:mod:`service.queue_scripts`), so a cancel, a reclaim and a
+worker's final write can never interleave halfway.
+
+Worker loop, in short::
+
+    await q.heartbeat(info)                                  # every heartbeat_interval_s
+    claims = await q.reclaim(wid, model, free) + await q.claim(wid, model, free', block_ms=…)
+    lost = await q.progress_many([(c, step, total, eta), ...])  # per step; lost → drop rows
+    await q.record_batch([rows])                               # UNet rows per call
+    await q.finish(c, images, seeds) / await q.fail(c, code, msg) / await q.release(c)
+
+No torch, no model imports here: the API process uses this module too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from service import queue_scripts as lua
+from service.queue_keys import (
+    BATCH_ROW_BOUNDS,
+    GROUP,
+    LATENCY_BOUNDS,
+    Claim,
+    IdempotencyMismatch,
+    JobRecord,
+    Keys,
+    QueueFull,
+    SubmitResult,
+    WorkerInfo,
+)
+from service.settings import Settings
+
+__all__ = [
+    "Claim",
+    "IdempotencyMismatch",
+    "JobQueue",
+    "JobRecord",
+    "QueueFull",
+    "SubmitResult",
+    "WorkerInfo",
+]
+
+ProgressUpdate = tuple[Claim, int, int, float | None]
+
+
+def _s(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _csv(bounds: Iterable[float]) -> str:
+    return ",".join(repr(float(b)) for b in bounds)
+
+
+class JobQueue:
+    """Async facade over the Redis data model, shared by the API and the workers."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self._groups: set[str] = set()
+        reg = redis.register_script
+        self._submit = reg(lua.SUBMIT)
+        self._activate = reg(lua.ACTIVATE)
+        self._reclaim = reg(lua.RECLAIM)
+        self._progress = reg(lua.PROGRESS)
+        self._finish = reg(lua.FINISH)
+        self._fail = reg(lua.FAIL)
+        self._release = reg(lua.RELEASE)
+        self._cancel = reg(lua.CANCEL)
+        self._observe = reg(lua.OBSERVE)
+
+    @property
+    def _p(self) -> str:
+        return self.keys.prefix
+
+    @property
+    def _job_ttl(self) -> int:
+        return self.settings.result_ttl_s + self.settings.job_ttl_grace_s
+
+    # ------------------------------------------------------------------ client side
+
+    async def submit(
+        self,
+        params: dict[str, Any],
+        *,
+        model: str,
+        job_id: str,
+        idempotency_key: str | None = None,
+        digest: str = "",
+    ) -> SubmitResult:
+        """Create a job (hash + stream entry, atomically), or return the idempotent twin.
+
+        Raises QueueFull past ``max_queue`` queued jobs for the model and
+        IdempotencyMismatch when the key was used with a different ``digest``.
+        """
+        idem = self.keys.idem(idempotency_key) if idempotency_key else ""
+        kind, existing = await self._submit(
+            args=[
+                self._p,
+                job_id,
+                model,
+                json.dumps(params, separators=(",", ":")),
+                digest,
+                repr(time.time()),
+                self.settings.max_queue,
+                idem,
+                self._job_ttl,
+            ]
+        )
+        kind, existing = _s(kind), _s(existing) or ""
+        if kind == "full":
+            raise QueueFull(f"queue for model {model!r} holds {self.settings.max_queue} jobs")
+        if kind == "mismatch":
+            raise IdempotencyMismatch(existing)
+        return SubmitResult(job_id=existing, created=kind == "created")
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        """The job record with its queue position (None when unknown or expired)."""
+        raw = await self.redis.hgetall(self.keys.job(job_id))
+        if not raw or b"status" not in raw:
+            return None
+        decoded = {k.decode(): v.decode() for k, v in raw.items()}
+        position = None
+        if decoded["status"] == "queued":
+            position = await self.redis.zrank(self.keys.queued(decoded["model"]), job_id)
+        return JobRecord.from_hash(decoded, position)
+
+    async def image(self, job_id: str, index: int) -> bytes | None:
+        """Encoded bytes of one result image, None once expired."""
+        return await self.redis.hget(self.keys.images(job_id), str(index))
+
+    async def cancel(self, job_id: str) -> str:
+        """Cancel a queued or running job.
+
+        Returns ``"canceled"`` when this call (or an earlier one) canceled it, ``"missing"``
+        for an unknown id, else the terminal status it already had. A running job's worker
+        sees it through :meth:`canceled` / a refused :meth:`progress` and drops it.
+        """
+        result = await self._cancel(args=[self._p, job_id, repr(time.time()), self._job_ttl])
+        return _s(result) or "missing"
+
+    async def queue_depth(self, model: str) -> int:
+        """Jobs queued (not yet running) for a model."""
+        return int(await self.redis.zcard(self.keys.queued(model)))
+
+    async def ping(self) -> bool:
+        """Raise if Redis is unreachable (ConnectionError); True otherwise."""
+        return bool(await self.redis.ping())
+
+    # ------------------------------------------------------------------ workers
+
+    async def heartbeat(self, info: WorkerInfo) -> None:
+        """Announce a live worker for ``worker_ttl_s``; its claims are safe while it beats."""
+        ttl_ms = int(self.settings.worker_ttl_s * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.worker(info.worker_id), info.to_json(), px=ttl_ms)
+            pipe.zadd(self.keys.workers, {info.worker_id: time.time()})
+            await pipe.execute()
+
+    async def unregister(self, worker_id: str) -> None:
+        """Drop a worker's heartbeat now (after draining) so its leftovers are reclaimable."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.worker(worker_id))
+            pipe.zrem(self.keys.workers, worker_id)
+            await pipe.execute()
+
+    async def live_workers(self) -> list[WorkerInfo]:
+        """Workers whose heartbeat key has not expired (stale registry entries are pruned)."""
+        ids = [_s(w) or "" for w in await self.redis.zrange(self.keys.workers, 0, -1)]
+        if not ids:
+            return []
+        values = await self.redis.mget([self.keys.worker(w) for w in ids])
+        dead = [w for w, v in zip(ids, values, strict=True) if v is None]
+        if dead:
+            await self.redis.zrem(self.keys.workers, *dead)
+        return [WorkerInfo.from_json(v) for v in values if v is not None]
+
+    async def ensure_group(self, model: str) -> None:
+        """Create the model's stream and consumer group (from the start: no entry skipped)."""
+        try:
+            await self.redis.xgroup_create(self.keys.stream(model), GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(model)
+
+    async def _with_group(self, model: str, call: Any) -> Any:
+        """Run ``call()``; recreate the group once if Redis lost it (flush, new instance)."""
+        if model not in self._groups:
+            await self.ensure_group(model)
+        try:
+            return await call()
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group(model)
+            return await call()
+
+    def _claims(self, worker_id: str, model: str, rows: Sequence[Sequence[Any]]) -> list[Claim]:
+        return [
+            Claim(
+                job_id=_s(r[0]) or "",
+                worker_id=worker_id,
+                lease=int(r[1]),
+                attempt=int(r[2]),
+                params=json.loads(r[3]),
+                entry_id=_s(r[4]) or "",
+                model=model,
+            )
+            for r in rows
+        ]
+
+    async def claim(
+        self, worker_id: str, model: str, count: int, block_ms: int | None = None
+    ) -> list[Claim]:
+        """Take up to ``count`` new jobs (the worker's free batch capacity).
+
+        ``block_ms`` > 0 waits that long for new entries (this needs a connection of its
+        own for the wait; the pool provides one). Entries whose job was canceled meanwhile
+        are acked and skipped, so fewer than ``count`` may come back.
+        """
+        if count <= 0:
+            return []
+        stream = self.keys.stream(model)
+
+        async def read() -> Any:
+            return await self.redis.xreadgroup(
+                GROUP, worker_id, {stream: ">"}, count=count, block=block_ms or None
+            )
+
+        response = await self._with_group(model, read)
+        pairs: list[str] = []
+        for _name, entries in response or []:
+            for entry_id, fields in entries:
+                pairs += [_s(entry_id) or "", _s(fields.get(b"job")) or ""]
+        if not pairs:
+            return []
+        rows = await self._activate(args=[self._p, worker_id, repr(time.time()), *pairs, model])
+        return self._claims(worker_id, model, rows)
+
+    async def reclaim(self, worker_id: str, model: str, count: int) -> list[Claim]:
+        """Take over up to ``count`` jobs whose worker stopped heart-beating.
+
+        Only entries idle for ``reclaim_after_s`` *and* owned by a worker without a live
+        heartbeat (or handed back with :meth:`release`) move; a slow but beating worker
+        keeps its jobs. A job already run ``max_attempts`` times fails instead. (XPENDING
+        with IDLE + XCLAIM rather than XAUTOCLAIM, because XAUTOCLAIM cannot skip entries
+        of live owners.)
+        """
+        if count <= 0:
+            return []
+        args = [
+            self._p,
+            worker_id,
+            repr(time.time()),
+            model,
+            int(self.settings.reclaim_after_s * 1000),
+            count,
+            self.settings.max_attempts,
+            self._job_ttl,
+            max(1000, 10 * count),
+        ]
+
+        async def run() -> Any:
+            return await self._reclaim(args=args)
+
+        rows = await self._with_group(model, run)
+        return self._claims(worker_id, model, rows)
+
+    def _progress_args(self, c: Claim, step: int, total: int, eta_s: float | None) -> list[Any]:
+        message = {"type": "progress", "id": c.job_id, "step": step, "total": total}
+        message["eta_s"] = None if eta_s is None else round(eta_s, 3)
+        eta = "" if eta_s is None else repr(float(eta_s))
+        return [self._p, c.job_id, c.worker_id, c.lease, repr(time.time()), step, total, eta,
+                json.dumps(message)]  # fmt: skip
+
+    async def progress(self, claim: Claim, step: int, total: int, eta_s: float | None) -> bool:
+        """Record and publish progress; False means the job is no longer this worker's
+        (canceled or taken over): drop it before the next UNet step."""
+        return bool(await self._progress(args=self._progress_args(claim, step, total, eta_s)))
+
+    async def progress_many(self, updates: Sequence[ProgressUpdate]) -> set[str]:
+        """Progress for a whole batch in one round trip; returns the ids to drop."""
+        if not updates:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for claim, step, total, eta_s in updates:
+                await self._progress(args=self._progress_args(claim, step, total, eta_s),
+                                     client=pipe)  # fmt: skip
+            results = await pipe.execute()
+        return {u[0].job_id for u, ok in zip(updates, results, strict=True) if not ok}
+
+    async def canceled(self, job_ids: Sequence[str]) -> set[str]:
+        """Of ``job_ids``, those canceled (or gone): one round trip for a whole batch."""
+        if not job_ids:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self.keys.job(job_id), "status")
+            statuses = await pipe.execute()
+        return {j for j, s in zip(job_ids, statuses, strict=True) if s in (None, b"canceled")}
+
+    async def is_canceled(self, job_id: str) -> bool:
+        """Whether one job was canceled (or is gone)."""
+        return bool(await self.canceled([job_id]))
+
+    async def finish(self, claim: Claim, images: Sequence[bytes], seeds: Sequence[int]) -> bool:
+        """Store the encoded images (TTL ``result_ttl_s``) and mark the job succeeded.
+
+        Refused (False, nothing written) unless ``claim`` is still the current lease.
+        """
+        fmt = str(claim.params.get("output_format", "png"))
+        args = [self._p, claim.job_id, claim.worker_id, claim.lease, repr(time.time()),
+                self.settings.result_ttl_s, self._job_ttl, json.dumps(list(seeds)),
+                _csv(LATENCY_BOUNDS), fmt, *images]  # fmt: skip
+        return bool(await self._finish(args=args))
+
+    async def fail(self, claim: Claim, code: str, message: str) -> bool:
+        """Mark the job failed for good (no retry); guarded like :meth:`finish`."""
+        args = [self._p, claim.job_id, claim.worker_id, claim.lease, repr(time.time()),
+                self._job_ttl, code, message]  # fmt: skip
+        return bool(await self._fail(args=args))
+
+    async def release(self, claim: Claim) -> bool:
+        """Hand a running job back (drain timeout): queued again, next reclaim takes it,
+        and this run does not count as an attempt."""
+        args = [self._p, claim.job_id, claim.worker_id, claim.lease, repr(time.time())]
+        return bool(await self._release(args=args))
+
+    async def record_batch(self, rows: int | Sequence[int]) -> None:
+        """Add UNet call sizes (rows per call) to ``ldmserve_unet_batch_rows``."""
+        values = [rows] if isinstance(rows, int) else list(rows)
+        if values:
+            await self._observe(args=[self._p, "unet_batch_rows", _csv(BATCH_ROW_BOUNDS), *values])
+
+    # ------------------------------------------------------------------ metrics
+
+    async def metrics_snapshot(self) -> dict[str, Any]:
+        """Raw numbers for /metrics: counters hash, per-model depths, running, workers."""
+        models = sorted({_s(m) or "" for m in await self.redis.smembers(self.keys.models)})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.metrics)
+            pipe.scard(self.keys.running)
+            for m in models:
+                pipe.zcard(self.keys.queued(m))
+                pipe.xlen(self.keys.stream(m))
+            raw = await pipe.execute()
+        counters = {k.decode(): v.decode() for k, v in raw[0].items()}
+        depth = {m: int(raw[2 + 2 * i]) for i, m in enumerate(models)}
+        stream_len = {m: int(raw[3 + 2 * i]) for i, m in enumerate(models)}
+        return {
+            "counters": counters,
+            "running": int(raw[1]),
+            "queued": depth,
+            "stream_length": stream_len,
+            "workers": await self.live_workers(),
+        }

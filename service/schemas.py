@@ -1,0 +1,156 @@
+"""The HTTP contract: request and response models (pydantic v2).
+
+Request bodies are strict JSON: unknown fields are **rejected** with 422 naming the field
+(a misspelt ``guidance`` must not silently fall back to a default and produce a different
+image), numbers must be JSON numbers (``"512"`` is refused), NaN/Infinity are refused.
+Configurable limits (sizes, steps, guidance, image count, prompt length) are checked by the
+API against :class:`service.settings.Settings`, not here, so that they can change per
+deployment; the ranges below are the fixed ones.
+
+This module must not import torch or ``model``: the API process runs without them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Mirrors model.samplers.SAMPLER_NAMES (a test asserts they agree); the API may not import model.
+SAMPLER_NAMES: tuple[str, ...] = (
+    "ddim",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "lcm",
+    "pndm",
+)
+SamplerName = Literal[
+    "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "pndm"
+]
+OutputFormat = Literal["png", "jpeg", "webp"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MAX_SEED = 2**32 - 1
+
+
+class JobRequest(BaseModel):
+    """Body of ``POST /v1/jobs``; defaults equal ``model.Pipeline.generate()``'s.
+
+    Unknown fields are rejected (422). ``seed`` omitted → the server draws one and returns
+    it; image ``i`` of the job uses seed ``seed + i``.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    prompt: str = Field(min_length=1, description="Text to render; length limit is a setting.")
+    negative_prompt: str = ""
+    width: int = Field(default=512, description="Pixels; a multiple of 8 within the limits.")
+    height: int = Field(default=512, description="Pixels; a multiple of 8 within the limits.")
+    steps: int = Field(default=30, description="Denoising steps (default limit 1–150).")
+    guidance_scale: float = Field(default=7.5, description="Classifier-free guidance scale.")
+    sampler: SamplerName = "euler_a"
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_images: int = Field(default=1, description="Images from consecutive seeds.")
+    output_format: OutputFormat = "png"
+    model: str | None = Field(default=None, min_length=1, max_length=512)
+
+
+class Links(BaseModel):
+    """Where to find the job and its event stream."""
+
+    self: str
+    events: str
+
+
+class SubmitResponse(BaseModel):
+    """202 answer to a submit: enough to poll or stream at once."""
+
+    id: str
+    status: JobStatus
+    queue_position: int | None
+    seed: int
+    links: Links
+
+
+class Progress(BaseModel):
+    """Denoising progress of a running job."""
+
+    step: int
+    total: int
+    eta_s: float | None = None
+
+
+class ImageLink(BaseModel):
+    """One result image and the seed that reproduces it alone."""
+
+    index: int
+    seed: int
+    url: str
+    content_type: str
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    code: str
+    message: str
+
+
+class JobView(BaseModel):
+    """Everything a client may know about a job (``GET /v1/jobs/{id}``)."""
+
+    id: str
+    status: JobStatus
+    model: str
+    queue_position: int | None = None
+    progress: Progress | None = None
+    attempt: int = 0
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: JobError | None = None
+    parameters: dict[str, Any]
+    images: list[ImageLink] = Field(default_factory=list)
+    images_expire_at: str | None = None
+    links: Links
+
+
+class ModelInfo(BaseModel):
+    """A model this deployment serves and the live workers that serve it."""
+
+    id: str
+    default: bool
+    workers: int
+    max_batch: int
+    devices: list[str]
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    models: list[ModelInfo]
+
+
+class SamplerList(BaseModel):
+    """``GET /v1/samplers``."""
+
+    samplers: list[str]
+    default: str
+
+
+class ErrorDetail(BaseModel):
+    """The one error shape every endpoint uses."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """``{"error": {"code", "message", "field"}}``."""
+
+    error: ErrorDetail

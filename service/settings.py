@@ -1,0 +1,78 @@
+"""One settings object for every ldmserve process, read from ``LDMSERVE_*`` variables.
+
+API, workers and the CLI share it so that a limit or TTL has a single name and default;
+CLI flags override individual fields by constructing ``Settings(field=value)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration; every field can be set as ``LDMSERVE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LDMSERVE_", extra="ignore")
+
+    # Where things run.
+    redis_url: str | None = Field(
+        default=None, description="Redis URL; None starts an embedded redis-server in data_dir."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Path(".ldmserve")
+    key_prefix: str = Field(default="ldmserve", min_length=1, max_length=64)
+
+    # Model / worker.
+    model: str = Field(default="demo", description="Model source the workers serve by default.")
+    device: str | None = None
+    max_batch: int = Field(default=16, ge=1, le=1024, description="UNet rows per worker step.")
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    worker_ttl_s: float = Field(
+        default=10.0, gt=0, description="A worker without a heartbeat for this long is dead."
+    )
+
+    # Queue semantics.
+    reclaim_after_s: float = Field(default=30.0, ge=0)
+    max_attempts: int = Field(default=3, ge=1)
+    result_ttl_s: int = Field(default=3600, ge=1)
+    job_ttl_grace_s: int = Field(
+        default=3600, ge=1, description="The job record outlives its images by this (→ 410)."
+    )
+    max_queue: int = Field(default=1000, ge=1, description="Queued jobs per model before 429.")
+    queue_full_retry_after_s: int = Field(default=5, ge=1)
+    redis_retry_after_s: int = Field(default=2, ge=1)
+    redis_timeout_s: float = Field(default=5.0, gt=0)
+
+    # Request limits (validated by the API so that they stay configurable).
+    min_side: int = Field(default=64, ge=8)
+    max_side: int = Field(default=2048, ge=8)
+    side_multiple: int = Field(default=8, ge=1)
+    min_steps: int = Field(default=1, ge=1)
+    max_steps: int = Field(default=150, ge=1)
+    min_guidance: float = 0.0
+    max_guidance: float = 30.0
+    max_num_images: int = Field(default=8, ge=1)
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    max_body_bytes: int = Field(default=65536, ge=1024)
+
+    # HTTP.
+    cors_origins: list[str] = Field(default_factory=list, description="Empty: CORS off.")
+    sse_poll_s: float = Field(
+        default=1.0, gt=0, description="SSE re-reads the job this often in case a message was lost."
+    )
+    sse_keepalive_s: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Settings:
+        """Refuse contradictory limits at start rather than at the first request."""
+        if self.min_side > self.max_side:
+            raise ValueError("min_side must not exceed max_side")
+        if self.min_steps > self.max_steps:
+            raise ValueError("min_steps must not exceed max_steps")
+        if self.min_guidance > self.max_guidance:
+            raise ValueError("min_guidance must not exceed max_guidance")
+        return self

