@@ -1,0 +1,203 @@
+"""`load_pipeline(source)`: single files, diffusers folders, hub repo ids and the demo model.
+
+Each loader reads only the weights it needs, converted tensor by tensor to the target device
+and dtype (see weight_files.py), and loads every network strictly; a bad checkpoint fails
+with a CheckpointError naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.pipeline import Pipeline
+from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
+from model.text import text_encoder_from_diffusers, text_encoder_from_ldm
+from model.unet import UNetModel
+from model.unet_convert import (
+    LDM_PREFIX as UNET_PREFIX,
+)
+from model.unet_convert import (
+    unet_config_from_diffusers,
+    unet_config_from_ldm,
+    unet_state_dict_from_diffusers,
+)
+from model.vae_convert import vae_from_diffusers, vae_from_ldm
+from model.weight_files import WeightFile, find_weights
+from model.weights import CheckpointError, build_module
+
+log = logging.getLogger(__name__)
+
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+]
+
+
+def default_device() -> torch.device:
+    """CUDA, then Apple's MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (the usual way to run SD), fp32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_pipeline(source: str, device: Any = None, dtype: Any = None) -> Pipeline:
+    """Load a Pipeline from a .safetensors/.ckpt file, a diffusers folder, a hub repo id or 'demo'."""
+    dev = torch.device(device) if device is not None else default_device()
+    dt = dtype if dtype is not None else default_dtype(dev)
+    if source == "demo":
+        from model.demo import build_demo
+
+        return build_demo(dev, dt)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return load_diffusers_folder(path, dev, dt)
+    if path.is_file():
+        return load_single_file(path, dev, dt)
+    if _REPO_ID.match(source) and not source.endswith((".safetensors", ".ckpt", ".pt", ".pth")):
+        return load_diffusers_folder(download_from_hub(source), dev, dt, name=source)
+    raise CheckpointError(f"{source}: no such file or folder (nor a Hugging Face repo id)")
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Fetch a diffusers repo's inference files through huggingface_hub (honours its cache/offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError as exc:
+        raise CheckpointError(
+            f"{repo_id}: not in the Hugging Face cache and offline ({exc})"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{repo_id}: cannot download from the Hugging Face hub ({exc})"
+        ) from None
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{repo_id}: not a diffusers pipeline repo (no model_index.json)")
+    return folder
+
+
+def _prediction_type_for(path: Path, metadata: dict[str, str]) -> str:
+    """v-prediction when a sidecar `<name>.yaml` or the file's metadata says so (SD 2.x 768-v)."""
+    for sidecar in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
+        if sidecar.is_file() and re.search(
+            r"parameterization:\s*[\"']?v[\"']?\s*$", sidecar.read_text(), re.M
+        ):
+            return "v_prediction"
+    tag = metadata.get("modelspec.prediction_type", "") + metadata.get("prediction_type", "")
+    return "v_prediction" if tag.startswith("v") else "epsilon"
+
+
+def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    """An original-layout single file (SD 1.x / 2.x; EMA-only or full, `model_ema.*` ignored)."""
+    source = str(path)
+    wf = WeightFile(path)
+    shapes = wf.shapes()
+    if any(k.startswith("conditioner.embedders.") for k in shapes):
+        raise CheckpointError(f"{source}: SDXL checkpoints are not supported yet")
+    unet_keys = [k for k in shapes if k.startswith(UNET_PREFIX)]
+    if not unet_keys:
+        raise CheckpointError(
+            f"{source}: not a Stable Diffusion checkpoint (no UNet weights '{UNET_PREFIX}*')"
+        )
+    for prefix, what in ((VAE_PREFIX, "VAE"), (TEXT_PREFIX, "text encoder")):
+        if not any(k.startswith(prefix) for k in shapes):
+            raise CheckpointError(f"{source}: the checkpoint has no {what} weights ('{prefix}*')")
+
+    unet_cfg = unet_config_from_ldm(
+        {k.removeprefix(UNET_PREFIX): v for k, v in shapes.items() if k.startswith(UNET_PREFIX)},
+        source=source,
+    )
+    strip_unet = lambda k: k.removeprefix(UNET_PREFIX)  # noqa: E731
+    unet = build_module(
+        lambda: UNetModel(unet_cfg),
+        wf.read(unet_keys, rename=strip_unet, device=device, dtype=dtype),
+        what="UNet",
+        source=source,
+        device=device,
+        dtype=dtype,
+    )
+    vae_keys = [k for k in shapes if k.startswith(VAE_PREFIX)]
+    vae = vae_from_ldm(
+        wf.read(vae_keys, rename=lambda k: k.removeprefix(VAE_PREFIX), device=device, dtype=dtype),
+        source=source,
+        device=device,
+        dtype=dtype,
+    )
+    text_keys = [k for k in shapes if k.startswith(TEXT_PREFIX)]
+    text = text_encoder_from_ldm(
+        wf.read(text_keys, device=device, dtype=dtype), source=source, device=device, dtype=dtype
+    )
+    prediction = _prediction_type_for(path, wf.metadata)
+    schedule = NoiseSchedule.from_config({**SD15_SCHEDULER_CONFIG, "prediction_type": prediction})
+    log.info(
+        "loaded %s (UNet %s, %s) on %s/%s", source, unet_cfg.channel_mult, prediction, device, dtype
+    )
+    return Pipeline(unet=unet, vae=vae, text=text, schedule=schedule, name=path.name)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_diffusers_folder(
+    folder: Path, device: torch.device, dtype: torch.dtype, name: str | None = None
+) -> Pipeline:
+    """A diffusers pipeline folder: model_index.json plus unet/, vae/, text_encoder/, scheduler/."""
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    unet_dir = folder / "unet"
+    unet_cfg = unet_config_from_diffusers(
+        _read_json(unet_dir / "config.json"), source=str(unet_dir)
+    )
+    weights = WeightFile(find_weights(unet_dir, "diffusion_pytorch_model"))
+    raw = weights.read(list(weights.shapes()), device=device, dtype=dtype)
+    unet = build_module(
+        lambda: UNetModel(unet_cfg),
+        unet_state_dict_from_diffusers(raw, unet_cfg, source=str(weights.path)),
+        what="UNet",
+        source=str(weights.path),
+        device=device,
+        dtype=dtype,
+    )
+    del raw
+    vae = vae_from_diffusers(folder / "vae", device=device, dtype=dtype)
+    text = text_encoder_from_diffusers(folder, device=device, dtype=dtype)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched_cfg = _read_json(sched_path) if sched_path.is_file() else None
+    schedule = NoiseSchedule.from_config(sched_cfg)
+    log.info("loaded diffusers folder %s on %s/%s", folder, device, dtype)
+    return Pipeline(unet=unet, vae=vae, text=text, schedule=schedule, name=name or folder.name)
