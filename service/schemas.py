@@ -12,9 +12,13 @@ This module must not import torch or ``model``: the API process runs without the
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from service.queue_keys import JobRecord
 
 # Mirrors model.samplers.SAMPLER_NAMES (a test asserts they agree); the API may not import model.
 SAMPLER_NAMES: tuple[str, ...] = (
@@ -117,6 +121,55 @@ class JobView(BaseModel):
     images: list[ImageLink] = Field(default_factory=list)
     images_expire_at: str | None = None
     links: Links
+
+    @classmethod
+    def from_record(cls, record: JobRecord) -> JobView:
+        """Public view of a job record: links are relative to the API root."""
+        base = f"/v1/jobs/{record.id}"
+        progress = None
+        if record.status == "running" and record.total:
+            progress = Progress(step=record.step or 0, total=record.total, eta_s=record.eta_s)
+        error = None
+        if record.status == "failed":
+            error = JobError(code=record.error_code or "failed", message=record.error or "")
+        images = []
+        if record.status == "succeeded":
+            content_type = CONTENT_TYPES.get(record.format or "png", "application/octet-stream")
+            images = [
+                ImageLink(index=i, seed=seed, url=f"{base}/images/{i}", content_type=content_type)
+                for i, seed in enumerate(_seeds(record))
+            ]
+        return cls(
+            id=record.id,
+            status=record.status,  # type: ignore[arg-type]
+            model=record.model,
+            queue_position=record.queue_position,
+            progress=progress,
+            attempt=record.attempt,
+            created_at=iso(record.created_at) or "",
+            started_at=iso(record.started_at),
+            finished_at=iso(record.finished_at),
+            error=error,
+            parameters=record.params,
+            images=images,
+            images_expire_at=iso(record.expires_at),
+            links=Links(self=base, events=f"{base}/events"),
+        )
+
+
+def _seeds(record: JobRecord) -> list[int]:
+    """The seed of each image: what the worker reported, else the noise convention's s + i."""
+    if len(record.seeds) >= record.image_count:
+        return record.seeds[: record.image_count]
+    first = int(record.params.get("seed", 0))
+    return [first + i for i in range(record.image_count)]
+
+
+def iso(timestamp: float | None) -> str | None:
+    """Unix seconds → ISO 8601 UTC (what clients parse without guessing)."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
 
 
 class ModelInfo(BaseModel):

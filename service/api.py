@@ -1,0 +1,326 @@
+"""The HTTP API: ``create_app(settings)`` builds the FastAPI app; the lifespan owns Redis.
+
+This process imports neither torch nor ``model`` (checked by a test): it only talks to
+Redis, so it starts fast and runs without a GPU. Routes are documented in
+docs/ARCHITECTURE.md; request validation rules in :mod:`service.schemas`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import StreamingResponse
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from service.api_errors import ApiError, BodyLimitMiddleware, install_error_handlers
+from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from service.metrics import render as render_metrics
+from service.queue import IdempotencyMismatch, JobQueue, QueueFull
+from service.schemas import (
+    CONTENT_TYPES,
+    MAX_SEED,
+    SAMPLER_NAMES,
+    ErrorResponse,
+    JobRequest,
+    JobView,
+    Links,
+    ModelInfo,
+    ModelList,
+    SamplerList,
+    SubmitResponse,
+)
+from service.settings import Settings
+from service.sse import job_events
+
+log = logging.getLogger(__name__)
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (404, 409, 410, 413, 422, 429, 503)
+}
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_queue(request: Request) -> JobQueue:
+    return request.app.state.queue
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
+
+
+def job_id_param(job_id: Annotated[str, Path(max_length=64)]) -> str:
+    """Ids are uuid4 hex; anything else cannot exist (404, not 422)."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise ApiError(404, "job_not_found", "job not found")
+    return job_id
+
+
+JobIdDep = Annotated[str, Depends(job_id_param)]
+
+
+def _out_of_range(field: str, message: str) -> ApiError:
+    return ApiError(422, "out_of_range", f"{field}: {message}", field)
+
+
+def check_limits(body: JobRequest, s: Settings) -> None:
+    """Limits that are settings (so a deployment can change them), checked per request."""
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(body, name)
+        if len(text) > s.max_prompt_chars:
+            raise _out_of_range(name, f"at most {s.max_prompt_chars} characters")
+        if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+            raise ApiError(422, "invalid_text", f"{name}: control characters", name)
+    if not body.prompt.strip():
+        raise ApiError(422, "validation_error", "prompt: must not be blank", "prompt")
+    for name in ("width", "height"):
+        side = getattr(body, name)
+        if not s.min_side <= side <= s.max_side:
+            raise _out_of_range(name, f"must be between {s.min_side} and {s.max_side}")
+        if side % s.side_multiple:
+            raise _out_of_range(name, f"must be a multiple of {s.side_multiple}")
+    if not s.min_steps <= body.steps <= s.max_steps:
+        raise _out_of_range("steps", f"must be between {s.min_steps} and {s.max_steps}")
+    if not s.min_guidance <= body.guidance_scale <= s.max_guidance:
+        raise _out_of_range(
+            "guidance_scale", f"must be between {s.min_guidance} and {s.max_guidance}"
+        )
+    if not 1 <= body.num_images <= s.max_num_images:
+        raise _out_of_range("num_images", f"must be between 1 and {s.max_num_images}")
+
+
+async def resolve_model(body: JobRequest, s: Settings, queue: JobQueue) -> str:
+    """The default model, or one a live worker serves; else 422 on ``model``."""
+    if body.model is None or body.model == s.model:
+        return s.model
+    if any(w.model == body.model for w in await queue.live_workers()):
+        return body.model
+    raise ApiError(422, "unknown_model", f"model: {body.model!r} is not served here", "model")
+
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=SubmitResponse,
+    responses={**_ERRORS, 200: {"description": "Idempotent replay"}},
+)
+async def submit_job(
+    body: JobRequest,
+    response: Response,
+    queue: QueueDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+) -> SubmitResponse:
+    """Queue a generation job; answers at once with its id (poll or stream it)."""
+    check_limits(body, settings)
+    model = await resolve_model(body, settings, queue)
+    digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    params = body.model_dump() | {"seed": seed, "model": model}
+    try:
+        result = await queue.submit(
+            params, model=model, job_id=uuid.uuid4().hex, idempotency_key=idempotency_key,
+            digest=digest,
+        )  # fmt: skip
+    except QueueFull as exc:
+        retry = str(settings.queue_full_retry_after_s)
+        raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": retry}) from exc
+    except IdempotencyMismatch as exc:
+        raise ApiError(422, "idempotency_key_reused", str(exc), "Idempotency-Key") from exc
+    record = await queue.get(result.job_id)
+    if record is None:  # expired between the two calls; practically impossible
+        raise ApiError(404, "job_not_found", "job not found")
+    base = f"/v1/jobs/{record.id}"
+    response.headers["Location"] = base
+    if not result.created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return SubmitResponse(
+        id=record.id,
+        status=record.status,  # type: ignore[arg-type]
+        queue_position=record.queue_position,
+        seed=int(record.params["seed"]),
+        links=Links(self=base, events=f"{base}/events"),
+    )
+
+
+async def _record(queue: JobQueue, job_id: str) -> Any:
+    record = await queue.get(job_id)
+    if record is None:
+        raise ApiError(404, "job_not_found", "job not found (unknown or expired)")
+    return record
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS)
+async def get_job(job_id: JobIdDep, queue: QueueDep) -> JobView:
+    """Status, queue position, progress, timestamps, error, parameters and image links."""
+    return JobView.from_record(await _record(queue, job_id))
+
+
+@router.get(
+    "/v1/jobs/{job_id}/images/{index}",
+    response_class=Response,
+    responses={**_ERRORS, 200: {"content": {t: {} for t in CONTENT_TYPES.values()}}},
+)
+async def get_image(
+    job_id: JobIdDep, index: Annotated[int, Path(ge=0, le=1_000_000)], queue: QueueDep
+) -> Response:
+    """One encoded image: 409 until the job succeeded, 410 once its result expired."""
+    record = await _record(queue, job_id)
+    if record.status in ("queued", "running"):
+        raise ApiError(409, "not_ready", f"job is {record.status}; no images yet")
+    if record.status != "succeeded":
+        raise ApiError(409, "no_images", f"job {record.status}; it has no images")
+    if index >= record.image_count:
+        raise ApiError(404, "image_not_found", f"job has {record.image_count} image(s)", "index")
+    data = await queue.image(job_id, index)
+    if data is None:
+        raise ApiError(410, "expired", "the job's images expired")
+    fmt = record.format or "png"
+    max_age = max(0, int((record.expires_at or time.time()) - time.time()))
+    return Response(
+        data,
+        media_type=CONTENT_TYPES.get(fmt, "application/octet-stream"),
+        headers={
+            "Cache-Control": f"private, max-age={max_age}, immutable",
+            "Content-Disposition": f'inline; filename="{job_id}-{index}.{fmt}"',
+        },
+    )
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+)
+async def job_event_stream(
+    job_id: JobIdDep, queue: QueueDep, settings: SettingsDep
+) -> StreamingResponse:
+    """Server-Sent Events: the job, its progress, then its final state (see service.sse)."""
+    await _record(queue, job_id)
+    return StreamingResponse(
+        job_events(queue, job_id, settings.sse_poll_s, settings.sse_keepalive_s),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS)
+async def cancel_job(job_id: JobIdDep, queue: QueueDep) -> JobView:
+    """Cancel: a queued job leaves the queue; a running one stops before its next step."""
+    outcome = await queue.cancel(job_id)
+    if outcome == "missing":
+        raise ApiError(404, "job_not_found", "job not found (unknown or expired)")
+    if outcome != "canceled":
+        raise ApiError(409, "already_finished", f"job already {outcome}")
+    return JobView.from_record(await _record(queue, job_id))
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
+    """The default model and every model a live worker serves."""
+    workers = await queue.live_workers()
+    names = sorted({settings.model, *(w.model for w in workers)})
+    models = []
+    for name in names:
+        serving = [w for w in workers if w.model == name]
+        models.append(
+            ModelInfo(
+                id=name,
+                default=name == settings.model,
+                workers=len(serving),
+                max_batch=sum(w.max_batch for w in serving),
+                devices=sorted({w.device for w in serving}),
+            )
+        )
+    return ModelList(models=models)
+
+
+@router.get("/v1/samplers", response_model=SamplerList)
+async def list_samplers() -> SamplerList:
+    """Sampler names accepted in ``sampler``."""
+    return SamplerList(samplers=list(SAMPLER_NAMES), default="euler_a")
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up (no dependency checked: for liveness probes)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses=_ERRORS)
+async def readyz(queue: QueueDep, settings: SettingsDep) -> dict[str, Any]:
+    """Ready when Redis answers and at least one worker heart-beats."""
+    await queue.ping()
+    workers = await queue.live_workers()
+    if not workers:
+        retry = {"Retry-After": str(settings.redis_retry_after_s)}
+        raise ApiError(503, "no_workers", "no live worker is connected", headers=retry)
+    return {"status": "ready", "workers": len(workers)}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(queue: QueueDep) -> Response:
+    """Prometheus text format."""
+    return Response(render_metrics(await queue.metrics_snapshot()), media_type=METRICS_CONTENT_TYPE)
+
+
+def _redis_client(settings: Settings) -> Redis:
+    url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    return Redis.from_url(
+        url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=min(settings.redis_timeout_s, 2.0),
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
+        health_check_interval=30,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API; Redis is connected lazily, so the app starts even while it is down."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = _redis_client(settings)
+        app.state.queue = JobQueue(client, settings)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    app = FastAPI(
+        title="ldmserve",
+        version="0.1.0",
+        description="Asynchronous Stable Diffusion jobs with step-level continuous batching.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app, settings.redis_retry_after_s)
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Content-Type", "Idempotency-Key", "Authorization"],
+            expose_headers=["Location", "Retry-After"],
+        )
+    return app

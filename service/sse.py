@@ -1,0 +1,86 @@
+"""Server-Sent Events for one job: ``GET /v1/jobs/{id}/events``.
+
+Stream content (each event's ``data`` is one JSON object):
+
+* ``event: job`` — the full job view (as ``GET /v1/jobs/{id}``), first on connect and on
+  every status change (queued → running, or back to queued after a hand-back);
+* ``event: progress`` — ``{"id", "step", "total", "eta_s"}`` after each denoising step;
+* ``event: done`` — the full job view in its final status (succeeded | failed | canceled),
+  after which the server closes the stream;
+* ``event: error`` — the job store became unreachable (or the job expired); stream ends.
+
+Lines starting with ``:`` are keep-alives. The channel is subscribed *before* the job is
+first read, so nothing published in between is lost; the job hash is also re-read every
+``sse_poll_s`` so a message lost to a reconnect only delays, never stalls, the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.queue import JobQueue
+from service.schemas import TERMINAL_STATUSES, JobView
+
+log = logging.getLogger(__name__)
+
+
+def format_event(event: str, data: Any) -> str:
+    """One SSE frame."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def job_events(
+    queue: JobQueue, job_id: str, poll_s: float, keepalive_s: float
+) -> AsyncIterator[str]:
+    """Yield SSE frames for ``job_id`` until it reaches a final status."""
+    pubsub = queue.redis.pubsub()
+    try:
+        await pubsub.subscribe(queue.keys.events(job_id))
+        record = await queue.get(job_id)
+        if record is None:
+            yield format_event("error", {"code": "job_not_found", "message": "job not found"})
+            return
+        status = record.status
+        yield format_event("job", JobView.from_record(record).model_dump(mode="json"))
+        last_read = last_sent = time.monotonic()
+        while status not in TERMINAL_STATUSES:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
+            now = time.monotonic()
+            payload = json.loads(message["data"]) if message else {}
+            if payload.get("type") == "progress" and now - last_read < poll_s:
+                payload.pop("type")
+                yield format_event("progress", payload)
+                last_sent = now
+                continue
+            record = await queue.get(job_id)
+            last_read = now
+            if record is None:
+                yield format_event("error", {"code": "job_expired", "message": "job expired"})
+                return
+            if payload.get("type") == "progress" and record.status == "running":
+                payload.pop("type")
+                yield format_event("progress", payload)
+                last_sent = now
+            if record.status != status:
+                status = record.status
+                if status not in TERMINAL_STATUSES:
+                    yield format_event("job", JobView.from_record(record).model_dump(mode="json"))
+                    last_sent = now
+            elif now - last_sent >= keepalive_s:
+                yield ": keepalive\n\n"
+                last_sent = now
+        yield format_event("done", JobView.from_record(record).model_dump(mode="json"))
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("SSE for job %s lost Redis: %s", job_id, exc)
+        yield format_event(
+            "error", {"code": "redis_unavailable", "message": "job store unreachable; reconnect"}
+        )
+    finally:
+        await pubsub.aclose()
