@@ -119,7 +119,7 @@ router = APIRouter()
     "/v1/jobs",
     status_code=202,
     response_model=SubmitResponse,
-    responses={**_ERRORS, 200: {"description": "Idempotent replay"}},
+    responses=_ERRORS,
 )
 async def submit_job(
     body: JobRequest,
@@ -144,18 +144,15 @@ async def submit_job(
         raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": retry}) from exc
     except IdempotencyMismatch as exc:
         raise ApiError(422, "idempotency_key_reused", str(exc), "Idempotency-Key") from exc
-    record = await queue.get(result.job_id)
-    if record is None:  # expired between the two calls; practically impossible
-        raise ApiError(404, "job_not_found", "job not found")
-    base = f"/v1/jobs/{record.id}"
+    base = f"/v1/jobs/{result.job_id}"
     response.headers["Location"] = base
     if not result.created:
         response.headers["Idempotent-Replayed"] = "true"
     return SubmitResponse(
-        id=record.id,
-        status=record.status,  # type: ignore[arg-type]
-        queue_position=record.queue_position,
-        seed=int(record.params["seed"]),
+        id=result.job_id,
+        status=result.status,  # type: ignore[arg-type]
+        queue_position=result.queue_position,
+        seed=int(result.params["seed"]),
         links=Links(self=base, events=f"{base}/events"),
     )
 

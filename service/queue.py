@@ -80,6 +80,7 @@ class JobQueue:
         self._release = reg(lua.RELEASE)
         self._cancel = reg(lua.CANCEL)
         self._observe = reg(lua.OBSERVE)
+        self._prune = reg(lua.PRUNE_CONSUMERS)
 
     @property
     def _p(self) -> str:
@@ -106,7 +107,7 @@ class JobQueue:
         IdempotencyMismatch when the key was used with a different ``digest``.
         """
         idem = self.keys.idem(idempotency_key) if idempotency_key else ""
-        kind, existing = await self._submit(
+        kind, found, status, rank, params_json = await self._submit(
             args=[
                 self._p,
                 job_id,
@@ -119,12 +120,18 @@ class JobQueue:
                 self._job_ttl,
             ]
         )
-        kind, existing = _s(kind), _s(existing) or ""
+        kind, found = _s(kind), _s(found) or ""
         if kind == "full":
             raise QueueFull(f"queue for model {model!r} holds {self.settings.max_queue} jobs")
         if kind == "mismatch":
-            raise IdempotencyMismatch(existing)
-        return SubmitResult(job_id=existing, created=kind == "created")
+            raise IdempotencyMismatch(found)
+        return SubmitResult(
+            job_id=found,
+            created=kind == "created",
+            status=_s(status) or "queued",
+            queue_position=None if int(rank) < 0 else int(rank),
+            params=json.loads(params_json),
+        )
 
     async def get(self, job_id: str) -> JobRecord | None:
         """The job record with its queue position (None when unknown or expired)."""
@@ -207,6 +214,14 @@ class JobQueue:
                 raise
             await self.ensure_group(model)
             return await call()
+
+    async def prune_consumers(self, model: str) -> int:
+        """Forget consumers of dead workers that hold no entries (bounded group metadata).
+
+        Call it now and then from a worker; workers restart with new ids, and each id
+        otherwise stays a consumer of the group forever.
+        """
+        return int(await self._with_group(model, lambda: self._prune(args=[self._p, model])))
 
     def _claims(self, worker_id: str, model: str, rows: Sequence[Sequence[Any]]) -> list[Claim]:
         return [
@@ -316,11 +331,17 @@ class JobQueue:
         """Whether one job was canceled (or is gone)."""
         return bool(await self.canceled([job_id]))
 
-    async def finish(self, claim: Claim, images: Sequence[bytes], seeds: Sequence[int]) -> bool:
+    async def finish(
+        self, claim: Claim, images: Sequence[bytes], seeds: Sequence[int] | None = None
+    ) -> bool:
         """Store the encoded images (TTL ``result_ttl_s``) and mark the job succeeded.
 
-        Refused (False, nothing written) unless ``claim`` is still the current lease.
+        ``seeds`` defaults to the noise convention's ``seed + i``. Refused (False, nothing
+        written) unless ``claim`` is still the current lease.
         """
+        if seeds is None:
+            first = int(claim.params.get("seed", 0))
+            seeds = [first + i for i in range(len(images))]
         fmt = str(claim.params.get("output_format", "png"))
         args = [self._p, claim.job_id, claim.worker_id, claim.lease, repr(time.time()),
                 self.settings.result_ttl_s, self._job_ttl, json.dumps(list(seeds)),

@@ -125,10 +125,13 @@ class Claim:
 
 @dataclass(frozen=True)
 class SubmitResult:
-    """Outcome of a submit: the job id and whether this call created it."""
+    """Outcome of a submit (one round trip): the job, and whether this call created it."""
 
     job_id: str
     created: bool
+    status: str
+    queue_position: int | None
+    params: dict[str, Any]
 
 
 def _f(raw: dict[str, str], name: str) -> float | None:

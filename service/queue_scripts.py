@@ -77,22 +77,29 @@ end
 """
 
 # ARGV: prefix, job_id, model, params_json, digest, now, max_queue, idem_key ('' = none), idem_ttl
+# → {kind, id, status, queue position (-1 = not queued), params_json}; kind: created |
+#   existing (idempotent replay) | mismatch (key reused with another body) | full
 SUBMIT = (
     _PREAMBLE
     + r"""
 local id, model, now = ARGV[2], ARGV[3], ARGV[6]
 local idem = ARGV[8]
+local function describe(kind, job_id)
+  local v = redis.call('HMGET', job_key(job_id), 'status', 'model', 'params')
+  local rank = redis.call('ZRANK', queued_key(v[2]), job_id)
+  return {kind, job_id, v[1], rank or -1, v[3]}
+end
 if idem ~= '' then
   local existing = redis.call('GET', idem)
   if existing then
     local digest = redis.call('HGET', job_key(existing), 'digest')
     if digest then
-      if digest ~= ARGV[5] then return {'mismatch', existing} end
-      return {'existing', existing}
+      if digest ~= ARGV[5] then return {'mismatch', existing, '', -1, ''} end
+      return describe('existing', existing)
     end
   end
 end
-if redis.call('ZCARD', queued_key(model)) >= tonumber(ARGV[7]) then return {'full', ''} end
+if redis.call('ZCARD', queued_key(model)) >= tonumber(ARGV[7]) then return {'full', '', '', -1, ''} end
 local seq = redis.call('INCR', P .. ':seq')
 local entry = redis.call('XADD', stream_key(model), '*', 'job', id)
 redis.call('HSET', job_key(id), 'id', id, 'status', 'queued', 'model', model,
@@ -102,7 +109,7 @@ redis.call('ZADD', queued_key(model), seq, id)
 redis.call('SADD', P .. ':models', model)
 redis.call('HINCRBY', METRICS, 'jobs_submitted', 1)
 if idem ~= '' then redis.call('SET', idem, id, 'EX', ARGV[9]) end
-return {'created', id}
+return describe('created', id)
 """
 )
 
@@ -253,6 +260,25 @@ if not st then return 'missing' end
 if st ~= 'queued' and st ~= 'running' then return st end
 finalize(id, 'canceled', ARGV[3], ARGV[4])
 return 'canceled'
+"""
+)
+
+# ARGV: prefix, model → number of consumers removed (atomic: no entry can slip in between)
+PRUNE_CONSUMERS = (
+    _PREAMBLE
+    + r"""
+local stream = stream_key(ARGV[2])
+local removed = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, GROUP)) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['pending'] == 0 and info['name'] ~= '__released__'
+      and redis.call('EXISTS', worker_key(info['name'])) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', stream, GROUP, info['name'])
+    removed = removed + 1
+  end
+end
+return removed
 """
 )
 

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
             raise ValueError("min_side must not exceed max_side")
         if self.min_steps > self.max_steps:
             raise ValueError("min_steps must not exceed max_steps")
+        if self.worker_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("worker_ttl_s must exceed heartbeat_interval_s")
         if self.min_guidance > self.max_guidance:
             raise ValueError("min_guidance must not exceed max_guidance")
         return self

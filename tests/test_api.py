@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -22,7 +23,7 @@ from fastapi import FastAPI
 from service.api import create_app
 from service.queue import JobQueue, WorkerInfo
 from service.redis_server import RedisServer, free_port
-from service.schemas import SAMPLER_NAMES
+from service.schemas import SAMPLER_NAMES, SamplerName
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -335,6 +336,7 @@ async def test_models_samplers_health_ready(api: tuple[Client, FastAPI]) -> None
     r = await client.get("/readyz")
     assert r.status_code == 503 and r.json()["error"]["code"] == "no_workers"
     assert "retry-after" in r.headers
+    assert typing.get_args(SamplerName) == SAMPLER_NAMES
     samplers = (await client.get("/v1/samplers")).json()
     assert tuple(samplers["samplers"]) == SAMPLER_NAMES and samplers["default"] == "euler_a"
     models = (await client.get("/v1/models")).json()["models"]

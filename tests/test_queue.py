@@ -19,7 +19,12 @@ MODEL = "demo"
 
 
 def _settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {"reclaim_after_s": 0.05, "worker_ttl_s": 0.3, "max_queue": 50}
+    base: dict[str, Any] = {
+        "reclaim_after_s": 0.05,
+        "worker_ttl_s": 0.3,
+        "heartbeat_interval_s": 0.1,
+        "max_queue": 50,
+    }
     return Settings(**{**base, **overrides})
 
 
@@ -306,3 +311,24 @@ async def test_group_recreated_after_redis_loses_it(q: JobQueue) -> None:
     await q.redis.flushall()
     job_id = await submit(q)
     assert [c.job_id for c in await q.claim("w1", MODEL, 1)] == [job_id]
+
+
+async def test_prune_consumers_keeps_live_and_busy_ones(q: JobQueue) -> None:
+    for _ in range(4):
+        await submit(q)
+    await worker(q, "live-busy")
+    await worker(q, "live-idle")
+    for name in ("live-busy", "dead-busy", "live-idle", "dead-idle"):
+        (claim,) = await q.claim(name, MODEL, 1)
+        if name.endswith("idle"):  # it finished its job and holds nothing
+            assert await q.finish(claim, [b"x"])
+    assert await q.prune_consumers(MODEL) == 1
+    consumers = await q.redis.xinfo_consumers(q.keys.stream(MODEL), "workers")
+    assert {c["name"] for c in consumers} == {b"live-busy", b"live-idle", b"dead-busy"}
+
+
+async def test_finish_defaults_seeds_to_the_noise_convention(q: JobQueue) -> None:
+    job_id = await submit(q, seed=41, num_images=3)
+    (claim,) = await q.claim("w1", MODEL, 1)
+    assert await q.finish(claim, [b"a", b"b", b"c"])
+    assert (await q.get(job_id)).seeds == [41, 42, 43]
