@@ -20,9 +20,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from service.api_errors import ApiError, BodyLimitMiddleware, install_error_handlers
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -278,29 +275,18 @@ async def metrics(queue: QueueDep) -> Response:
     return Response(render_metrics(await queue.metrics_snapshot()), media_type=METRICS_CONTENT_TYPE)
 
 
-def _redis_client(settings: Settings) -> Redis:
-    url = settings.redis_url or "redis://127.0.0.1:6379/0"
-    return Redis.from_url(
-        url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=min(settings.redis_timeout_s, 2.0),
-        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
-        health_check_interval=30,
-    )
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API; Redis is connected lazily, so the app starts even while it is down."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = _redis_client(settings)
-        app.state.queue = JobQueue(client, settings)
+        queue = JobQueue.connect(settings)
+        app.state.queue = queue
         try:
             yield
         finally:
-            await client.aclose()
+            await queue.aclose()
 
     app = FastAPI(
         title="ldmserve",

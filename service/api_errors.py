@@ -7,6 +7,7 @@ bodies into that shape with the right status, so bad input never becomes a 5xx.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,12 +15,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
+# Redis answers that mean "the store cannot take this now", not "our bug": retry later.
+# Inside a script the reply reads "Error running script ... -OOM command not allowed ...".
+_TRANSIENT = re.compile(r"(?:^|[-\s])(OOM|MISCONF|READONLY|LOADING|MASTERDOWN|NOREPLICAS|BUSY)\b")
 _LOCATIONS = {"body", "query", "path", "header", "cookie"}
 _HTTP_CODES = {
     400: "bad_request",
@@ -108,6 +113,17 @@ def _redis_down(retry_after_s: int) -> Any:
     return handler
 
 
+def _redis_refused(retry_after_s: int) -> Any:
+    unavailable = _redis_down(retry_after_s)
+
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        if _TRANSIENT.search(str(exc)):
+            return await unavailable(request, exc)
+        return await _unexpected(request, exc)
+
+    return handler
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
@@ -120,6 +136,7 @@ def install_error_handlers(app: FastAPI, redis_retry_after_s: int) -> None:
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(RedisConnectionError, _redis_down(redis_retry_after_s))
     app.add_exception_handler(RedisTimeoutError, _redis_down(redis_retry_after_s))
+    app.add_exception_handler(RedisResponseError, _redis_refused(redis_retry_after_s))
     app.add_exception_handler(Exception, _unexpected)
 
 

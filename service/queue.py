@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ResponseError
 
 from service import queue_scripts as lua
@@ -81,6 +83,27 @@ class JobQueue:
         self._cancel = reg(lua.CANCEL)
         self._observe = reg(lua.OBSERVE)
         self._prune = reg(lua.PRUNE_CONSUMERS)
+
+    @classmethod
+    def connect(cls, settings: Settings) -> JobQueue:
+        """A queue on a new connection pool with fail-fast timeouts (nothing connects yet).
+
+        A dropped connection is retried twice with a short backoff, so API and workers ride
+        through a Redis restart; while Redis is away calls raise ConnectionError at once.
+        """
+        url = settings.redis_url or "redis://127.0.0.1:6379/0"
+        client = Redis.from_url(
+            url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=min(settings.redis_timeout_s, 2.0),
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
+            health_check_interval=30,
+        )
+        return cls(client, settings)
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.redis.aclose()
 
     @property
     def _p(self) -> str:
@@ -242,8 +265,8 @@ class JobQueue:
     ) -> list[Claim]:
         """Take up to ``count`` new jobs (the worker's free batch capacity).
 
-        ``block_ms`` > 0 waits that long for new entries (this needs a connection of its
-        own for the wait; the pool provides one). Entries whose job was canceled meanwhile
+        ``block_ms`` > 0 waits that long for new entries on a pooled connection of its own;
+        keep it below ``redis_timeout_s`` (the socket timeout) or the wait times out. Entries whose job was canceled meanwhile
         are acked and skipped, so fewer than ``count`` may come back.
         """
         if count <= 0:

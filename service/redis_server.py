@@ -135,3 +135,9 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_embedded(data_dir: Path | str, host: str = "127.0.0.1") -> RedisServer:
+    """The Redis of ``ldmserve up``: data (AOF) in ``data_dir/redis``, so a second run
+    finds the jobs of the first."""
+    return RedisServer(Path(data_dir) / "redis", host=host).start()

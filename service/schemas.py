@@ -75,7 +75,9 @@ class SubmitResponse(BaseModel):
 
     id: str
     status: JobStatus
-    queue_position: int | None
+    queue_position: int | None = Field(
+        description="Jobs ahead of this one (0 = next); null once it is not queued."
+    )
     seed: int
     links: Links
 
@@ -110,7 +112,9 @@ class JobView(BaseModel):
     id: str
     status: JobStatus
     model: str
-    queue_position: int | None = None
+    queue_position: int | None = Field(
+        default=None, description="Jobs ahead of this one (0 = next); null unless queued."
+    )
     progress: Progress | None = None
     attempt: int = 0
     created_at: str

@@ -458,3 +458,27 @@ def test_api_imports_no_torch_and_starts_fast() -> None:
     # Our own modules on top of fastapi/redis/pydantic: a small fraction of a second of CPU.
     assert float(result.stdout) < 0.5, result.stdout
     assert wall < 10, wall
+
+
+async def test_redis_out_of_memory_is_503(api: tuple[Client, FastAPI]) -> None:
+    client, app = api
+    redis = queue_of(app).redis
+    await redis.config_set("maxmemory", 1)
+    try:
+        r = await post_job(client)
+    finally:
+        await redis.config_set("maxmemory", 0)
+    assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LDMSERVE_MAX_QUEUE", "5")
+    monkeypatch.setenv("LDMSERVE_RECLAIM_AFTER_S", "12.5")
+    monkeypatch.setenv("LDMSERVE_CORS_ORIGINS", '["https://a.example"]')
+    monkeypatch.setenv("LDMSERVE_REDIS_URL", "redis://r:6379/1")
+    s = Settings()
+    assert (s.max_queue, s.reclaim_after_s, s.redis_url) == (5, 12.5, "redis://r:6379/1")
+    assert s.cors_origins == ["https://a.example"]
+    assert (Settings(max_queue=9).max_queue, Settings().max_attempts) == (9, 3)
+    with pytest.raises(ValueError, match="min_side"):
+        Settings(min_side=512, max_side=256)

@@ -6,12 +6,15 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from redis.asyncio import Redis
 
 from service.queue import Claim, IdempotencyMismatch, JobQueue, QueueFull, WorkerInfo
+from service.redis_server import start_embedded
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -332,3 +335,22 @@ async def test_finish_defaults_seeds_to_the_noise_convention(q: JobQueue) -> Non
     (claim,) = await q.claim("w1", MODEL, 1)
     assert await q.finish(claim, [b"a", b"b", b"c"])
     assert (await q.get(job_id)).seeds == [41, 42, 43]
+
+
+def test_embedded_redis_keeps_jobs_across_restarts(tmp_path: Path) -> None:
+    first = start_embedded(tmp_path)
+    try:
+        client = redis.Redis.from_url(first.url)
+        client.hset("ldmserve:job:x", "status", "queued")
+        client.close()
+    finally:
+        first.stop()
+    assert (tmp_path / "redis").is_dir()
+    second = start_embedded(tmp_path)
+    try:
+        client = redis.Redis.from_url(second.url)
+        assert client.hget("ldmserve:job:x", "status") == b"queued"
+        client.close()
+    finally:
+        second.stop()
+    assert second.process is None
