@@ -141,6 +141,7 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pi
         source=source,
         device=device,
         dtype=dtype,
+        key_prefix=UNET_PREFIX,
     )
     vae_keys = [k for k in shapes if k.startswith(VAE_PREFIX)]
     vae = vae_from_ldm(

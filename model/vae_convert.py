@@ -137,7 +137,13 @@ def vae_from_ldm(
             "%s: dropped %d training-only loss.* VAE entries", source, len(state_dict) - len(sd)
         )
     return build_module(
-        lambda: AutoencoderKL(config), sd, what="VAE", source=source, device=device, dtype=dtype
+        lambda: AutoencoderKL(config),
+        sd,
+        what="VAE",
+        source=source,
+        device=device,
+        dtype=dtype,
+        key_prefix=LDM_VAE_PREFIX,
     )
 
 
