@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -83,4 +84,7 @@ async def job_events(
             "error", {"code": "redis_unavailable", "message": "job store unreachable; reconnect"}
         )
     finally:
-        await pubsub.aclose()
+        # The client may be gone: the task is being cancelled, so shield the close or the
+        # subscribed connection would leak.
+        with anyio.move_on_after(2.0, shield=True):
+            await pubsub.aclose()
