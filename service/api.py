@@ -24,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from service.api_errors import ApiError, BodyLimitMiddleware, install_error_handlers
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import render as render_metrics
+from service.metrics import snapshot as metrics_snapshot
 from service.queue import IdempotencyMismatch, JobQueue, QueueFull
 from service.schemas import (
     CONTENT_TYPES,
@@ -241,6 +242,7 @@ async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
                 workers=len(serving),
                 max_batch=sum(w.max_batch for w in serving),
                 devices=sorted({w.device for w in serving}),
+                queued=await queue.queue_depth(name),
             )
         )
     return ModelList(models=models)
@@ -272,7 +274,7 @@ async def readyz(queue: QueueDep, settings: SettingsDep) -> dict[str, Any]:
 @router.get("/metrics", response_class=Response)
 async def metrics(queue: QueueDep) -> Response:
     """Prometheus text format."""
-    return Response(render_metrics(await queue.metrics_snapshot()), media_type=METRICS_CONTENT_TYPE)
+    return Response(render_metrics(await metrics_snapshot(queue)), media_type=METRICS_CONTENT_TYPE)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

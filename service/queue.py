@@ -5,15 +5,21 @@ job carries the state (layout in :mod:`service.queue_keys`). Every conditional s
 change is one Lua script (:mod:`service.queue_scripts`), so a cancel, a reclaim and a
 worker's final write can never interleave halfway.
 
-Worker loop, in short::
+Worker loop, in short (``wid = new_worker_id()``, unique per process start)::
 
-    await q.heartbeat(info)                                  # every heartbeat_interval_s
-    claims = await q.reclaim(wid, model, free) + await q.claim(wid, model, free', block_ms=…)
-    lost = await q.progress_many([(c, step, total, eta), ...])  # per step; lost → drop rows
-    await q.record_batch([rows])                               # UNet rows per call
-    await q.finish(c, images, seeds) / await q.fail(c, code, msg) / await q.release(c)
+    await q.heartbeat(info)              # first, then every heartbeat_interval_s
+    claims = await q.reclaim(wid, model, free)          # dead workers' / handed-back jobs
+    claims += await q.claim(wid, model, free - len(claims), block_ms=...)
+    lost = await q.progress_many([(c, step, total, eta), ...])  # each step: drop `lost`
+    await q.record_batch([rows, ...])                   # UNet rows per call (metrics)
+    await q.finish(c, images) | q.fail(c, code, message) | q.release(c)  # release = drain
+    await q.unregister(wid)              # on exit
+    # now and then: await q.prune_consumers(model)
 
-No torch, no model imports here: the API process uses this module too.
+Memory stays bounded: an entry is XACKed *and* XDELeted when its job ends (so the
+stream holds only live jobs), finished job records expire, and prune_consumers drops dead
+workers' consumer records. No torch, no model imports here: the API process uses this
+module too.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from service.queue_keys import (
     QueueFull,
     SubmitResult,
     WorkerInfo,
+    new_worker_id,
 )
 from service.settings import Settings
 
@@ -51,6 +58,7 @@ __all__ = [
     "QueueFull",
     "SubmitResult",
     "WorkerInfo",
+    "new_worker_id",
 ]
 
 ProgressUpdate = tuple[Claim, int, int, float | None]
@@ -180,6 +188,10 @@ class JobQueue:
         """
         result = await self._cancel(args=[self._p, job_id, repr(time.time()), self._job_ttl])
         return _s(result) or "missing"
+
+    async def models(self) -> list[str]:
+        """Every model that ever had a job queued (for metrics)."""
+        return sorted({_s(m) or "" for m in await self.redis.smembers(self.keys.models)})
 
     async def queue_depth(self, model: str) -> int:
         """Jobs queued (not yet running) for a model."""
@@ -388,26 +400,3 @@ class JobQueue:
         values = [rows] if isinstance(rows, int) else list(rows)
         if values:
             await self._observe(args=[self._p, "unet_batch_rows", _csv(BATCH_ROW_BOUNDS), *values])
-
-    # ------------------------------------------------------------------ metrics
-
-    async def metrics_snapshot(self) -> dict[str, Any]:
-        """Raw numbers for /metrics: counters hash, per-model depths, running, workers."""
-        models = sorted({_s(m) or "" for m in await self.redis.smembers(self.keys.models)})
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.keys.metrics)
-            pipe.scard(self.keys.running)
-            for m in models:
-                pipe.zcard(self.keys.queued(m))
-                pipe.xlen(self.keys.stream(m))
-            raw = await pipe.execute()
-        counters = {k.decode(): v.decode() for k, v in raw[0].items()}
-        depth = {m: int(raw[2 + 2 * i]) for i, m in enumerate(models)}
-        stream_len = {m: int(raw[3 + 2 * i]) for i, m in enumerate(models)}
-        return {
-            "counters": counters,
-            "running": int(raw[1]),
-            "queued": depth,
-            "stream_length": stream_len,
-            "workers": await self.live_workers(),
-        }

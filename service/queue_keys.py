@@ -23,12 +23,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 GROUP = "workers"
 LATENCY_BOUNDS: tuple[float, ...] = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 BATCH_ROW_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def new_worker_id() -> str:
+    """A consumer name unique to this process start: a restarted worker must not inherit
+    (and then never finish) the entries its previous life left pending."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 class QueueFull(Exception):

@@ -182,8 +182,9 @@ class ModelInfo(BaseModel):
     id: str
     default: bool
     workers: int
-    max_batch: int
+    max_batch: int = Field(description="Sum of the live workers' batch rows.")
     devices: list[str]
+    queued: int = Field(description="Jobs waiting for this model.")
 
 
 class ModelList(BaseModel):

@@ -340,7 +340,9 @@ async def test_models_samplers_health_ready(api: tuple[Client, FastAPI]) -> None
     samplers = (await client.get("/v1/samplers")).json()
     assert tuple(samplers["samplers"]) == SAMPLER_NAMES and samplers["default"] == "euler_a"
     models = (await client.get("/v1/models")).json()["models"]
-    assert models == [{"id": "demo", "default": True, "workers": 0, "max_batch": 0, "devices": []}]
+    assert models == [
+        {"id": "demo", "default": True, "workers": 0, "max_batch": 0, "devices": [], "queued": 0}
+    ]
 
     q = queue_of(app)
     await q.heartbeat(WorkerInfo("w1", "demo", 16, "cuda:0", time.time()))
@@ -354,6 +356,7 @@ async def test_models_samplers_health_ready(api: tuple[Client, FastAPI]) -> None
         "workers": 1,
         "max_batch": 8,
         "devices": ["cuda:1"],
+        "queued": 0,
     }
     # A model a live worker serves is accepted; its job goes to that model's stream.
     r = await post_job(client, model="sd15")

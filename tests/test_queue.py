@@ -13,7 +13,15 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from service.queue import Claim, IdempotencyMismatch, JobQueue, QueueFull, WorkerInfo
+from service.metrics import snapshot
+from service.queue import (
+    Claim,
+    IdempotencyMismatch,
+    JobQueue,
+    QueueFull,
+    WorkerInfo,
+    new_worker_id,
+)
 from service.redis_server import start_embedded
 from service.settings import Settings
 
@@ -211,8 +219,8 @@ async def test_dead_workers_job_is_reclaimed_and_guarded(q: JobQueue) -> None:
     assert not await q.release(old)
     assert await q.finish(new, [b"fresh"], [1])
     assert await q.image(job_id, 0) == b"fresh"
-    snapshot = await q.metrics_snapshot()
-    assert snapshot["counters"]["jobs_reclaimed"] == "1"
+    snap = await snapshot(q)
+    assert snap["counters"]["jobs_reclaimed"] == "1"
 
 
 async def test_slow_but_alive_worker_keeps_its_job(q: JobQueue) -> None:
@@ -296,13 +304,13 @@ async def test_metrics_snapshot_counts(q: JobQueue) -> None:
     (claim,) = await q.claim("w1", MODEL, 1)
     await q.record_batch([2, 16])
     await q.record_batch(3)
-    snap = await q.metrics_snapshot()
+    snap = await snapshot(q)
     assert snap["running"] == 1 and snap["queued"] == {MODEL: 1}
     counters = snap["counters"]
     assert counters["unet_batch_rows_count"] == "3" and counters["unet_batch_rows_sum"] == "21"
     assert counters["unet_batch_rows_bucket:16.0"] == "1"
     await q.finish(claim, [b"x", b"y"], [1, 2])
-    counters = (await q.metrics_snapshot())["counters"]
+    counters = (await snapshot(q))["counters"]
     assert counters["jobs_succeeded"] == "1" and counters["images_generated"] == "2"
     assert counters["job_latency_seconds_count"] == "1"
     assert a
@@ -354,3 +362,7 @@ def test_embedded_redis_keeps_jobs_across_restarts(tmp_path: Path) -> None:
     finally:
         second.stop()
     assert second.process is None
+
+
+def test_worker_ids_are_unique_per_process_start() -> None:
+    assert new_worker_id() != new_worker_id()
