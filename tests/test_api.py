@@ -103,6 +103,14 @@ async def test_submit_then_poll_through_every_status(api: tuple[Client, FastAPI]
     assert (await client.get(f"/v1/jobs/{job_id}/images/2")).status_code == 404
 
 
+async def test_concurrent_submits_get_distinct_positions(api: tuple[Client, FastAPI]) -> None:
+    client, _ = api
+    responses = await asyncio.gather(*(post_job(client) for _ in range(30)))
+    assert all(r.status_code == 202 for r in responses)
+    assert sorted(r.json()["queue_position"] for r in responses) == list(range(30))
+    assert len({r.json()["id"] for r in responses}) == 30
+
+
 async def test_server_picks_and_returns_a_seed(api: tuple[Client, FastAPI]) -> None:
     client, _ = api
     seeds = {(await post_job(client)).json()["seed"] for _ in range(3)}

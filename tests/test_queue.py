@@ -367,3 +367,20 @@ def test_embedded_redis_keeps_jobs_across_restarts(tmp_path: Path) -> None:
 
 def test_worker_ids_are_unique_per_process_start() -> None:
     assert new_worker_id() != new_worker_id()
+
+
+async def test_concurrent_workers_never_share_a_job(make_queue: Any) -> None:
+    q = make_queue()
+    ids = {await submit(q) for _ in range(20)}
+
+    async def drain(worker_id: str) -> list[str]:
+        mine = make_queue()
+        got: list[str] = []
+        while claims := await mine.claim(worker_id, MODEL, 3):
+            for c in claims:
+                assert await mine.finish(c, [b"x"])
+            got += [c.job_id for c in claims]
+        return got
+
+    a, b = await asyncio.gather(drain("wa"), drain("wb"))
+    assert not set(a) & set(b) and set(a) | set(b) == ids and len(a) + len(b) == 20
