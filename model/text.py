@@ -177,7 +177,7 @@ def _load(
         model.embeddings.register_buffer("position_ids", ids, persistent=False)
         return model
 
-    model = build_module(make, weights, device=device, dtype=dtype, **names)  # type: ignore[arg-type]
+    model = build_module(make, weights, device=device, dtype=dtype, **names)
     return TextEncoder(model, tokenizer, pad_token_id)
 
 

@@ -389,6 +389,9 @@ def test_stray_key_below_cond_stage_model_is_named() -> None:
         CheckpointError, match=r"unexpected key 'cond_stage_model\.transformer\.position_ids'"
     ):
         text_encoder_from_ldm(ckpt, source="bad.ckpt")
+    sd2 = {**random_open_clip(width=64, blocks=2), "cond_stage_model.extra": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"unexpected key 'cond_stage_model\.extra'"):
+        text_encoder_from_ldm(sd2, source="bad.ckpt")
 
 
 def test_open_clip_bad_keys_name_them() -> None:
