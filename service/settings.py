@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     model: str = Field(default="demo", description="Model source the workers serve by default.")
     device: str | None = None
     max_batch: int = Field(default=16, ge=1, le=1024, description="UNet rows per worker step.")
+    drain_timeout_s: float = Field(
+        default=60.0, ge=0, description="On SIGTERM, running jobs get this long before hand-back."
+    )
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     worker_ttl_s: float = Field(
         default=10.0, gt=0, description="A worker without a heartbeat for this long is dead."

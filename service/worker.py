@@ -1,0 +1,304 @@
+"""The worker process: Redis queue ⇄ continuous-batching engine, heartbeats, graceful drain.
+
+One worker per GPU. It loads the model once, warms it up, heart-beats, claims only as many
+jobs as the engine has free rows, feeds them into the engine, stores finished images and
+acks through the queue's guarded writes. Cancellations and take-overs are noticed on every
+progress write (one Redis round trip per UNet step for the whole batch) and the job is
+dropped before the next step. SIGTERM stops claiming, lets running jobs finish within the
+drain timeout, hands the rest back and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from redis.exceptions import RedisError
+
+from model.pipeline import GenerationError, Pipeline
+from service.engine import Engine
+from service.engine_types import GenerationRequest, JobHandle, JobState, Progress
+from service.queue import Claim, JobQueue, WorkerInfo, new_worker_id
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_REQUEST_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "sampler",
+    "seed",
+    "num_images",
+)
+
+
+def request_from_claim(claim: Claim) -> GenerationRequest:
+    """The engine's request for a claimed job (params were validated by the API)."""
+    p = claim.params
+    kwargs = {k: p[k] for k in _REQUEST_FIELDS if k in p}
+    return GenerationRequest(id=claim.job_id, **kwargs)
+
+
+def encode_images(images: list[np.ndarray], fmt: str) -> list[bytes]:
+    """uint8 (H, W, 3) arrays -> PNG / JPEG / WebP bytes."""
+    out = []
+    for pixels in images:
+        buf = io.BytesIO()
+        image = Image.fromarray(pixels)
+        if fmt == "jpeg":
+            image.save(buf, format="JPEG", quality=92)
+        elif fmt == "webp":
+            image.save(buf, format="WEBP", quality=92)
+        else:
+            image.save(buf, format="PNG", compress_level=4)
+        out.append(buf.getvalue())
+    return out
+
+
+@dataclass
+class _Running:
+    claim: Claim
+    handle: JobHandle | None = None
+
+
+@dataclass
+class _Events:
+    """What the engine's delivery thread reports, drained by the event loop."""
+
+    progress: dict[str, Progress] = field(default_factory=dict)
+    done: list[JobHandle] = field(default_factory=list)
+    batch_rows: list[int] = field(default_factory=list)
+
+
+class Worker:
+    """Runs until stopped; `run()` is the whole life of a worker process."""
+
+    def __init__(
+        self, settings: Settings, pipeline: Pipeline, model_name: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.model_name = model_name or settings.model
+        self.worker_id = new_worker_id()
+        self.engine = Engine(pipeline, settings.max_batch, on_batch=self._on_batch)
+        self.queue = JobQueue.connect(settings)
+        self.running: dict[str, _Running] = {}
+        self._events = _Events()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self.info = WorkerInfo(
+            worker_id=self.worker_id,
+            model=self.model_name,
+            max_batch=settings.max_batch,
+            device=str(pipeline.device),
+            started_at=time.time(),
+        )
+
+    # ----------------------------------------------------------------- engine callbacks (thread)
+    def _on_batch(self, rows: int, jobs: int) -> None:
+        self._post(lambda: self._events.batch_rows.append(rows))
+
+    def _on_progress(self, handle: JobHandle, progress: Progress) -> None:
+        self._post(lambda: self._events.progress.__setitem__(handle.id, progress))
+
+    def _on_done(self, handle: JobHandle) -> None:
+        self._post(lambda: self._events.done.append(handle))
+
+    def _post(self, fn: object) -> None:
+        def apply() -> None:
+            fn()  # type: ignore[operator]
+            self._wake.set()
+
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(apply)
+
+    # ----------------------------------------------------------------- lifecycle
+    def request_stop(self) -> None:
+        """Graceful drain (SIGTERM / Ctrl-C)."""
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.engine.start()
+        log.info("worker %s serving %r (max_batch %d rows)", self.worker_id, self.model_name,
+                 self.settings.max_batch)  # fmt: skip
+        tasks = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._events_loop()),
+        ]
+        try:
+            await self._claim_loop()
+            await self._drain()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._flush_events()
+            self.engine.stop()
+            self._encoder.shutdown(wait=True)
+            try:
+                await self.queue.unregister(self.worker_id)
+            except RedisError as exc:
+                log.warning("could not unregister: %s", exc)
+            await self.queue.aclose()
+            log.info("worker %s stopped", self.worker_id)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self.queue.heartbeat(self.info)
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat failed (Redis away?): %s", exc)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def _claim_loop(self) -> None:
+        """Take jobs while there is room: dead workers' first, then new ones."""
+        await self.queue.heartbeat(self.info)
+        prune_every, last_prune = 60.0, 0.0
+        while not self._stop.is_set():
+            free = self.engine.free_rows()
+            if free <= 0:
+                await self._sleep(0.05)
+                continue
+            count = max(1, free // 2)  # a typical guided image takes two rows
+            try:
+                claims = await self.queue.reclaim(self.worker_id, self.model_name, count)
+                if not claims:
+                    block = 200 if self.running else 1000
+                    claims = await self.queue.claim(self.worker_id, self.model_name, count, block)
+                if time.monotonic() - last_prune > prune_every:
+                    last_prune = time.monotonic()
+                    await self.queue.prune_consumers(self.model_name)
+            except (RedisError, OSError) as exc:
+                log.warning("claiming failed (Redis away?): %s; retrying", exc)
+                await self._sleep(1.0)
+                continue
+            for claim in claims:
+                await self._start(claim)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _start(self, claim: Claim) -> None:
+        log.info("job %s claimed (attempt %d)", claim.job_id, claim.attempt)
+        try:
+            request = request_from_claim(claim)
+            handle = self.engine.submit(request, self._on_progress, self._on_done)
+        except (GenerationError, TypeError, ValueError) as exc:
+            log.warning("job %s refused: %s", claim.job_id, exc)
+            await self.queue.fail(claim, "invalid_request", str(exc))
+            return
+        self.running[claim.job_id] = _Running(claim, handle)
+
+    async def _events_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._flush_events()
+            except (RedisError, OSError) as exc:
+                log.warning("reporting to Redis failed: %s; retrying", exc)
+                await asyncio.sleep(0.5)
+                self._wake.set()
+
+    async def _flush_events(self) -> None:
+        """One round trip of progress for all jobs; drop the lost ones; store finished ones."""
+        ev = self._events
+        progress, ev.progress = ev.progress, {}
+        done, ev.done = ev.done, []
+        rows, ev.batch_rows = ev.batch_rows, []
+        updates = [
+            (self.running[j].claim, p.step, p.total, p.eta_s)
+            for j, p in progress.items()
+            if j in self.running and not self.running[j].handle.done()  # type: ignore[union-attr]
+        ]
+        try:
+            lost = await self.queue.progress_many(updates)
+            if rows:
+                await self.queue.record_batch(rows)
+        except BaseException:
+            for j, p in progress.items():  # keep them for the retry
+                ev.progress.setdefault(j, p)
+            ev.done[:0] = done
+            raise
+        for job_id in lost:
+            log.info("job %s canceled or taken over: dropping it", job_id)
+            self.engine.cancel(job_id)
+        for handle in done:
+            await self._store(handle)
+
+    async def _store(self, handle: JobHandle) -> None:
+        entry = self.running.pop(handle.id, None)
+        if entry is None:
+            return
+        claim = entry.claim
+        if handle.state is JobState.DONE:
+            fmt = str(claim.params.get("output_format", "png"))
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(self._encoder, encode_images, handle.images, fmt)
+            if await self.queue.finish(claim, data):
+                log.info("job %s succeeded (%d images)", claim.job_id, len(data))
+            else:
+                log.info("job %s result discarded: no longer ours", claim.job_id)
+        elif handle.state is JobState.FAILED:
+            await self.queue.fail(claim, "generation_failed", handle.error or "generation failed")
+        # CANCELED: the queue already says so (or we handed it back while draining).
+
+    async def _drain(self) -> None:
+        """Stop claiming; finish running jobs within the drain timeout; hand back the rest."""
+        pending = self.engine.close_admission()
+        for handle in pending:
+            entry = self.running.pop(handle.id, None)
+            if entry is not None:
+                await self.queue.release(entry.claim)
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        log.info(
+            "draining %d running jobs (up to %.0fs)",
+            len(self.running),
+            self.settings.drain_timeout_s,
+        )
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for job_id, entry in list(self.running.items()):
+            self.engine.cancel(job_id)
+            self.running.pop(job_id, None)
+            await self.queue.release(entry.claim)
+            log.info("job %s handed back", job_id)
+
+
+def install_signal_handlers(worker: Worker) -> None:
+    """SIGTERM and SIGINT drain the worker."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+
+
+async def serve(settings: Settings, pipeline: Pipeline, model_name: str | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT."""
+    worker = Worker(settings, pipeline, model_name)
+    install_signal_handlers(worker)
+    await worker.run()
+
+
+def warm_up(pipeline: Pipeline) -> None:
+    """One tiny generation so first requests don't pay for lazy initialisation."""
+    f = pipeline.vae_scale_factor
+    start = time.perf_counter()
+    pipeline.generate("warm-up", width=8 * f, height=8 * f, steps=1, sampler="euler")
+    log.info("warm-up took %.2fs", time.perf_counter() - start)
