@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml scripts/install_deps.sh
 install: $(STAMP)
 
 up: $(STAMP)
-	$(BIN)/ldmserve generate --model demo --prompt "a lighthouse at dusk" --out demo.png
+	$(BIN)/ldmserve up
 
 test: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
