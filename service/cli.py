@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,9 +140,15 @@ def cmd_health(role: str, settings: Settings) -> int:
     client = redis.Redis.from_url(
         settings.redis_url or "redis://127.0.0.1:6379/0", socket_timeout=3
     )
+    mine = f"{socket.gethostname()}-"  # worker ids are <hostname>-<pid>-<random>
     try:
-        workers = client.keys(f"{settings.key_prefix}:worker:*{os.uname().nodename}*")
-        return 0 if workers else 1
+        ids = [w.decode() for w in client.zrange(f"{settings.key_prefix}:workers", 0, -1)]
+        live = [
+            w
+            for w in ids
+            if w.startswith(mine) and client.exists(f"{settings.key_prefix}:worker:{w}")
+        ]
+        return 0 if live else 1
     except redis.RedisError:
         return 1
     finally:

@@ -192,7 +192,7 @@ class Worker:
                 await self._start(claim)
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):  # builtin TimeoutError only from 3.11
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _start(self, claim: Claim) -> None:

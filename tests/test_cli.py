@@ -118,3 +118,24 @@ def test_up_exits_when_a_child_dies_quickly(tmp_path: Path) -> None:
     code = proc.wait(timeout=180)
     assert code == 1 and time.monotonic() - start < 180
     assert "missing.safetensors: no such file" in (tmp_path / "up.log").read_text()
+
+
+def test_health_worker_sees_only_this_hosts_live_heartbeat(redis_url: str) -> None:
+    import asyncio
+    import socket
+
+    from service.queue import JobQueue, WorkerInfo
+    from service.settings import Settings
+
+    env = {**_env(), "LDMSERVE_REDIS_URL": redis_url}
+    assert subprocess.run([LDMSERVE, "health", "worker"], env=env, timeout=30).returncode == 1
+
+    async def beat(worker_id: str) -> None:
+        queue = JobQueue.connect(Settings(redis_url=redis_url))
+        await queue.heartbeat(WorkerInfo(worker_id, "demo", 8, "cpu", 0.0))
+        await queue.aclose()
+
+    asyncio.run(beat("some-other-host-1-abc"))
+    assert subprocess.run([LDMSERVE, "health", "worker"], env=env, timeout=30).returncode == 1
+    asyncio.run(beat(f"{socket.gethostname()}-1-abc"))
+    assert subprocess.run([LDMSERVE, "health", "worker"], env=env, timeout=30).returncode == 0
