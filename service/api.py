@@ -7,6 +7,8 @@ docs/ARCHITECTURE.md; request validation rules in :mod:`service.schemas`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -21,11 +23,21 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 
+from service.api_checks import check_limits, check_webhook, resolve_model
 from service.api_errors import ApiError, BodyLimitMiddleware, install_error_handlers
+from service.auth import ANONYMOUS, OWNER_SCOPE_KEY, AuthMiddleware, KeyRing, is_loopback_host
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import render as render_metrics
 from service.metrics import snapshot as metrics_snapshot
-from service.queue import IdempotencyMismatch, JobQueue, QueueFull
+from service.queue import (
+    IdempotencyMismatch,
+    JobQueue,
+    JobRecord,
+    OwnerQueueFull,
+    QueueFull,
+    RateLimited,
+)
+from service.ratelimit import retry_after_s
 from service.schemas import (
     CONTENT_TYPES,
     MAX_SEED,
@@ -45,7 +57,7 @@ from service.sse import job_events
 log = logging.getLogger(__name__)
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (404, 409, 410, 413, 422, 429, 503)
+    code: {"model": ErrorResponse} for code in (401, 404, 409, 410, 413, 422, 429, 503)
 }
 
 
@@ -57,8 +69,23 @@ def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
+def get_owner(request: Request) -> str:
+    """The caller's key name (set by AuthMiddleware); ``anonymous`` while auth is off."""
+    return str(request.scope.get(OWNER_SCOPE_KEY, ANONYMOUS))
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
+OwnerDep = Annotated[str, Depends(get_owner)]
+
+
+def new_job_id() -> str:
+    """uuid4 hex: 122 random bits from os.urandom (unguessable; ownership still checked)."""
+    return uuid.uuid4().hex
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
 
 
 def job_id_param(job_id: Annotated[str, Path(max_length=64)]) -> str:
@@ -69,45 +96,6 @@ def job_id_param(job_id: Annotated[str, Path(max_length=64)]) -> str:
 
 
 JobIdDep = Annotated[str, Depends(job_id_param)]
-
-
-def _out_of_range(field: str, message: str) -> ApiError:
-    return ApiError(422, "out_of_range", f"{field}: {message}", field)
-
-
-def check_limits(body: JobRequest, s: Settings) -> None:
-    """Limits that are settings (so a deployment can change them), checked per request."""
-    for name in ("prompt", "negative_prompt"):
-        text = getattr(body, name)
-        if len(text) > s.max_prompt_chars:
-            raise _out_of_range(name, f"at most {s.max_prompt_chars} characters")
-        if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
-            raise ApiError(422, "invalid_text", f"{name}: control characters", name)
-    if not body.prompt.strip():
-        raise ApiError(422, "validation_error", "prompt: must not be blank", "prompt")
-    for name in ("width", "height"):
-        side = getattr(body, name)
-        if not s.min_side <= side <= s.max_side:
-            raise _out_of_range(name, f"must be between {s.min_side} and {s.max_side}")
-        if side % s.side_multiple:
-            raise _out_of_range(name, f"must be a multiple of {s.side_multiple}")
-    if not s.min_steps <= body.steps <= s.max_steps:
-        raise _out_of_range("steps", f"must be between {s.min_steps} and {s.max_steps}")
-    if not s.min_guidance <= body.guidance_scale <= s.max_guidance:
-        raise _out_of_range(
-            "guidance_scale", f"must be between {s.min_guidance} and {s.max_guidance}"
-        )
-    if not 1 <= body.num_images <= s.max_num_images:
-        raise _out_of_range("num_images", f"must be between 1 and {s.max_num_images}")
-
-
-async def resolve_model(body: JobRequest, s: Settings, queue: JobQueue) -> str:
-    """The default model, or one a live worker serves; else 422 on ``model``."""
-    if body.model is None or body.model == s.model:
-        return s.model
-    if any(w.model == body.model for w in await queue.live_workers()):
-        return body.model
-    raise ApiError(422, "unknown_model", f"model: {body.model!r} is not served here", "model")
 
 
 router = APIRouter()
@@ -124,19 +112,31 @@ async def submit_job(
     response: Response,
     queue: QueueDep,
     settings: SettingsDep,
+    owner: OwnerDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> SubmitResponse:
     """Queue a generation job; answers at once with its id (poll or stream it)."""
+    started = time.perf_counter()
     check_limits(body, settings)
     model = await resolve_model(body, settings, queue)
+    webhook_url = await check_webhook(body.webhook_url, settings)
     digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    params = body.model_dump() | {"seed": seed, "model": model}
+    params = body.model_dump(exclude={"webhook_url"}) | {"seed": seed, "model": model}
     try:
         result = await queue.submit(
-            params, model=model, job_id=uuid.uuid4().hex, idempotency_key=idempotency_key,
-            digest=digest,
+            params, model=model, job_id=new_job_id(), idempotency_key=idempotency_key,
+            digest=digest, owner=owner, webhook_url=webhook_url,
         )  # fmt: skip
+    except RateLimited as exc:
+        retry = str(retry_after_s(exc.retry_after_ms))
+        log.info("submit refused: owner=%s rate limited (retry in %s s)", owner, retry)
+        message = f"rate limit of {settings.rate_limit_per_min:g} submits per minute exceeded"
+        raise ApiError(429, "rate_limited", message, headers={"Retry-After": retry}) from exc
+    except OwnerQueueFull as exc:
+        retry = str(settings.queue_full_retry_after_s)
+        log.info("submit refused: owner=%s holds too many unfinished jobs", owner)
+        raise ApiError(429, "too_many_jobs", str(exc), headers={"Retry-After": retry}) from exc
     except QueueFull as exc:
         retry = str(settings.queue_full_retry_after_s)
         raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": retry}) from exc
@@ -146,6 +146,10 @@ async def submit_job(
     response.headers["Location"] = base
     if not result.created:
         response.headers["Idempotent-Replayed"] = "true"
+    prompt = f" prompt={body.prompt!r}" if settings.log_prompts else ""
+    log.info("submit job=%s owner=%s model=%s created=%s position=%s webhook=%s%s in %.1f ms",
+             result.job_id, owner, model, result.created, result.queue_position,
+             webhook_url is not None, prompt, _ms(started))  # fmt: skip
     return SubmitResponse(
         id=result.job_id,
         status=result.status,  # type: ignore[arg-type]
@@ -155,17 +159,21 @@ async def submit_job(
     )
 
 
-async def _record(queue: JobQueue, job_id: str) -> Any:
+async def _record(queue: JobQueue, job_id: str, owner: str) -> JobRecord:
+    """The caller's job; another owner's job is answered exactly like an unknown one."""
     record = await queue.get(job_id)
-    if record is None:
+    if record is None or record.owner != owner:
         raise ApiError(404, "job_not_found", "job not found (unknown or expired)")
     return record
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS)
-async def get_job(job_id: JobIdDep, queue: QueueDep) -> JobView:
+async def get_job(job_id: JobIdDep, queue: QueueDep, owner: OwnerDep) -> JobView:
     """Status, queue position, progress, timestamps, error, parameters and image links."""
-    return JobView.from_record(await _record(queue, job_id))
+    started = time.perf_counter()
+    record = await _record(queue, job_id, owner)
+    log.info("get job=%s status=%s in %.1f ms", job_id, record.status, _ms(started))
+    return JobView.from_record(record)
 
 
 @router.get(
@@ -174,10 +182,14 @@ async def get_job(job_id: JobIdDep, queue: QueueDep) -> JobView:
     responses={**_ERRORS, 200: {"content": {t: {} for t in CONTENT_TYPES.values()}}},
 )
 async def get_image(
-    job_id: JobIdDep, index: Annotated[int, Path(ge=0, le=1_000_000)], queue: QueueDep
+    job_id: JobIdDep,
+    index: Annotated[int, Path(ge=0, le=1_000_000)],
+    queue: QueueDep,
+    owner: OwnerDep,
 ) -> Response:
     """One encoded image: 409 until the job succeeded, 410 once its result expired."""
-    record = await _record(queue, job_id)
+    started = time.perf_counter()
+    record = await _record(queue, job_id, owner)
     if record.status in ("queued", "running"):
         raise ApiError(409, "not_ready", f"job is {record.status}; no images yet")
     if record.status != "succeeded":
@@ -188,6 +200,7 @@ async def get_image(
     if data is None:
         raise ApiError(410, "expired", "the job's images expired")
     fmt = record.format or "png"
+    log.info("image job=%s index=%d bytes=%d in %.1f ms", job_id, index, len(data), _ms(started))
     max_age = max(0, int((record.expires_at or time.time()) - time.time()))
     return Response(
         data,
@@ -205,10 +218,11 @@ async def get_image(
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
 )
 async def job_event_stream(
-    job_id: JobIdDep, queue: QueueDep, settings: SettingsDep
+    job_id: JobIdDep, queue: QueueDep, settings: SettingsDep, owner: OwnerDep
 ) -> StreamingResponse:
     """Server-Sent Events: the job, its progress, then its final state (see service.sse)."""
-    await _record(queue, job_id)
+    await _record(queue, job_id, owner)
+    log.info("events job=%s stream opened", job_id)
     return StreamingResponse(
         job_events(queue, job_id, settings.sse_poll_s, settings.sse_keepalive_s),
         media_type="text/event-stream",
@@ -217,14 +231,16 @@ async def job_event_stream(
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS)
-async def cancel_job(job_id: JobIdDep, queue: QueueDep) -> JobView:
+async def cancel_job(job_id: JobIdDep, queue: QueueDep, owner: OwnerDep) -> JobView:
     """Cancel: a queued job leaves the queue; a running one stops before its next step."""
-    outcome = await queue.cancel(job_id)
+    started = time.perf_counter()
+    outcome = await queue.cancel(job_id, owner)
+    log.info("cancel job=%s outcome=%s in %.1f ms", job_id, outcome, _ms(started))
     if outcome == "missing":
         raise ApiError(404, "job_not_found", "job not found (unknown or expired)")
     if outcome != "canceled":
         raise ApiError(409, "already_finished", f"job already {outcome}")
-    return JobView.from_record(await _record(queue, job_id))
+    return JobView.from_record(await _record(queue, job_id, owner))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
@@ -280,14 +296,28 @@ async def metrics(queue: QueueDep) -> Response:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API; Redis is connected lazily, so the app starts even while it is down."""
     settings = settings or Settings()
+    keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
+    if not keys.enabled and not is_loopback_host(settings.host):
+        log.warning("auth is OFF (no LDMSERVE_API_KEYS) while binding %s: anyone who can "
+                    "reach this port can submit and read every job", settings.host)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         queue = JobQueue.connect(settings)
         app.state.queue = queue
+        dispatch: asyncio.Task[None] | None = None
+        if settings.webhook_secret is not None:
+            from service.webhook_dispatch import WebhookDispatcher  # httpx: only when needed
+
+            app.state.webhooks = WebhookDispatcher(queue.redis, settings)
+            dispatch = asyncio.create_task(app.state.webhooks.run())
         try:
             yield
         finally:
+            if dispatch is not None:
+                dispatch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dispatch
             await queue.aclose()
 
     app = FastAPI(
@@ -299,7 +329,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app, settings.redis_retry_after_s)
     app.include_router(router)
+    # Middleware added last runs first: CORS (preflights need no key), then auth (a bad key
+    # is refused before the body is read or validated), then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, keys=keys, metrics_public=settings.metrics_public)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -64,6 +64,8 @@ async def snapshot(queue: JobQueue) -> dict[str, Any]:
     async with queue.redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.metrics)
         pipe.scard(keys.running)
+        pipe.xlen(keys.webhooks)
+        pipe.zcard(keys.webhooks_retry)
         for m in models:
             pipe.zcard(keys.queued(m))
             pipe.xlen(keys.stream(m))
@@ -71,8 +73,9 @@ async def snapshot(queue: JobQueue) -> dict[str, Any]:
     return {
         "counters": {k.decode(): v.decode() for k, v in raw[0].items()},
         "running": int(raw[1]),
-        "queued": {m: int(raw[2 + 2 * i]) for i, m in enumerate(models)},
-        "stream_length": {m: int(raw[3 + 2 * i]) for i, m in enumerate(models)},
+        "webhooks_pending": int(raw[2]) + int(raw[3]),
+        "queued": {m: int(raw[4 + 2 * i]) for i, m in enumerate(models)},
+        "stream_length": {m: int(raw[5 + 2 * i]) for i, m in enumerate(models)},
         "workers": await queue.live_workers(),
     }
 
@@ -115,6 +118,19 @@ def render(snapshot: Mapping[str, Any]) -> str:
         counters,
         BATCH_ROW_BOUNDS,
     )
+
+    w.family("ldmserve_submits_refused_total", "counter", "Submits refused per key (429).")
+    for reason, key in (("rate_limited", "submits_rate_limited"),
+                        ("too_many_jobs", "submits_refused_owner_cap")):  # fmt: skip
+        w.sample("ldmserve_submits_refused_total", counters.get(key), {"reason": reason})
+    w.family("ldmserve_webhook_deliveries_total", "counter", "Webhook deliveries that ended.")
+    for outcome in ("delivered", "failed"):
+        value = counters.get(f"webhooks_{outcome}")
+        w.sample("ldmserve_webhook_deliveries_total", value, {"outcome": outcome})
+    w.family("ldmserve_webhook_retries_total", "counter", "Failed webhook attempts retried.")
+    w.sample("ldmserve_webhook_retries_total", counters.get("webhooks_retried"))
+    w.family("ldmserve_webhooks_pending", "gauge", "Webhook deliveries due or waiting to retry.")
+    w.sample("ldmserve_webhooks_pending", snapshot.get("webhooks_pending", 0))
 
     workers = snapshot["workers"]
     w.family("ldmserve_workers", "gauge", "Live workers (heartbeat not expired), per model.")

@@ -36,6 +36,7 @@ from redis.exceptions import ResponseError
 
 from service import queue_scripts as lua
 from service.queue_keys import (
+    ANONYMOUS,
     BATCH_ROW_BOUNDS,
     GROUP,
     LATENCY_BOUNDS,
@@ -43,11 +44,14 @@ from service.queue_keys import (
     IdempotencyMismatch,
     JobRecord,
     Keys,
+    OwnerQueueFull,
     QueueFull,
+    RateLimited,
     SubmitResult,
     WorkerInfo,
     new_worker_id,
 )
+from service.ratelimit import burst_of
 from service.settings import Settings
 
 __all__ = [
@@ -55,7 +59,9 @@ __all__ = [
     "IdempotencyMismatch",
     "JobQueue",
     "JobRecord",
+    "OwnerQueueFull",
     "QueueFull",
+    "RateLimited",
     "SubmitResult",
     "WorkerInfo",
     "new_worker_id",
@@ -131,13 +137,18 @@ class JobQueue:
         job_id: str,
         idempotency_key: str | None = None,
         digest: str = "",
+        owner: str = ANONYMOUS,
+        webhook_url: str | None = None,
     ) -> SubmitResult:
         """Create a job (hash + stream entry, atomically), or return the idempotent twin.
 
-        Raises QueueFull past ``max_queue`` queued jobs for the model and
-        IdempotencyMismatch when the key was used with a different ``digest``.
+        Raises RateLimited past the owner's ``rate_limit_per_min``, OwnerQueueFull past
+        ``max_queued_per_key`` unfinished jobs of ``owner``, QueueFull past ``max_queue``
+        queued jobs for the model, and IdempotencyMismatch when the owner used the key with
+        a different ``digest``. A job with ``webhook_url`` gets a delivery on its final state.
         """
-        idem = self.keys.idem(idempotency_key) if idempotency_key else ""
+        s = self.settings
+        idem = self.keys.idem(idempotency_key, owner) if idempotency_key else ""
         kind, found, status, rank, params_json = await self._submit(
             args=[
                 self._p,
@@ -146,12 +157,21 @@ class JobQueue:
                 json.dumps(params, separators=(",", ":")),
                 digest,
                 repr(time.time()),
-                self.settings.max_queue,
+                s.max_queue,
                 idem,
                 self._job_ttl,
+                owner,
+                webhook_url or "",
+                s.max_queued_per_key,
+                repr(float(s.rate_limit_per_min)),
+                burst_of(s.rate_limit_per_min, s.rate_limit_burst),
             ]
         )
         kind, found = _s(kind), _s(found) or ""
+        if kind == "rate_limited":
+            raise RateLimited(int(rank))
+        if kind == "owner_full":
+            raise OwnerQueueFull(f"this key has {s.max_queued_per_key} unfinished jobs")
         if kind == "full":
             raise QueueFull(f"queue for model {model!r} holds {self.settings.max_queue} jobs")
         if kind == "mismatch":
@@ -179,14 +199,16 @@ class JobQueue:
         """Encoded bytes of one result image, None once expired."""
         return await self.redis.hget(self.keys.images(job_id), str(index))
 
-    async def cancel(self, job_id: str) -> str:
-        """Cancel a queued or running job.
+    async def cancel(self, job_id: str, owner: str | None = None) -> str:
+        """Cancel a queued or running job (of ``owner``, when given).
 
         Returns ``"canceled"`` when this call (or an earlier one) canceled it, ``"missing"``
-        for an unknown id, else the terminal status it already had. A running job's worker
-        sees it through :meth:`canceled` / a refused :meth:`progress` and drops it.
+        for an unknown id or another owner's job, else the terminal status it already had.
+        A running job's worker sees it through :meth:`canceled` / a refused
+        :meth:`progress` and drops it.
         """
-        result = await self._cancel(args=[self._p, job_id, repr(time.time()), self._job_ttl])
+        args = [self._p, job_id, repr(time.time()), self._job_ttl, owner or ""]
+        result = await self._cancel(args=args)
         return _s(result) or "missing"
 
     async def models(self) -> list[str]:

@@ -9,7 +9,11 @@ Key layout (``P`` = ``Settings.key_prefix``, default ``ldmserve``); the Lua prea
 ``P:job:{id}``                      hash    the job record (see :class:`JobRecord`)
 ``P:job:{id}:images``               hash    ``"0"``, ``"1"``, … → encoded image bytes (TTL)
 ``P:job:{id}:events``               pubsub  progress / status messages (JSON) for SSE
-``P:idem:{sha256(key)}``            string  Idempotency-Key → job id
+``P:idem:{sha256(owner\nkey)}``     string  Idempotency-Key → job id (scoped per owner)
+``P:owner:{owner}:active``          set     the owner's unfinished job ids (per-key cap)
+``P:rate:{owner}``                  string  GCRA state of the owner's submits (service.ratelimit)
+``P:webhooks``                      stream  webhook deliveries due now; group ``dispatchers``
+``P:webhooks:retry``                zset    deliveries waiting for a retry, scored by due ms
 ``P:worker:{worker_id}``            string  heartbeat: JSON :class:`WorkerInfo`, TTL
 ``P:workers``                       zset    worker ids by last heartbeat (for listing)
 ``P:running``                       set     ids of running jobs (gauge)
@@ -30,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GROUP = "workers"
+WEBHOOK_GROUP = "dispatchers"
+ANONYMOUS = "anonymous"  # the owner of every job while auth is off (service.auth)
 LATENCY_BOUNDS: tuple[float, ...] = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 BATCH_ROW_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -42,6 +48,18 @@ def new_worker_id() -> str:
 
 class QueueFull(Exception):
     """The model's queue holds ``max_queue`` jobs; the API answers 429 + Retry-After."""
+
+
+class OwnerQueueFull(QueueFull):
+    """The key holds ``max_queued_per_key`` unfinished jobs (429 + Retry-After)."""
+
+
+class RateLimited(Exception):
+    """The key submitted faster than ``rate_limit_per_min`` allows (429 + Retry-After)."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(f"rate limit exceeded; retry in {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
 
 
 class IdempotencyMismatch(Exception):
@@ -73,8 +91,23 @@ class Keys:
     def queued(self, model: str) -> str:
         return f"{self.prefix}:model:{model}:queued"
 
-    def idem(self, key: str) -> str:
-        return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+    def idem(self, key: str, owner: str = ANONYMOUS) -> str:
+        digest = hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest()
+        return f"{self.prefix}:idem:{digest}"
+
+    def owner_active(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:active"
+
+    def rate(self, owner: str) -> str:
+        return f"{self.prefix}:rate:{owner}"
+
+    @property
+    def webhooks(self) -> str:
+        return f"{self.prefix}:webhooks"
+
+    @property
+    def webhooks_retry(self) -> str:
+        return f"{self.prefix}:webhooks:retry"
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
@@ -171,6 +204,8 @@ class JobRecord:
     format: str | None = None
     expires_at: float | None = None
     queue_position: int | None = None
+    owner: str = ANONYMOUS
+    webhook_url: str | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[str, str], queue_position: int | None = None) -> JobRecord:
@@ -196,4 +231,6 @@ class JobRecord:
             format=raw.get("format"),
             expires_at=_f(raw, "expires_at"),
             queue_position=queue_position,
+            owner=raw.get("owner") or ANONYMOUS,
+            webhook_url=raw.get("webhook") or None,
         )

@@ -9,6 +9,8 @@ it with the helpers in ``_PREAMBLE``, which mirror :class:`service.queue_keys.Ke
 
 from __future__ import annotations
 
+from service.ratelimit import GCRA_LUA
+
 _PREAMBLE = r"""
 redis.replicate_commands()
 local P = ARGV[1]
@@ -21,6 +23,8 @@ local function channel(id) return P .. ':job:' .. id .. ':events' end
 local function stream_key(m) return P .. ':model:' .. m .. ':stream' end
 local function queued_key(m) return P .. ':model:' .. m .. ':queued' end
 local function worker_key(w) return P .. ':worker:' .. w end
+local function owner_key(o) return P .. ':owner:' .. o .. ':active' end
+local WEBHOOKS = P .. ':webhooks'
 
 local function observe(name, value, bounds)
   local le = '+Inf'
@@ -42,15 +46,23 @@ local function publish_status(id, status)
 end
 
 -- Terminal transition shared by finish / fail / cancel / give-up: the entry leaves the
--- stream, the job leaves the live sets, the record starts its countdown.
+-- stream, the job leaves the live sets, the record starts its countdown, and a job with
+-- a webhook gets its delivery queued in the same atomic step (service.webhook_dispatch).
 local function finalize(id, status, now, job_ttl)
   local job = job_key(id)
-  local v = redis.call('HMGET', job, 'model', 'entry')
+  local v = redis.call('HMGET', job, 'model', 'entry', 'owner', 'webhook')
   redis.call('HSET', job, 'status', status, 'finished_at', now, 'updated_at', now)
   redis.call('HDEL', job, 'eta_s')
   redis.call('SREM', RUNNING, id)
   redis.call('ZREM', queued_key(v[1]), id)
   retire(v[1], v[2])
+  redis.call('SREM', owner_key(v[3] or 'anonymous'), id)
+  if v[4] and v[4] ~= '' then
+    local e = redis.call('HMGET', job, 'error_code', 'error', 'image_count')
+    redis.call('XADD', WEBHOOKS, '*', 'job', id, 'status', status, 'url', v[4],
+      'attempt', '1', 'error_code', e[1] or '', 'error', e[2] or '', 'images', e[3] or '0',
+      'finished_at', now)
+  end
   redis.call('EXPIRE', job, job_ttl)
   redis.call('HINCRBY', METRICS, 'jobs_' .. status, 1)
   publish_status(id, status)
@@ -76,14 +88,21 @@ local function owns(id, worker, lease)
 end
 """
 
-# ARGV: prefix, job_id, model, params_json, digest, now, max_queue, idem_key ('' = none), idem_ttl
+# ARGV: prefix, job_id, model, params_json, digest, now, max_queue, idem_key ('' = none),
+#       idem_ttl, owner, webhook_url ('' = none), max_per_owner (0 = off),
+#       rate_per_min (0 = off), burst
 # → {kind, id, status, queue position (-1 = not queued), params_json}; kind: created |
-#   existing (idempotent replay) | mismatch (key reused with another body) | full
+#   existing (idempotent replay) | mismatch (key reused with another body) | full |
+#   owner_full (the owner's cap) | rate_limited (position = ms to wait)
+# Order: a replay costs nothing; then the rate limit (so hammering a full queue is
+# throttled too), the owner's cap, the model's cap.
 SUBMIT = (
     _PREAMBLE
+    + GCRA_LUA
     + r"""
 local id, model, now = ARGV[2], ARGV[3], ARGV[6]
-local idem = ARGV[8]
+local idem, owner, webhook = ARGV[8], ARGV[10], ARGV[11]
+local per_owner, per_min = tonumber(ARGV[12]), tonumber(ARGV[13])
 local function describe(kind, job_id)
   local v = redis.call('HMGET', job_key(job_id), 'status', 'model', 'params')
   local rank = redis.call('ZRANK', queued_key(v[2]), job_id)
@@ -99,12 +118,32 @@ if idem ~= '' then
     end
   end
 end
+if per_min > 0 then
+  local wait = gcra(P .. ':rate:' .. owner, per_min, tonumber(ARGV[14]))
+  if wait > 0 then
+    redis.call('HINCRBY', METRICS, 'submits_rate_limited', 1)
+    return {'rate_limited', '', '', wait, ''}
+  end
+end
+if per_owner > 0 and redis.call('SCARD', owner_key(owner)) >= per_owner then
+  -- Self-heal: drop ids whose job is gone or final (e.g. a record lost to eviction).
+  for _, j in ipairs(redis.call('SMEMBERS', owner_key(owner))) do
+    local st = redis.call('HGET', job_key(j), 'status')
+    if st ~= 'queued' and st ~= 'running' then redis.call('SREM', owner_key(owner), j) end
+  end
+  if redis.call('SCARD', owner_key(owner)) >= per_owner then
+    redis.call('HINCRBY', METRICS, 'submits_refused_owner_cap', 1)
+    return {'owner_full', '', '', -1, ''}
+  end
+end
 if redis.call('ZCARD', queued_key(model)) >= tonumber(ARGV[7]) then return {'full', '', '', -1, ''} end
 local seq = redis.call('INCR', P .. ':seq')
 local entry = redis.call('XADD', stream_key(model), '*', 'job', id)
 redis.call('HSET', job_key(id), 'id', id, 'status', 'queued', 'model', model,
   'params', ARGV[4], 'digest', ARGV[5], 'created_at', now, 'updated_at', now,
-  'entry', entry, 'seq', seq, 'attempt', 0, 'lease', 0)
+  'entry', entry, 'seq', seq, 'attempt', 0, 'lease', 0, 'owner', owner)
+if webhook ~= '' then redis.call('HSET', job_key(id), 'webhook', webhook) end
+redis.call('SADD', owner_key(owner), id)
 redis.call('ZADD', queued_key(model), seq, id)
 redis.call('SADD', P .. ':models', model)
 redis.call('HINCRBY', METRICS, 'jobs_submitted', 1)
@@ -250,13 +289,16 @@ return 1
 """
 )
 
-# ARGV: prefix, job_id, now, job_ttl → 'missing' | 'canceled' | <terminal status it already had>
+# ARGV: prefix, job_id, now, job_ttl, owner ('' = any)
+# → 'missing' (unknown, or another owner's) | 'canceled' | <terminal status it already had>
 CANCEL = (
     _PREAMBLE
     + r"""
 local id = ARGV[2]
-local st = redis.call('HGET', job_key(id), 'status')
+local v = redis.call('HMGET', job_key(id), 'status', 'owner')
+local st = v[1]
 if not st then return 'missing' end
+if ARGV[5] ~= '' and ARGV[5] ~= (v[2] or 'anonymous') then return 'missing' end
 if st ~= 'queued' and st ~= 'running' then return st end
 finalize(id, 'canceled', ARGV[3], ARGV[4])
 return 'canceled'

@@ -61,6 +61,13 @@ class JobRequest(BaseModel):
     num_images: int = Field(default=1, description="Images from consecutive seeds.")
     output_format: OutputFormat = "png"
     model: str | None = Field(default=None, min_length=1, max_length=512)
+    webhook_url: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="http(s) URL POSTed a signed JSON body when the job ends (succeeded, "
+        "failed or canceled); must resolve to public addresses (see README, Security).",
+    )
 
 
 class Links(BaseModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -68,6 +68,38 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="SSE re-reads the job this often in case a message was lost."
     )
     sse_keepalive_s: float = Field(default=15.0, gt=0)
+    log_prompts: bool = Field(default=False, description="Log prompts with job ids (privacy).")
+
+    # Security (docs/ARCHITECTURE.md "Security"; service.auth, service.webhooks).
+    api_keys: str = Field(
+        default="",
+        description="Comma-separated name:sha256hex entries; none (and no file): auth off.",
+    )
+    api_keys_file: Path | None = Field(default=None, description="One name:sha256hex per line.")
+    metrics_public: bool = Field(default=False, description="Serve /metrics without a key.")
+    rate_limit_per_min: float = Field(
+        default=300.0, ge=0, description="Submits per key per minute (GCRA in Redis); 0 = off."
+    )
+    rate_limit_burst: int | None = Field(
+        default=None, ge=1, description="Submits a key may make at once; None = one minute's worth."
+    )
+    max_queued_per_key: int = Field(
+        default=500, ge=0, description="Unfinished (queued + running) jobs per key; 0 = no cap."
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="HMAC key for webhook signatures; unset: webhook_url refused."
+    )
+    webhook_allow: str = Field(
+        default="", description="Comma-separated CIDRs / hostnames exempt from the SSRF policy."
+    )
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_max_attempts: int = Field(default=5, ge=1)
+    webhook_backoff_s: float = Field(
+        default=4.0, gt=0, description="Delay before retry n is backoff * 2**(n-1) (+-20% jitter)."
+    )
+    webhook_claim_idle_s: float = Field(
+        default=30.0, gt=0, description="A delivery in flight this long is taken over (XAUTOCLAIM)."
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Settings:
@@ -80,4 +112,6 @@ class Settings(BaseSettings):
             raise ValueError("worker_ttl_s must exceed heartbeat_interval_s")
         if self.min_guidance > self.max_guidance:
             raise ValueError("min_guidance must not exceed max_guidance")
+        if self.webhook_claim_idle_s <= 2 * self.webhook_timeout_s:
+            raise ValueError("webhook_claim_idle_s must exceed twice webhook_timeout_s")
         return self

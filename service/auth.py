@@ -1,0 +1,172 @@
+"""API keys: ``Authorization: Bearer <key>``, stored only as SHA-256 hashes.
+
+Keys are configured as ``name:sha256hex`` entries, in ``LDMSERVE_API_KEYS`` (comma-separated)
+and/or ``LDMSERVE_API_KEYS_FILE`` (one per line, ``#`` comments). The *name* is the owner of
+the jobs the key creates; the key itself is never stored. With no entry at all, auth is off
+and every caller is the one owner :data:`ANONYMOUS`.
+
+When auth is on, :class:`AuthMiddleware` (outermost but for CORS) answers 401 before the
+request reaches body parsing or validation, for every path but ``/healthz``, the OpenAPI
+document and docs pages, and ``/metrics`` when ``metrics_public``. The presented key is
+hashed and compared with every configured hash by :func:`hmac.compare_digest`.
+
+Hash a key for the configuration::
+
+    python -m service.auth hash <key>      # prints the sha256 hex digest ("-": key on stdin)
+    python -m service.auth new <name>      # prints a fresh random key and its entry
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import re
+import secrets
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api_errors import error_response
+
+ANONYMOUS = "anonymous"
+OWNER_SCOPE_KEY = "ldmserve.owner"
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HEX = re.compile(r"[0-9a-f]{64}")
+_DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+
+
+def hash_key(key: str) -> str:
+    """The configuration form of a key: its SHA-256 hex digest."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_entries(text: str, separator: str = ",") -> dict[str, bytes]:
+    """``name:sha256hex`` entries → {name: digest}; ValueError names a bad entry."""
+    out: dict[str, bytes] = {}
+    for raw in text.split(separator):
+        entry = raw.split("#", 1)[0].strip() if separator == "\n" else raw.strip()
+        if not entry:
+            continue
+        name, sep, digest = entry.partition(":")
+        name, digest = name.strip(), digest.strip().lower()
+        if not sep or not _NAME.fullmatch(name) or not _HEX.fullmatch(digest):
+            shown = name if _NAME.fullmatch(name) else "?"
+            raise ValueError(
+                f"API key entry for {shown!r} is not name:sha256hex "
+                "(name: letters, digits, _ . -; the hash: 64 lowercase hex digits)"
+            )
+        if name == ANONYMOUS:
+            raise ValueError(f"{ANONYMOUS!r} is reserved for the no-auth owner")
+        if name in out:
+            raise ValueError(f"API key name {name!r} appears twice")
+        out[name] = bytes.fromhex(digest)
+    return out
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The configured key hashes; empty means auth is off."""
+
+    digests: Mapping[str, bytes]
+
+    @classmethod
+    def from_settings(cls, api_keys: str, api_keys_file: Path | None) -> KeyRing:
+        entries = parse_entries(api_keys)
+        if api_keys_file is not None:
+            for name, digest in parse_entries(api_keys_file.read_text(), "\n").items():
+                if name in entries:
+                    raise ValueError(f"API key name {name!r} appears twice")
+                entries[name] = digest
+        return cls(entries)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.digests)
+
+    def identify(self, key: str) -> str | None:
+        """The name of the key, or None. Every hash is compared (no early exit)."""
+        presented = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        found = None
+        for name, digest in self.digests.items():
+            if hmac.compare_digest(presented, digest):
+                found = name
+        return found
+
+
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (scheme case-insensitive)."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding ``host`` exposes the API only to this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class AuthMiddleware:
+    """401 unless a configured key is presented; records the caller's name in the scope.
+
+    With an empty key ring every request passes as :data:`ANONYMOUS`.
+    """
+
+    def __init__(self, app: ASGIApp, keys: KeyRing, metrics_public: bool) -> None:
+        self.app = app
+        self.keys = keys
+        self.public = {"/healthz", *_DOCS} | ({"/metrics"} if metrics_public else set())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self.keys.enabled:
+            scope[OWNER_SCOPE_KEY] = ANONYMOUS
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(scope["headers"])
+        owner = self.keys.identify(token) if token is not None else None
+        if owner is None and scope["path"] not in self.public:
+            challenge = 'Bearer realm="ldmserve"'
+            if token is not None:
+                challenge += ', error="invalid_token"'
+            message = "a valid API key is required (Authorization: Bearer <key>)"
+            response = error_response(
+                401, "unauthorized", message, headers={"WWW-Authenticate": challenge}
+            )
+            await response(scope, receive, send)
+            return
+        scope[OWNER_SCOPE_KEY] = owner or ANONYMOUS
+        await self.app(scope, receive, send)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.auth hash <key>`` | ``python -m service.auth new <name>``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "hash":  # "-": read the key from stdin (not argv/ps)
+        key = sys.stdin.readline().rstrip("\r\n") if args[1] == "-" else args[1]
+        sys.stdout.write(hash_key(key) + "\n")
+        return 0
+    if len(args) == 2 and args[0] == "new" and _NAME.fullmatch(args[1]):
+        key = "ldm_" + secrets.token_urlsafe(32)
+        sys.stdout.write(f"key:   {key}\nentry: {args[1]}:{hash_key(key)}\n")
+        return 0
+    sys.stderr.write("usage: python -m service.auth hash <key> | new <name>\n")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
