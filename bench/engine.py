@@ -1,0 +1,446 @@
+"""One reproducible workload served three ways on the same weights, in one process.
+
+(a) serial: one job at a time through diffusers' StableDiffusionPipeline (scheduler switched
+    per job to the diffusers class our sampler reproduces).
+(b) static: a dynamic batcher as Triton/SGLang-style servers do it, on our Pipeline: take the
+    oldest waiting job, wait until `--static-batch` waiting jobs share its exact settings
+    (size, steps, sampler, guidance) or `--static-window` s have passed since it arrived,
+    then run that group (no padding) to the end together.
+(c) engine: service.engine.Engine (step-level continuous batching), jobs submitted at their
+    arrival times.
+
+Arrivals are Poisson (fixed seed), replayed in real time for all three; a job's latency is
+finish - arrival, throughput = images / (last finish - first arrival). The arrival rate is
+`--load` times the rate one-at-a-time serving (a) can sustain, measured in a calibration run,
+so the system is loaded. Weights: a tiny diffusers pipeline (demo-sized, or with the SD 1.5
+UNet via `--unet sd15`) is built with random weights, saved with save_pretrained and loaded by
+model.load_pipeline, so both implementations run identical weights; the max pixel difference
+between (a)'s and (c)'s images for the same jobs is printed as a check.
+
+    .venv/bin/python bench/engine.py                          # demo-sized model, 32 jobs
+    .venv/bin/python bench/engine.py --unet sd15 --latent 16  # SD 1.5 UNet, 8 jobs
+    .venv/bin/python bench/engine.py --quick                  # smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import common  # noqa: F401  (puts the repo root on sys.path)
+import numpy as np
+import torch
+from common import emit_json, load_average, set_threads, table
+
+SAMPLERS = ("euler_a", "ddim", "dpmpp_2m", "euler")
+PROMPTS = ("a lighthouse at dusk", "a red fox in snow", "an old map", "a bowl of cherries")
+
+DEMO_UNET: dict[str, Any] = {  # the shape of model/demo.py's UNet, in diffusers terms
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": 4,
+    "cross_attention_dim": 32,
+}
+SD15_UNET: dict[str, Any] = {
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+}
+TINY_VAE: dict[str, Any] = {  # f = 8, as SD, but narrow
+    "block_out_channels": [32, 32, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    arrival: float  # seconds after the start of the run
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    sampler: str
+    guidance: float
+    seed: int
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.width, self.height, self.steps, self.sampler, self.guidance)
+
+
+@dataclass
+class Outcome:
+    finish: dict[str, float] = field(default_factory=dict)  # job id -> seconds after start
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    batches: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- model
+
+
+def build_models(unet: str, folder: Path) -> tuple[Any, Any]:
+    """(diffusers pipeline, our Pipeline) with identical random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel as DUNet
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from transformers import CLIPTextModel
+
+    from model import load_pipeline
+    from model.samplers import SD15_SCHEDULER_CONFIG
+    from model.text import bundled_tokenizer, clip_text_config
+
+    torch.manual_seed(0)
+    ucfg = SD15_UNET if unet == "sd15" else DEMO_UNET
+    hidden = ucfg["cross_attention_dim"]
+    text = CLIPTextModel(clip_text_config(hidden=hidden, layers=2))
+    ref = StableDiffusionPipeline(
+        vae=AutoencoderKL(**TINY_VAE),
+        text_encoder=text,
+        tokenizer=bundled_tokenizer(),
+        unet=DUNet(**ucfg),
+        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    ref.save_pretrained(folder, safe_serialization=True)
+    # As the published SD 1.5 folders: no timestep_spacing, so each sampler uses its
+    # diffusers scheduler's own default (save_pretrained would pin DDIM's "leading").
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDIMScheduler", **SD15_SCHEDULER_CONFIG})
+    )
+    ref.unet.set_attn_processor(AttnProcessor2_0())
+    ref.set_progress_bar_config(disable=True)
+    ours = load_pipeline(str(folder), device="cpu", dtype=torch.float32)
+    return ref, ours
+
+
+def diffusers_scheduler(name: str) -> Any:
+    import diffusers
+
+    from model.samplers import SD15_SCHEDULER_CONFIG
+
+    cls = {
+        "ddim": diffusers.DDIMScheduler,
+        "euler": diffusers.EulerDiscreteScheduler,
+        "euler_a": diffusers.EulerAncestralDiscreteScheduler,
+        "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+    }[name]
+    return cls.from_config(SD15_SCHEDULER_CONFIG)
+
+
+# ---------------------------------------------------------------- workload
+
+
+def make_jobs(
+    n: int, rate: float, latent: int, steps: list[int], seed: int, uniform: bool
+) -> list[Job]:
+    """n jobs, Poisson arrivals at `rate`/s, two sizes, mixed steps and samplers (seeded)."""
+    rng = random.Random(seed)
+    sizes = [(8 * latent, 8 * latent), (12 * latent, 8 * latent)]
+    t, jobs = 0.0, []
+    for i in range(n):
+        jobs.append(
+            Job(
+                id=f"job{i:03d}",
+                arrival=t,
+                prompt=rng.choice(PROMPTS),
+                width=sizes[0][0] if uniform else rng.choice(sizes)[0],
+                height=8 * latent,
+                steps=steps[len(steps) // 2] if uniform else rng.choice(steps),
+                sampler=SAMPLERS[0] if uniform else rng.choice(SAMPLERS),
+                guidance=7.5,
+                seed=1000 + i,
+            )
+        )
+        t += rng.expovariate(rate)
+    return jobs
+
+
+def _sleep_until(t0: float, offset: float) -> None:
+    delay = t0 + offset - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+# ---------------------------------------------------------------- (a) serial diffusers
+
+
+def run_diffusers_job(ref: Any, job: Job) -> np.ndarray:
+    ref.scheduler = diffusers_scheduler(job.sampler)
+    with torch.inference_mode():
+        out = ref(
+            job.prompt,
+            num_inference_steps=job.steps,
+            guidance_scale=job.guidance,
+            width=job.width,
+            height=job.height,
+            generator=torch.Generator("cpu").manual_seed(job.seed),
+            output_type="np",
+        ).images
+    return (out[0] * 255).round().astype(np.uint8)
+
+
+def serve_serial(ref: Any, jobs: list[Job]) -> Outcome:
+    res = Outcome()
+    t0 = time.monotonic()
+    for job in jobs:
+        _sleep_until(t0, job.arrival)
+        res.images[job.id] = run_diffusers_job(ref, job)
+        res.finish[job.id] = time.monotonic() - t0
+        res.batches.append(1)
+    return res
+
+
+# ---------------------------------------------------------------- (b) static batching
+
+
+def run_static_batch(pipe: Any, batch: list[Job]) -> np.ndarray:
+    """One group of identical settings, run to the end together (our Pipeline pieces)."""
+    from model import samplers
+
+    head = batch[0]
+    shape = pipe.latent_shape(head.width, head.height)
+    traj = samplers.plan(head.sampler, head.steps, pipe.schedule)
+    trajs = [traj] * len(batch)
+    states = [
+        samplers.start(traj, torch.Generator("cpu").manual_seed(j.seed), shape, pipe.device)
+        for j in batch
+    ]
+    cond = pipe.encode_prompts([j.prompt for j in batch])
+    uncond = pipe.encode_prompts([""] * len(batch))
+    guidance = torch.tensor([j.guidance for j in batch])
+    while states[0].k < traj.n_evals:
+        x_in, t = samplers.model_input(trajs, states)
+        out = pipe.guided_output(x_in, t, cond, uncond, guidance)
+        states = samplers.advance(trajs, states, out)
+    return pipe.decode_latents(torch.cat([s.x for s in states]))
+
+
+def serve_static(pipe: Any, jobs: list[Job], max_images: int, window: float) -> Outcome:
+    res = Outcome()
+    t0 = time.monotonic()
+    waiting: list[Job] = []
+    upcoming = list(jobs)
+    while waiting or upcoming:
+        now = time.monotonic() - t0
+        while upcoming and upcoming[0].arrival <= now:
+            waiting.append(upcoming.pop(0))
+        if not waiting:
+            _sleep_until(t0, upcoming[0].arrival)
+            continue
+        head = waiting[0]
+        group = [j for j in waiting if j.key == head.key][:max_images]
+        deadline = head.arrival + window
+        if len(group) < max_images and now < deadline:
+            next_event = min(deadline, upcoming[0].arrival) if upcoming else deadline
+            _sleep_until(t0, next_event)
+            continue
+        images = run_static_batch(pipe, group)
+        done = time.monotonic() - t0
+        for job, image in zip(group, images, strict=True):
+            res.finish[job.id] = done
+            res.images[job.id] = image
+            waiting.remove(job)
+        res.batches.append(len(group))
+    return res
+
+
+# ---------------------------------------------------------------- (c) engine
+
+
+def serve_engine(pipe: Any, jobs: list[Job], max_rows: int) -> Outcome:
+    from service.engine import Engine
+    from service.engine_types import GenerationRequest
+
+    res = Outcome()
+    lock = threading.Lock()
+    engine = Engine(
+        pipe, max_batch=max_rows, on_batch=lambda rows, _jobs: res.batches.append(rows // 2)
+    )
+    handles = []
+    t0 = time.monotonic()
+    engine.start()
+    try:
+        for job in jobs:
+            _sleep_until(t0, job.arrival)
+            req = GenerationRequest(
+                id=job.id,
+                prompt=job.prompt,
+                width=job.width,
+                height=job.height,
+                steps=job.steps,
+                guidance_scale=job.guidance,
+                sampler=job.sampler,
+                seed=job.seed,
+            )
+            handles.append(engine.submit(req))
+        for h in handles:
+            if not h.wait(timeout=3600):
+                raise RuntimeError(f"{h.id} did not finish")
+    finally:
+        engine.stop()
+    with lock:
+        for h in handles:
+            if h.error or not h.images:
+                raise RuntimeError(f"{h.id} failed: {h.error}")
+            res.finish[h.id] = h.finished_at - t0
+            res.images[h.id] = h.images[0]
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+
+def summarize(name: str, jobs: list[Job], res: Outcome) -> dict[str, Any]:
+    lat = np.array([res.finish[j.id] - j.arrival for j in jobs])
+    span = max(res.finish.values()) - min(j.arrival for j in jobs)
+    return {
+        "mode": name,
+        "images_per_s": len(jobs) / span,
+        "makespan_s": span,
+        "latency_mean_s": float(lat.mean()),
+        "latency_p95_s": float(np.percentile(lat, 95)),
+        "mean_batch_images": float(np.mean(res.batches)) if res.batches else 0.0,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--unet", choices=["demo", "sd15"], default="demo")
+    p.add_argument("--latent", type=int, default=None, help="latent side (demo 8, sd15 16)")
+    p.add_argument("--jobs", type=int, default=None, help="demo 32, sd15 8")
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 15, 20, 25, 30])
+    p.add_argument("--load", type=float, default=3.0, help="arrival rate / serial capacity")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--max-rows", type=int, default=16, help="engine max_batch (UNet rows)")
+    p.add_argument("--static-batch", type=int, default=8, help="static batch size (images)")
+    p.add_argument("--static-window", type=float, default=None, help="static batching timeout s")
+    p.add_argument("--uniform", action="store_true", help="all jobs share settings (static's best)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="6 short jobs (smoke test)")
+    args = p.parse_args()
+    if args.latent is None:
+        args.latent = 16 if args.unet == "sd15" else 8
+    if args.jobs is None:
+        args.jobs = 8 if args.unet == "sd15" else 32
+    if args.quick:
+        args.jobs, args.steps = 6, [3, 4]
+    threads = set_threads(args.threads)
+    print(f"load average at start: {load_average()}")
+
+    with tempfile.TemporaryDirectory(prefix="ldm-bench-engine-") as tmp:
+        ref, ours = build_models(args.unet, Path(tmp) / "pipeline")
+    ref.unet.eval(), ref.vae.eval(), ref.text_encoder.eval()
+
+    # Calibration (also the warm-up): one solo job per size and sampler through diffusers.
+    mean_steps = float(np.mean(args.steps))
+    sizes = {(8 * args.latent, 8 * args.latent), (12 * args.latent, 8 * args.latent)}
+    solo = []
+    for w, h in sorted(sizes):
+        job = Job("probe", 0.0, "warm", w, h, round(mean_steps), "euler_a", 7.5, 0)
+        run_diffusers_job(ref, job)  # warm-up
+        solo.append(min(timed_job(ref, job) for _ in range(2)))
+        run_static_batch(ours, [job, job])  # warm our path at this size too
+    service_s = float(np.mean(solo))
+    rate = args.load / service_s
+    window = args.static_window if args.static_window is not None else 0.25 * service_s
+    jobs = make_jobs(args.jobs, rate, args.latent, args.steps, args.seed, args.uniform)
+    print(
+        f"model={args.unet} latent={args.latent} jobs={len(jobs)} steps={args.steps} "
+        f"solo diffusers job ~{service_s:.2f}s -> arrival rate {rate:.2f}/s (load {args.load}), "
+        f"arrivals over {jobs[-1].arrival:.1f}s; static: up to {args.static_batch} images with "
+        f"identical (size, steps, sampler, guidance), window {window:.2f}s; engine max_batch "
+        f"{args.max_rows} rows"
+    )
+
+    runs = {}
+    for name, fn in (
+        ("a_serial_diffusers", lambda: serve_serial(ref, jobs)),
+        ("b_static_batching", lambda: serve_static(ours, jobs, args.static_batch, window)),
+        ("c_engine", lambda: serve_engine(ours, jobs, args.max_rows)),
+    ):
+        t = time.monotonic()
+        runs[name] = fn()
+        print(f"{name}: {time.monotonic() - t:.1f}s wall, load {load_average()}")
+
+    summary = {name: summarize(name, jobs, res) for name, res in runs.items()}
+    a, b, c = (summary[k] for k in ("a_serial_diffusers", "b_static_batching", "c_engine"))
+    diff = max(
+        int(
+            np.abs(
+                runs["a_serial_diffusers"].images[j.id].astype(int)
+                - runs["c_engine"].images[j.id].astype(int)
+            ).max()
+        )
+        for j in jobs
+    )
+    print(
+        table(
+            ["mode", "images/s", "mean lat s", "p95 lat s", "mean batch (images)"],
+            [
+                [
+                    s["mode"],
+                    s["images_per_s"],
+                    s["latency_mean_s"],
+                    s["latency_p95_s"],
+                    s["mean_batch_images"],
+                ]
+                for s in summary.values()
+            ],
+        )
+    )
+    ratios = {
+        "throughput_c_over_a": c["images_per_s"] / a["images_per_s"],
+        "throughput_c_over_b": c["images_per_s"] / b["images_per_s"],
+        "mean_latency_c_vs_b": c["latency_mean_s"] / b["latency_mean_s"] - 1.0,
+        "p95_latency_c_vs_b": c["latency_p95_s"] / b["latency_p95_s"] - 1.0,
+    }
+    print(
+        f"(c)/(a) throughput {ratios['throughput_c_over_a']:.2f}x (goal >= 2.0); "
+        f"(c)/(b) throughput {ratios['throughput_c_over_b']:.2f}x; "
+        f"(c) mean latency {100 * ratios['mean_latency_c_vs_b']:+.0f}% vs (b) "
+        f"(goal <= -30% at >= 1.0x throughput); max pixel diff (a) vs (c): {diff}/255"
+    )
+    emit_json(
+        "engine",
+        {
+            "threads": threads,
+            "quick": args.quick,
+            "unet": args.unet,
+            "latent": args.latent,
+            "jobs": len(jobs),
+            "arrival_rate": rate,
+            "serial_job_s": service_s,
+            "static_window_s": window,
+            "max_pixel_diff_a_vs_c": diff,
+            "modes": summary,
+            **ratios,
+        },
+    )
+
+
+def timed_job(ref: Any, job: Job) -> float:
+    t = time.perf_counter()
+    run_diffusers_job(ref, job)
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()

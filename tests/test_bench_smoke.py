@@ -1,0 +1,46 @@
+"""The benchmark scripts run end to end in their --quick modes (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TAG = "BENCH_JSON "  # bench/common.py's final machine-readable line
+
+
+def parse_json(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith(TAG)]
+    assert lines, f"no {TAG.strip()} line in:\n{stdout[-2000:]}"
+    return json.loads(lines[-1][len(TAG) :])
+
+
+CASES = {
+    "unet": ["bench/unet.py", "--quick"],
+    "load_memory": ["bench/load_memory.py", "--quick", "--dtypes", "fp16"],
+    "engine": ["bench/engine.py", "--quick"],
+    "gpu": ["bench/gpu.py", "--device", "cpu", "--tiny", "--quick"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_quick_mode_runs_and_prints_json(name: str) -> None:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run(
+        [sys.executable, *CASES[name]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    record = parse_json(proc.stdout)
+    assert record["bench"] == name
+    assert record["quick"] is True
