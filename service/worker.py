@@ -16,6 +16,7 @@ import io
 import logging
 import signal
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -71,6 +72,7 @@ def encode_images(images: list[np.ndarray], fmt: str) -> list[bytes]:
 class _Running:
     claim: Claim
     handle: JobHandle | None = None
+    encoded: list[bytes] | None = None  # result bytes, kept while storing them is retried
 
 
 @dataclass
@@ -95,6 +97,9 @@ class Worker:
         self.engine = Engine(pipeline, settings.max_batch, on_batch=self._on_batch)
         self.queue = JobQueue.connect(settings)
         self.running: dict[str, _Running] = {}
+        # A job on its last attempt after crashing workers runs alone (see _claim_loop).
+        self._deferred: deque[Claim] = deque()
+        self._isolated: str | None = None
         self._events = _Events()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -167,10 +172,31 @@ class Worker:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def _claim_loop(self) -> None:
-        """Take jobs while there is room: dead workers' first, then new ones."""
-        await self.queue.heartbeat(self.info)
+        """Take jobs while there is room: dead workers' first, then new ones.
+
+        Poison isolation: a reclaimed job on its last attempt (it was running on workers that
+        died ``max_attempts - 1`` times) runs alone. The worker lets its current jobs finish,
+        runs it with nothing else, and claims nothing meanwhile; if it is a poison job that
+        crashes the process again, it fails without taking other jobs' attempts with it,
+        and jobs that were merely batched with it get a clean last try.
+        """
+        await self._beat_until_up()
         prune_every, last_prune = 60.0, 0.0
         while not self._stop.is_set():
+            if self._deferred:
+                if self.running:
+                    await self._sleep(0.05)
+                    continue
+                claim = self._deferred.popleft()
+                self._isolated = claim.job_id
+                log.info("job %s runs alone: its last attempt", claim.job_id)
+                await self._start(claim)
+                continue
+            if self._isolated is not None:
+                if self._isolated in self.running:
+                    await self._sleep(0.05)
+                    continue
+                self._isolated = None
             free = self.engine.free_rows()
             if free <= 0:
                 await self._sleep(0.05)
@@ -189,7 +215,24 @@ class Worker:
                 await self._sleep(1.0)
                 continue
             for claim in claims:
-                await self._start(claim)
+                if self._last_chance(claim):
+                    self._deferred.append(claim)  # each runs alone, in turn
+                else:
+                    await self._start(claim)
+
+    def _last_chance(self, claim: Claim) -> bool:
+        """A retried job with no attempt left after this one."""
+        return claim.attempt > 1 and claim.attempt >= self.settings.max_attempts
+
+    async def _beat_until_up(self) -> None:
+        """The first heartbeat, retried while Redis is unreachable (or until stopped)."""
+        while not self._stop.is_set():
+            try:
+                await self.queue.heartbeat(self.info)
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("first heartbeat failed (Redis away?): %s; retrying", exc)
+                await self._sleep(1.0)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):  # builtin TimeoutError only from 3.11
@@ -240,28 +283,41 @@ class Worker:
         for job_id in lost:
             log.info("job %s canceled or taken over: dropping it", job_id)
             self.engine.cancel(job_id)
-        for handle in done:
-            await self._store(handle)
+        for i, handle in enumerate(done):
+            try:
+                await self._store(handle)
+            except BaseException:
+                ev.done[:0] = done[i:]  # not stored yet: retried with the next flush
+                raise
 
     async def _store(self, handle: JobHandle) -> None:
-        entry = self.running.pop(handle.id, None)
+        """Write a finished job's outcome. The job stays in ``running`` until the write went
+        through: if Redis is away the caller retries, and the result is not dropped while
+        this worker's heartbeat keeps anyone else from taking the job over."""
+        entry = self.running.get(handle.id)
         if entry is None:
             return
         claim = entry.claim
         if handle.state is JobState.DONE:
-            fmt = str(claim.params.get("output_format", "png"))
-            loop = asyncio.get_running_loop()
-            data = await loop.run_in_executor(self._encoder, encode_images, handle.images, fmt)
-            if await self.queue.finish(claim, data):
-                log.info("job %s succeeded (%d images)", claim.job_id, len(data))
+            if entry.encoded is None:
+                fmt = str(claim.params.get("output_format", "png"))
+                loop = asyncio.get_running_loop()
+                entry.encoded = await loop.run_in_executor(
+                    self._encoder, encode_images, handle.images, fmt
+                )
+            if await self.queue.finish(claim, entry.encoded):
+                log.info("job %s succeeded (%d images)", claim.job_id, len(entry.encoded))
             else:
                 log.info("job %s result discarded: no longer ours", claim.job_id)
         elif handle.state is JobState.FAILED:
             await self.queue.fail(claim, "generation_failed", handle.error or "generation failed")
         # CANCELED: the queue already says so (or we handed it back while draining).
+        self.running.pop(handle.id, None)
 
     async def _drain(self) -> None:
         """Stop claiming; finish running jobs within the drain timeout; hand back the rest."""
+        while self._deferred:  # last-attempt jobs not started yet
+            await self.queue.release(self._deferred.popleft())
         pending = self.engine.close_admission()
         for handle in pending:
             entry = self.running.pop(handle.id, None)
