@@ -315,9 +315,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             if dispatch is not None:
-                dispatch.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await dispatch
+                app.state.webhooks.stop()
+                done, _ = await asyncio.wait({dispatch}, timeout=settings.webhook_timeout_s + 2)
+                if not done:
+                    dispatch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await dispatch
             await queue.aclose()
 
     app = FastAPI(

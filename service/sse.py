@@ -55,20 +55,20 @@ async def job_events(
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
             now = time.monotonic()
             payload = json.loads(message["data"]) if message else {}
-            if payload.get("type") == "progress" and now - last_read < poll_s:
+            if payload.get("type") == "progress":
+                # Published in order before the final status message, and only by the
+                # current lease holder: forward every one, even if the re-read below
+                # already sees the job finished (a loaded server reads late).
                 payload.pop("type")
                 yield format_event("progress", payload)
                 last_sent = now
-                continue
+                if now - last_read < poll_s:
+                    continue
             record = await queue.get(job_id)
             last_read = now
             if record is None:
                 yield format_event("error", {"code": "job_expired", "message": "job expired"})
                 return
-            if payload.get("type") == "progress" and record.status == "running":
-                payload.pop("type")
-                yield format_event("progress", payload)
-                last_sent = now
             if record.status != status:
                 status = record.status
                 if status not in TERMINAL_STATUSES:

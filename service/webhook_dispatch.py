@@ -22,6 +22,7 @@ Delivery is at least once: a receiver deduplicates on the body's ``id`` + ``stat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -48,7 +49,7 @@ from service.webhooks import (
 
 log = logging.getLogger(__name__)
 CONCURRENCY = 16
-POLL_MS = 500
+POLL_S = 0.25
 
 # ARGV: prefix, entry_id, due_ms, member_json: the entry leaves the stream for the retry zset.
 RETRY = r"""
@@ -119,29 +120,48 @@ class WebhookDispatcher:
         self._group_ready = False
         self._next_autoclaim = 0.0
         self._redis_down = False
+        self._stop = asyncio.Event()
 
     async def run(self) -> None:
-        """Deliver until cancelled; Redis outages are waited out."""
+        """Deliver until :meth:`stop`; Redis outages are waited out.
+
+        Redis commands are never cancelled mid-flight (redis-py can lose a connection's
+        framing that way): the loop polls without blocking in Redis and waits on the stop
+        event in between.
+        """
         try:
-            while True:
+            while not self._stop.is_set():
+                pause = 0.0
                 try:
-                    await self.step()
+                    if not await self.step():
+                        pause = POLL_S
                     self._redis_down = False
                 except (RedisError, OSError) as exc:
                     if not self._redis_down:
                         log.warning("webhook dispatcher: Redis unavailable: %s", exc)
                     self._redis_down = True
                     self._group_ready = False
-                    await asyncio.sleep(1.0)
+                    pause = 1.0
+                if pause:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), pause)
         finally:
             await self.aclose()
 
-    async def aclose(self) -> None:
-        """Stop deliveries in flight (their entries stay pending for another dispatcher)."""
-        for task in list(self._tasks):
-            task.cancel()
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current round."""
+        self._stop.set()
+
+    async def aclose(self, grace_s: float | None = None) -> None:
+        """Let deliveries in flight end (up to ``grace_s``), then cancel the rest: their
+        entries stay pending and another dispatcher takes them over."""
+        grace = self.settings.webhook_timeout_s if grace_s is None else grace_s
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
         await self._client.aclose()
 
     async def _ensure_group(self) -> None:
@@ -154,7 +174,7 @@ class WebhookDispatcher:
                 raise
         self._group_ready = True
 
-    async def step(self, block_ms: int = POLL_MS) -> int:
+    async def step(self) -> int:
         """One round: promote due retries, take over stale ones, read new ones. Returns
         the number of deliveries started."""
         await self._ensure_group()
@@ -168,9 +188,8 @@ class WebhookDispatcher:
         if free > 0:
             try:
                 reply = await self.redis.xreadgroup(
-                    WEBHOOK_GROUP, self.consumer, {self.keys.webhooks: ">"}, count=free,
-                    block=block_ms,
-                )  # fmt: skip
+                    WEBHOOK_GROUP, self.consumer, {self.keys.webhooks: ">"}, count=free
+                )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -178,8 +197,6 @@ class WebhookDispatcher:
                 return 0
             for _stream, rows in reply or []:
                 entries += [(_decode({"id": eid})["id"], f and _decode(f)) for eid, f in rows]
-        else:
-            await asyncio.sleep(block_ms / 1000)
         started = 0
         for entry_id, fields in entries:
             if entry_id in self._in_flight:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from service.schemas import iso
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_URL_CHARS = 2048
@@ -197,7 +199,7 @@ def delivery_body(fields: Mapping[str, str]) -> bytes:
         "status": status,
         "images": images,
         "error": error,
-        "finished_at": float(fields.get("finished_at") or 0) or None,
+        "finished_at": iso(float(fields["finished_at"])) if fields.get("finished_at") else None,
         "links": {"self": f"/v1/jobs/{job_id}"},
     }
     return json.dumps(body, separators=(",", ":")).encode()

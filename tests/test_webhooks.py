@@ -1,0 +1,392 @@
+"""Webhooks: SSRF policy, signatures, retries with backoff, pinning, takeover.
+
+Network rule: every request goes to a receiver on 127.0.0.1 started here; public
+addresses appear only as IP literals that are checked, never contacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from redis.exceptions import ResponseError
+
+import service.webhooks as webhooks
+from service.api import create_app
+from service.settings import Settings
+from service.webhook_dispatch import WebhookDispatcher
+from service.webhooks import (
+    AllowList,
+    WebhookRefused,
+    address_is_public,
+    check_url,
+    delivery_body,
+    sign,
+    verify_signature,
+)
+
+pytestmark = pytest.mark.anyio
+Client = httpx.AsyncClient
+SECRET = "whsec-test"
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records requests and fails the first N."""
+
+    fail_first: int = 0
+    status: int = 204
+    headers_out: dict[str, str] = field(default_factory=dict)
+    requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, _, body in self.requests]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            state.requests.append((self.path, dict(self.headers.items()), body))
+            failing = len(state.requests) <= state.fail_first
+            self.send_response(500 if failing else state.status)
+            for name, value in state.headers_out.items():
+                self.send_header(name, value)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+async def make_client(redis_url: str) -> AsyncIterator[Any]:
+    async with AsyncExitStack() as stack:
+
+        async def make(**overrides: Any) -> tuple[Client, FastAPI]:
+            base = {"redis_url": redis_url, "webhook_secret": SECRET, "webhook_backoff_s": 0.05,
+                    "webhook_allow": "127.0.0.1/32", "webhook_timeout_s": 2.0}  # fmt: skip
+            app = create_app(Settings(**{**base, **overrides}))
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            client = Client(transport=httpx.ASGITransport(app=app), base_url="http://test")
+            await stack.enter_async_context(client)
+            return client, app
+
+        yield make
+
+
+async def wait_for(predicate: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+# ------------------------------------------------------------------ policy
+
+REFUSED_URLS = [
+    "http://127.0.0.1/hook",
+    "http://127.1.2.3:8080/",
+    "http://10.0.0.1/",
+    "http://172.16.5.4/",
+    "http://192.168.1.1/",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://100.64.0.1/",
+    "http://0.0.0.0/",
+    "http://224.0.0.1/",
+    "http://192.0.2.10/",
+    "http://[::1]/",
+    "http://[::]/",
+    "http://[fe80::1]/",
+    "http://[fc00::1]/",
+    "http://[fd12:3456::1]/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://[::ffff:169.254.169.254]/",
+    "http://[ff02::1]/",
+    "http://localhost:9/hook",
+    "http://LOCALHOST./",
+    "file:///etc/passwd",
+    "ftp://93.184.216.34/",
+    "gopher://93.184.216.34/",
+    "javascript:alert(1)",
+    "http:///nohost",
+    "http://user:pw@93.184.216.34/",
+    "http://93.184.216.34/a b",
+    "http://93.184.216.34:99999/",
+    "http://93.184.216.34/" + "a" * 2100,
+]
+
+
+@pytest.mark.parametrize("url", REFUSED_URLS)
+async def test_refused_urls(url: str) -> None:
+    with pytest.raises(WebhookRefused):
+        await check_url(url, AllowList(), timeout_s=2.0)
+
+
+async def test_public_and_allowed_urls() -> None:
+    target = await check_url("https://93.184.216.34:8443/x?y=1", AllowList())  # never contacted
+    assert (target.scheme, target.port, str(target.address)) == ("https", 8443, "93.184.216.34")
+    assert (await check_url("http://[2606:4700::1]/", AllowList())).host_is_ip
+    allow = AllowList.parse("127.0.0.0/8, ::1/128, localhost, .internal.test")
+    assert str((await check_url("http://127.0.0.1:1/", allow)).address) == "127.0.0.1"
+    assert (await check_url("http://[::1]/", allow)).port == 80
+    assert (await check_url("http://localhost/", allow)).address.is_loopback
+    assert allow.host_allowed("a.internal.test") and allow.host_allowed("internal.test")
+    assert not allow.host_allowed("evilinternal.test")
+    with pytest.raises(WebhookRefused):  # allow-listed networks do not widen to others
+        await check_url("http://10.0.0.1/", allow)
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("169.254.169.254", False),
+        ("fe80::1", False),
+        ("::ffff:10.0.0.1", False),
+        ("::ffff:8.8.8.8", True),
+        ("255.255.255.255", False),
+        ("240.0.0.1", False),
+        ("198.18.0.1", False),
+        ("239.255.255.250", False),
+    ],
+)
+def test_address_policy(address: str, public: bool) -> None:
+    assert address_is_public(ipaddress.ip_address(address)) is public
+
+
+def test_signature_roundtrip_and_refusals() -> None:
+    body = b'{"id":"x"}'
+    now = time.time()
+    headers = {"X-Ldmserve-Timestamp": str(int(now))}
+    headers["X-Ldmserve-Signature"] = sign(b"k", headers["X-Ldmserve-Timestamp"], body)
+    assert headers["X-Ldmserve-Signature"].startswith("sha256=")
+    assert verify_signature(b"k", headers, body)
+    assert not verify_signature(b"other", headers, body)
+    assert not verify_signature(b"k", headers, body + b" ")
+    assert not verify_signature(b"k", headers, body, now=now + 3600)  # replayed later
+    assert not verify_signature(b"k", {}, body)
+
+
+# ------------------------------------------------------------------ at submit
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1/", "http://169.254.169.254/", "file:///x",
+                                 "http://[::1]/", "http://localhost/", "http://10.0.0.1/"])  # fmt: skip
+async def test_submit_refuses_bad_webhook_urls(make_client: Any, url: str) -> None:
+    client, _ = await make_client(webhook_allow="")
+    r = await client.post("/v1/jobs", json={"prompt": "a", "webhook_url": url})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == "webhook_url"
+    assert r.json()["error"]["code"] == "webhook_refused"
+
+
+async def test_submit_without_a_secret_refuses_webhooks(make_client: Any) -> None:
+    client, _ = await make_client(webhook_secret=None)
+    r = await client.post("/v1/jobs", json={"prompt": "a", "webhook_url": "http://93.184.216.34/"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "webhooks_disabled"
+    r = await client.post("/v1/jobs", json={"prompt": "a", "webhook_url": 5})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "webhook_url"
+
+
+async def test_public_url_is_accepted_and_kept_out_of_parameters(make_client: Any) -> None:
+    client, app = await make_client()
+    r = await client.post("/v1/jobs", json={"prompt": "a", "webhook_url": "http://93.184.216.34/"})
+    assert r.status_code == 202
+    view = (await client.get(f"/v1/jobs/{r.json()['id']}")).json()
+    assert "webhook_url" not in view["parameters"]
+    record = await app.state.queue.get(r.json()["id"])
+    assert record.webhook_url == "http://93.184.216.34/"
+
+
+# ------------------------------------------------------------------ delivery
+
+
+async def test_success_is_delivered_signed_after_retries(
+    make_client: Any, receiver: Receiver
+) -> None:
+    receiver.fail_first = 2
+    client, app = await make_client()
+    job = (await client.post("/v1/jobs", json={"prompt": "a", "num_images": 2,
+                                               "webhook_url": receiver.url})).json()["id"]  # fmt: skip
+    q = app.state.queue
+    (claim,) = await q.claim("w1", "demo", 1)
+    await q.finish(claim, [b"a", b"b"])
+    await wait_for(lambda: len(receiver.requests) >= 3)
+    for (path, headers, body), attempt in zip(receiver.requests, ("1", "2", "3"), strict=True):
+        assert path == "/hook" and verify_signature(SECRET.encode(), headers, body)
+        assert headers["X-Ldmserve-Delivery-Attempt"] == attempt
+        assert headers["Host"] == f"127.0.0.1:{receiver.port}"
+        assert headers["Content-Type"] == "application/json"
+    body = receiver.bodies()[-1]
+    assert body["id"] == job and body["status"] == "succeeded" and body["type"] == "job.succeeded"
+    assert body["images"] == [f"/v1/jobs/{job}/images/0", f"/v1/jobs/{job}/images/1"]
+    assert body["error"] is None
+    await asyncio.sleep(0.3)
+    assert len(receiver.requests) == 3  # done: nothing more
+    text = (await client.get("/metrics")).text.splitlines()
+    assert 'ldmserve_webhook_deliveries_total{outcome="delivered"} 1' in text
+    assert "ldmserve_webhook_retries_total 2" in text and "ldmserve_webhooks_pending 0" in text
+
+
+async def test_failure_and_cancel_are_delivered(make_client: Any, receiver: Receiver) -> None:
+    client, app = await make_client()
+    body = {"prompt": "a", "webhook_url": receiver.url}
+    failed = (await client.post("/v1/jobs", json=body)).json()["id"]
+    canceled = (await client.post("/v1/jobs", json=body)).json()["id"]
+    plain = (await client.post("/v1/jobs", json={"prompt": "a"})).json()["id"]
+    q = app.state.queue
+    (claim,) = await q.claim("w1", "demo", 1)
+    await q.fail(claim, "generation_failed", "CUDA out of memory")
+    await client.delete(f"/v1/jobs/{canceled}")
+    await client.delete(f"/v1/jobs/{plain}")
+    await wait_for(lambda: len(receiver.requests) >= 2)
+    await asyncio.sleep(0.2)
+    bodies = {b["id"]: b for b in receiver.bodies()}
+    assert set(bodies) == {failed, canceled}
+    assert bodies[failed]["error"] == {"code": "generation_failed", "message": "CUDA out of memory"}
+    assert bodies[canceled]["status"] == "canceled" and bodies[canceled]["images"] == []
+
+
+async def test_attempts_are_bounded(make_client: Any, receiver: Receiver) -> None:
+    receiver.fail_first = 100
+    client, app = await make_client(webhook_max_attempts=3)
+    await client.post("/v1/jobs", json={"prompt": "a", "webhook_url": receiver.url})
+    (claim,) = await app.state.queue.claim("w1", "demo", 1)
+    await app.state.queue.finish(claim, [b"a"])
+    await wait_for(lambda: len(receiver.requests) >= 3)
+    await asyncio.sleep(0.5)
+    assert len(receiver.requests) == 3
+    text = (await client.get("/metrics")).text.splitlines()
+    assert 'ldmserve_webhook_deliveries_total{outcome="failed"} 1' in text
+
+
+async def test_redirects_are_not_followed(make_client: Any, receiver: Receiver) -> None:
+    receiver.status = 302
+    receiver.headers_out = {"Location": "http://169.254.169.254/latest/meta-data/"}
+    client, app = await make_client(webhook_max_attempts=1)
+    await client.post("/v1/jobs", json={"prompt": "a", "webhook_url": receiver.url})
+    (claim,) = await app.state.queue.claim("w1", "demo", 1)
+    await app.state.queue.finish(claim, [b"a"])
+    await wait_for(lambda: len(receiver.requests) >= 1)
+    await asyncio.sleep(0.3)
+    assert len(receiver.requests) == 1
+    text = (await client.get("/metrics")).text.splitlines()
+    assert 'ldmserve_webhook_deliveries_total{outcome="failed"} 1' in text
+
+
+def _fields(url: str, job: str = "f" * 32) -> dict[str, str]:
+    return {"job": job, "status": "succeeded", "url": url, "attempt": "1", "images": "1",
+            "error_code": "", "error": "", "finished_at": str(time.time())}  # fmt: skip
+
+
+async def test_delivery_rechecks_the_policy(redis_url: str, receiver: Receiver) -> None:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url)
+    dispatcher = WebhookDispatcher(redis, Settings(webhook_secret=SECRET))  # no allow-list
+    try:
+        assert not await dispatcher.deliver(_fields(receiver.url))
+        assert receiver.requests == []
+    finally:
+        await dispatcher.aclose()
+        await redis.aclose()
+
+
+async def test_delivery_connects_to_the_checked_address(
+    redis_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name is resolved once, checked, and the connection goes to that address (the
+    name itself resolves nowhere): a second DNS answer cannot redirect the request."""
+    from redis.asyncio import Redis
+
+    lookups: list[str] = []
+
+    async def fake_resolve(host: str, port: int, timeout_s: float) -> list[Any]:
+        lookups.append(host)
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    monkeypatch.setattr(webhooks, "resolve", fake_resolve)
+    redis = Redis.from_url(redis_url)
+    settings = Settings(webhook_secret=SECRET, webhook_allow="127.0.0.1/32")
+    dispatcher = WebhookDispatcher(redis, settings)
+    try:
+        fields = _fields(f"http://hooks.example.invalid:{receiver.port}/hook")
+        assert await dispatcher.deliver(fields)
+        assert lookups == ["hooks.example.invalid"]
+        (_path, headers, body) = receiver.requests[0]
+        assert headers["Host"] == f"hooks.example.invalid:{receiver.port}"
+        assert json.loads(body) == json.loads(delivery_body(fields))
+    finally:
+        await dispatcher.aclose()
+        await redis.aclose()
+
+
+async def test_a_dead_dispatchers_delivery_is_taken_over(
+    make_client: Any, receiver: Receiver
+) -> None:
+    _, app = await make_client(webhook_timeout_s=0.2, webhook_claim_idle_s=0.5)
+    q = app.state.queue
+    stream = q.keys.webhooks
+    # A dispatcher that read the entry and died before delivering it.
+    with contextlib.suppress(ResponseError):  # BUSYGROUP: the live dispatcher made it
+        await q.redis.xgroup_create(stream, "dispatchers", id="0", mkstream=True)
+    await q.redis.xadd(stream, _fields(receiver.url, "e" * 32))
+    await q.redis.xreadgroup("dispatchers", "dead-one", {stream: ">"}, count=10)
+    await wait_for(lambda: len(receiver.requests) >= 1, timeout_s=10)
+    assert receiver.bodies()[0]["id"] == "e" * 32
+    await asyncio.sleep(0.2)
+    assert await q.redis.xlen(stream) == 0 and len(receiver.requests) == 1
+
+
+async def test_two_replicas_share_deliveries_without_duplicates(
+    make_client: Any, receiver: Receiver
+) -> None:
+    client, app = await make_client()
+    await make_client()  # a second API replica, same Redis: a second dispatcher
+    ids = [
+        (await client.post("/v1/jobs", json={"prompt": "a", "webhook_url": receiver.url})).json()[
+            "id"
+        ]
+        for _ in range(10)
+    ]
+    q = app.state.queue
+    for claim in await q.claim("w1", "demo", 10):
+        await q.finish(claim, [b"a"])
+    await wait_for(lambda: len(receiver.requests) >= 10)
+    await asyncio.sleep(0.3)
+    assert sorted(b["id"] for b in receiver.bodies()) == sorted(ids)
