@@ -68,6 +68,8 @@ def error_response(
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str | None:
     parts = list(loc)
+    if parts and parts[0] == "header" and len(parts) > 1:  # idempotency-key → Idempotency-Key
+        parts[1] = "-".join(w.capitalize() for w in str(parts[1]).split("-"))
     if parts and parts[0] in _LOCATIONS:
         parts = parts[1:]
     return ".".join(str(p) for p in parts) or None

@@ -493,3 +493,79 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert (Settings(max_queue=9).max_queue, Settings().max_attempts) == (9, 3)
     with pytest.raises(ValueError, match="min_side"):
         Settings(min_side=512, max_side=256)
+
+
+_J = {"content-type": "application/json"}
+# (name, raw body, expected status, expected error field or None): each answer is a JSON
+# error, never a 5xx. Complements the field table above with the raw-bytes cases.
+BAD_INPUT = [
+    ("malformed_json", b'{"prompt": "a', 422, None),
+    ("trailing_garbage", b'{"prompt": "a"} x', 422, None),
+    ("body_is_array", b"[1, 2]", 422, None),
+    ("body_is_string", b'"a cat"', 422, None),
+    ("body_is_null", b"null", 422, None),
+    ("empty_body", b"", 422, None),
+    ("invalid_utf8", b'{"prompt": "\xff\xfe"}', 400, None),
+    ("nan", b'{"prompt": "a", "guidance_scale": NaN}', 422, None),
+    ("infinity", b'{"prompt": "a", "guidance_scale": Infinity}', 422, None),
+    ("minus_infinity", b'{"prompt": "a", "guidance_scale": -Infinity}', 422, None),
+    ("float_overflow", b'{"prompt": "a", "guidance_scale": 1e400}', 422, "guidance_scale"),
+    ("huge_float", b'{"prompt": "a", "guidance_scale": 1e308}', 422, "guidance_scale"),
+    ("huge_int_width", b'{"prompt": "a", "width": 1' + b"0" * 30 + b"}", 422, "width"),
+    ("huge_int_steps", b'{"prompt": "a", "steps": 1' + b"0" * 100 + b"}", 422, "steps"),
+    ("huge_int_images", b'{"prompt": "a", "num_images": 18446744073709551616}', 422, "num_images"),
+    ("negative_size", b'{"prompt": "a", "height": -512}', 422, "height"),
+    ("null_prompt", b'{"prompt": null}', 422, "prompt"),
+    ("list_prompt", b'{"prompt": ["a"]}', 422, "prompt"),
+    ("object_width", b'{"prompt": "a", "width": {"v": 512}}', 422, "width"),
+    ("missing_prompt", b'{"steps": 20}', 422, "prompt"),
+    ("empty_prompt", b'{"prompt": ""}', 422, "prompt"),
+    ("escape_control", b'{"prompt": "a\\u001b[31m"}', 422, "prompt"),
+    ("del_control", b'{"prompt": "a\\u007f"}', 422, "prompt"),
+    ("c1_control", b'{"prompt": "a\\u0085"}', 422, "prompt"),
+    ("lone_surrogate", b'{"prompt": "a\\ud800"}', 422, "prompt"),
+    (
+        "surrogate_negative",
+        b'{"prompt": "a", "negative_prompt": "\\udfff"}',
+        422,
+        "negative_prompt",
+    ),
+    ("surrogate_model", b'{"prompt": "a", "model": "\\ud800"}', 422, "model"),
+    ("unknown_field", b'{"prompt": "a", "cfg": 7}', 422, "cfg"),
+    ("unsupported_sampler", b'{"prompt": "a", "sampler": "plms"}', 422, "sampler"),
+    ("unsupported_model", b'{"prompt": "a", "model": "sdxl"}', 422, "model"),
+    ("size_not_multiple_of_8", b'{"prompt": "a", "width": 513}', 422, "width"),
+    ("size_beyond_limit", b'{"prompt": "a", "height": 8192}', 422, "height"),
+    ("num_images_beyond_limit", b'{"prompt": "a", "num_images": 64}', 422, "num_images"),
+    ("webhook_not_a_url", b'{"prompt": "a", "webhook_url": "not a url"}', 422, "webhook_url"),
+    ("body_over_limit", b'{"prompt": "' + b"x" * 100_000 + b'"}', 413, None),
+]
+
+
+@pytest.mark.parametrize(("content", "status", "field"), [c[1:] for c in BAD_INPUT],
+                         ids=[c[0] for c in BAD_INPUT])  # fmt: skip
+async def test_bad_input_table(
+    api: tuple[Client, FastAPI], content: bytes, status: int, field: str | None
+) -> None:
+    client, _ = api
+    r = await client.post("/v1/jobs", content=content, headers=_J)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) >= {"code", "message", "field"} and error["code"] and error["message"]
+    if field is not None:
+        assert error["field"] == field
+
+
+async def test_100kb_prompt_under_a_raised_body_limit_is_422(make_client: Any) -> None:
+    client, _ = await make_client(max_body_bytes=256_000)
+    r = await post_job(client, prompt="x" * 100_000)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "prompt"
+
+
+async def test_bad_headers_are_4xx(api: tuple[Client, FastAPI]) -> None:
+    client, _ = api
+    r = await client.post("/v1/jobs", json={"prompt": "a"}, headers={"Idempotency-Key": "k" * 300})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "Idempotency-Key"
+    r = await client.post("/v1/jobs", content=b'{"prompt": "a"}',
+                          headers=_J | {"content-length": "x"})  # fmt: skip
+    assert r.status_code == 400
