@@ -349,6 +349,7 @@ def main() -> None:
             "size": size,
             "steps": steps,
             "tiny": args.tiny,
+            "quick": args.quick,
             "channels_last": args.channels_last,
             "compile": args.compile,
             "peak_tflops": peak,
