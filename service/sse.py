@@ -51,10 +51,12 @@ async def job_events(
         status = record.status
         yield format_event("job", JobView.from_record(record).model_dump(mode="json"))
         last_read = last_sent = time.monotonic()
+        final_seen = status in TERMINAL_STATUSES  # ended before we subscribed: no message due
         while status not in TERMINAL_STATUSES:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
             now = time.monotonic()
             payload = json.loads(message["data"]) if message else {}
+            final_seen = _is_final(payload)
             if payload.get("type") == "progress":
                 # Published in order before the final status message, and only by the
                 # current lease holder: forward every one, even if the re-read below
@@ -77,6 +79,11 @@ async def job_events(
             elif now - last_sent >= keepalive_s:
                 yield ": keepalive\n\n"
                 last_sent = now
+        if not final_seen:
+            # The hash was read as final before the final status message arrived: progress
+            # published before it may still be in flight; forward it, in order, first.
+            async for frame in _drain_progress(pubsub, poll_s):
+                yield frame
         yield format_event("done", JobView.from_record(record).model_dump(mode="json"))
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("SSE for job %s lost Redis: %s", job_id, exc)
@@ -88,3 +95,21 @@ async def job_events(
         # subscribed connection would leak.
         with anyio.move_on_after(2.0, shield=True):
             await pubsub.aclose()
+
+
+def _is_final(payload: dict[str, Any]) -> bool:
+    return payload.get("type") == "status" and payload.get("status") in TERMINAL_STATUSES
+
+
+async def _drain_progress(pubsub: Any, wait_s: float) -> AsyncIterator[str]:
+    """Progress frames received until the final status message (at most ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    while (left := deadline - time.monotonic()) > 0:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
+        if message is None:
+            return
+        payload = json.loads(message["data"])
+        if _is_final(payload):
+            return
+        if payload.pop("type", None) == "progress":
+            yield format_event("progress", payload)
