@@ -390,3 +390,31 @@ async def test_two_replicas_share_deliveries_without_duplicates(
     await wait_for(lambda: len(receiver.requests) >= 10)
     await asyncio.sleep(0.3)
     assert sorted(b["id"] for b in receiver.bodies()) == sorted(ids)
+
+
+async def test_every_final_transition_queues_exactly_one_delivery(redis_url: str) -> None:
+    """finalize queues the delivery atomically with the final state, the reclaim give-up
+    included; a refused (stale) finish queues nothing."""
+    from redis.asyncio import Redis
+
+    from service.queue import JobQueue
+
+    redis = Redis.from_url(redis_url)
+    q = JobQueue(redis, Settings(max_attempts=1, reclaim_after_s=0, worker_ttl_s=0.3,
+                                 heartbeat_interval_s=0.1))  # fmt: skip
+    try:
+        hook = "http://93.184.216.34/hook"
+        job = (await q.submit({"seed": 1}, model="demo", job_id="a" * 32, webhook_url=hook)).job_id
+        await q.submit({"seed": 1}, model="demo", job_id="b" * 32)  # no webhook
+        (stale, _plain) = await q.claim("dead-worker", "demo", 2)  # never heart-beats
+        (gave_up,) = [c for c in await q.reclaim("w2", "demo", 2) if c.job_id == job] or [None]
+        assert gave_up is None  # max_attempts=1: the job failed instead of running again
+        assert (await q.get(job)).status == "failed"
+        assert not await q.finish(stale, [b"late"])  # stale lease: refused, nothing queued
+        entries = await redis.xrange(q.keys.webhooks)
+        assert len(entries) == 1
+        fields = {k.decode(): v.decode() for k, v in entries[0][1].items()}
+        assert fields["job"] == job and fields["status"] == "failed" and fields["url"] == hook
+        assert fields["error_code"] == "max_attempts" and fields["attempt"] == "1"
+    finally:
+        await redis.aclose()
