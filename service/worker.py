@@ -97,7 +97,8 @@ class Worker:
         self.engine = Engine(pipeline, settings.max_batch, on_batch=self._on_batch)
         self.queue = JobQueue.connect(settings)
         self.running: dict[str, _Running] = {}
-        # A job on its last attempt after crashing workers runs alone (see _claim_loop).
+        # A job on its last attempt after crashing workers runs alone (see _claim_loop);
+        # normally at most one is held here, more only while Redis is away.
         self._deferred: deque[Claim] = deque()
         self._isolated: str | None = None
         self._events = _Events()
@@ -215,10 +216,23 @@ class Worker:
                 await self._sleep(1.0)
                 continue
             for claim in claims:
-                if self._last_chance(claim):
-                    self._deferred.append(claim)  # each runs alone, in turn
-                else:
+                if not self._last_chance(claim):
                     await self._start(claim)
+                elif not self._deferred:
+                    self._deferred.append(claim)
+                else:
+                    await self._hand_back_last_chance(claim)
+
+    async def _hand_back_last_chance(self, claim: Claim) -> None:
+        """Hold one last-attempt job at a time: if it crashes the process, a second one held
+        here would lose its last attempt too. The others go back (not counted as attempts)
+        for any worker to take; only if Redis is away are they kept, to run alone in turn."""
+        try:
+            if await self.queue.release(claim):
+                log.info("job %s handed back: one last-attempt job at a time", claim.job_id)
+        except (RedisError, OSError) as exc:
+            log.warning("could not hand back job %s (%s); it waits here", claim.job_id, exc)
+            self._deferred.append(claim)
 
     def _last_chance(self, claim: Claim) -> bool:
         """A retried job with no attempt left after this one."""
