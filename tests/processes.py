@@ -91,3 +91,128 @@ def live_workers(base: str) -> int:
     except httpx.HTTPError:
         return 0
     return sum(m["workers"] for m in r.json()["models"]) if r.status_code == 200 else 0
+
+
+# ---------------------------------------------------------------------------- fault tests
+
+FAULT_WORKER = Path(__file__).resolve().parent / "fault_worker.py"
+
+
+def spawn_script(
+    script: Path, args: list[str], env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """Like :func:`spawn`, for a test entry point such as tests/fault_worker.py."""
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            [sys.executable, str(script), *args],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+
+
+class Stack:
+    """redis-server + `ldmserve api` + workers, each killable and restartable by pid.
+
+    The API keeps its port and Redis its port and data directory across restarts, so
+    clients and workers can reconnect to the same addresses. Workers run through
+    tests/fault_worker.py (a plain `ldmserve worker` unless a job asks for a fault).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        workers: int = 2,
+        appendfsync: str = "always",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        from service.redis_server import RedisServer
+
+        self.root = root
+        self.n_workers = workers
+        self.redis = RedisServer(root / "redis", appendfsync=appendfsync)
+        self.api_port = free_port()
+        self.base = f"http://127.0.0.1:{self.api_port}"
+        self.extra_env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+        self.api: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.exited: list[subprocess.Popen[bytes]] = []
+        self._spawned = 0
+
+    @property
+    def env(self) -> dict[str, str]:
+        return service_env(self.redis.url, **self.extra_env)
+
+    def start(self, timeout: float = 240) -> Stack:
+        self.redis.start()
+        self.start_api()
+        for _ in range(self.n_workers):
+            self.start_worker()
+        self.wait_workers(self.n_workers, timeout)
+        return self
+
+    def start_api(self, timeout: float = 60) -> None:
+        self.api = spawn(["api", "--port", str(self.api_port)], self.env, self.root / "api.log")
+        api = self.api
+
+        def healthy() -> bool:
+            if api.poll() is not None:
+                raise RuntimeError((self.root / "api.log").read_text()[-3000:])
+            try:
+                return httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout, "the API")
+
+    def kill_api(self) -> None:
+        if self.api is not None:
+            stop(self.api, signal.SIGKILL)
+
+    def start_worker(self, **extra: str) -> subprocess.Popen[bytes]:
+        self._spawned += 1
+        log = self.root / f"worker{self._spawned}.log"
+        proc = spawn_script(FAULT_WORKER, ["worker", "--model", "demo"], {**self.env, **extra}, log)
+        self.workers.append(proc)
+        return proc
+
+    def alive_workers(self) -> list[subprocess.Popen[bytes]]:
+        for proc in list(self.workers):
+            if proc.poll() is not None:
+                self.workers.remove(proc)
+                self.exited.append(proc)
+        return self.workers
+
+    def retire(self, proc: subprocess.Popen[bytes]) -> None:
+        """Forget a worker the test stopped itself (so no supervisor restarts it twice)."""
+        if proc in self.workers:
+            self.workers.remove(proc)
+            self.exited.append(proc)
+
+    def worker_by_pid(self, pid: int) -> subprocess.Popen[bytes] | None:
+        return next((w for w in self.workers if w.pid == pid), None)
+
+    def wait_workers(self, n: int, timeout: float = 240) -> None:
+        wait_until(lambda: live_workers(self.base) >= n, timeout, f"{n} live workers", 0.25)
+
+    def worker_logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.root.glob("worker*.log")))
+
+    def kill_redis(self) -> None:
+        proc = self.redis.process
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+        self.redis.process = None
+
+    def close(self) -> None:
+        for proc in self.workers:
+            stop(proc, signal.SIGKILL, 10)
+        if self.api is not None:
+            stop(self.api, signal.SIGTERM, 10)
+        self.redis.stop()
