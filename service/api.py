@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 
+from service import openapi_limits
 from service.api_checks import check_limits, check_webhook, resolve_model
 from service.api_errors import ApiError, BodyLimitMiddleware, install_error_handlers
 from service.auth import ANONYMOUS, OWNER_SCOPE_KEY, AuthMiddleware, KeyRing, is_loopback_host
@@ -332,6 +333,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app, settings.redis_retry_after_s)
     app.include_router(router)
+    openapi_limits.install(app, settings)
     # Middleware added last runs first: CORS (preflights need no key), then auth (a bad key
     # is refused before the body is read or validated), then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

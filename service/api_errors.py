@@ -96,8 +96,14 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
 
 
+_BODY_UNPARSABLE = "There was an error parsing the body"  # FastAPI's words for undecodable bytes
+
+
 async def _http(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _BODY_UNPARSABLE:
+        # Bytes that are not UTF-8 are malformed JSON too: same documented 422 as bad syntax.
+        return error_response(422, "invalid_json", "body: not valid JSON (UTF-8 expected)", "body")
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
     return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 

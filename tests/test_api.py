@@ -213,8 +213,8 @@ async def test_malformed_bodies_are_4xx(
 ) -> None:
     client, _ = api
     r = await client.post("/v1/jobs", content=content, headers=headers)
-    # 400 where the bytes are not a decodable document at all (invalid UTF-8), else 422.
-    assert r.status_code in (400, 422), r.text
+    # Invalid UTF-8 is malformed JSON too: the same documented 422 as bad syntax.
+    assert r.status_code == 422, r.text
     assert set(r.json()["error"]) >= {"code", "message", "field"}
 
 
@@ -505,7 +505,7 @@ BAD_INPUT = [
     ("body_is_string", b'"a cat"', 422, None),
     ("body_is_null", b"null", 422, None),
     ("empty_body", b"", 422, None),
-    ("invalid_utf8", b'{"prompt": "\xff\xfe"}', 400, None),
+    ("invalid_utf8", b'{"prompt": "\xff\xfe"}', 422, "body"),
     ("nan", b'{"prompt": "a", "guidance_scale": NaN}', 422, None),
     ("infinity", b'{"prompt": "a", "guidance_scale": Infinity}', 422, None),
     ("minus_infinity", b'{"prompt": "a", "guidance_scale": -Infinity}', 422, None),
@@ -569,3 +569,13 @@ async def test_bad_headers_are_4xx(api: tuple[Client, FastAPI]) -> None:
     r = await client.post("/v1/jobs", content=b'{"prompt": "a"}',
                           headers=_J | {"content-length": "x"})  # fmt: skip
     assert r.status_code == 400
+
+
+def test_openapi_publishes_the_limits_in_force() -> None:
+    """The schema says what the server accepts, with the deployment's own limits."""
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", max_side=1024, max_steps=50))
+    props = app.openapi()["components"]["schemas"]["JobRequest"]["properties"]
+    assert props["width"]["maximum"] == 1024 and props["width"]["multipleOf"] == 8
+    assert props["steps"]["maximum"] == 50 and props["steps"]["minimum"] == 1
+    assert props["prompt"]["maxLength"] == 2000
+    assert props["num_images"]["maximum"] == 8
