@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Test processes share 2 cores with the workers they start: OpenMP's default spin-waiting
+# then makes torch 10-50x slower. Set before any test module imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from collections.abc import Iterator
 from pathlib import Path
 
