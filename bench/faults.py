@@ -1,7 +1,9 @@
 """Fault figures: each fault scenario N times against real processes; jobs lost and
 duplicate results (goal 0 for both).
 
-    .venv/bin/python bench/faults.py                  # every scenario, ~9 min on 2 cores
+    .venv/bin/python bench/faults.py                  # every scenario, 2 trials (kill,
+                                                      # poison, ttl: 1), ~4-5 min on 2 cores
+    .venv/bin/python bench/faults.py --trials 3 --trials-of kill=2,poison=2,ttl=1  # ~5-9 min
     .venv/bin/python bench/faults.py --trials 5 --trials-of kill=3 --scenarios kill,api
 
 The scenarios are tests/fault_scenarios.py (the same code the fault tests assert on): a
