@@ -61,6 +61,17 @@ class Settings(BaseSettings):
     max_num_images: int = Field(default=8, ge=1)
     max_prompt_chars: int = Field(default=2000, ge=1)
     max_body_bytes: int = Field(default=65536, ge=1024)
+    max_image_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1024, description="Largest input image file (→ 413)."
+    )
+    max_image_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64,
+        # Pillow's own bomb warning starts at 89_478_485 px; staying below it keeps our
+        # check the one that decides (service.image_input).
+        le=89_478_485,
+        description="Largest input image width x height, read from the header (→ 422).",
+    )
 
     # HTTP.
     cors_origins: list[str] = Field(default_factory=list, description="Empty: CORS off.")
