@@ -25,6 +25,8 @@ CASES = {
     "load_memory": ["bench/load_memory.py", "--quick", "--dtypes", "fp16"],
     "engine": ["bench/engine.py", "--quick"],
     "gpu": ["bench/gpu.py", "--device", "cpu", "--tiny", "--quick"],
+    # redis-server + `ldmserve api` + one demo worker on loopback; ~20 s (two model loads)
+    "service": ["bench/service.py", "--quick"],
 }
 
 
