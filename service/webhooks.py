@@ -60,7 +60,8 @@ class AllowList:
             if not item:
                 continue
             try:
-                networks.append(ipaddress.ip_network(item, strict=False))
+                # An interface spelling (10.0.0.5/8) means its whole network.
+                networks.append(ipaddress.ip_interface(item).network)
             except ValueError:
                 hosts.append(item.lower().rstrip("."))
         return cls(tuple(networks), tuple(hosts))
