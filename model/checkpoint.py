@@ -17,7 +17,8 @@ import torch
 
 from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
-from model.text import text_encoder_from_diffusers, text_encoder_from_ldm
+from model.text import text_encoder_from_ldm
+from model.text_diffusers import text_encoder_from_diffusers
 from model.unet import UNetModel
 from model.unet_convert import (
     LDM_PREFIX as UNET_PREFIX,

@@ -25,11 +25,11 @@ from model.text import (
     MAX_LENGTH,
     TextEncoder,
     random_text_encoder,
-    text_encoder_from_diffusers,
     text_encoder_from_ldm,
     text_state_dict_to_ldm,
     tiny_text_config,
 )
+from model.text_diffusers import text_encoder_from_diffusers
 from model.weights import CheckpointError
 
 PROMPTS = [
