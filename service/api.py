@@ -62,15 +62,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies are ``async def`` on purpose: FastAPI runs plain ``def`` dependencies in its
+# thread pool, a thread hop per dependency per request for what are attribute reads.
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
-def get_owner(request: Request) -> str:
+async def get_owner(request: Request) -> str:
     """The caller's key name (set by AuthMiddleware); ``anonymous`` while auth is off."""
     return str(request.scope.get(OWNER_SCOPE_KEY, ANONYMOUS))
 
@@ -89,7 +93,7 @@ def _ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def job_id_param(job_id: Annotated[str, Path(max_length=64)]) -> str:
+async def job_id_param(job_id: Annotated[str, Path(max_length=64)]) -> str:
     """Ids are uuid4 hex; anything else cannot exist (404, not 422)."""
     if not _JOB_ID.fullmatch(job_id):
         raise ApiError(404, "job_not_found", "job not found")

@@ -76,7 +76,12 @@ class Settings(BaseSettings):
     # HTTP.
     cors_origins: list[str] = Field(default_factory=list, description="Empty: CORS off.")
     sse_poll_s: float = Field(
-        default=1.0, gt=0, description="SSE re-reads the job this often in case a message was lost."
+        default=5.0,
+        gt=0,
+        description=(
+            "SSE re-reads the job this often in case a pub/sub message was lost (a safety net:"
+            " progress and status changes arrive by message at once)."
+        ),
     )
     sse_keepalive_s: float = Field(default=15.0, gt=0)
     log_prompts: bool = Field(default=False, description="Log prompts with job ids (privacy).")
