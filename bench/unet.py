@@ -1,11 +1,14 @@
 """Our UNet against diffusers' UNet2DConditionModel with identical weights (fp32, CPU).
 
 Both are built from one random diffusers UNet at the SD 1.5 shape: its state dict is mapped to
-our layout with model.unet_convert and loaded with model.weights.build_module (our tensors
-share storage with diffusers', so memory is one copy). Both use SDPA attention (diffusers'
-AttnProcessor2_0, set explicitly). Runs are interleaved (A B B A ...) under
-torch.inference_mode after a warm-up; the median of each is reported with the ratio
-ours/diffusers (goal <= 1.00) and the max abs difference of the outputs.
+our layout with model.unet_convert and loaded with model.weights.build_module. Ours runs as
+model.pipeline.Pipeline runs it on CPU: NHWC (`UNetModel.use_channels_last()`; `--layout
+default` keeps NCHW, and then shares diffusers' tensors). Diffusers runs as loaded (NCHW);
+`--ref-channels-last` adds a diffusers run with its weights and input in channels_last too.
+Both use SDPA attention (diffusers' AttnProcessor2_0, set explicitly). Runs are interleaved
+(A B B A ...) under torch.inference_mode after a warm-up. Reported: the median time of each,
+ours/diffusers of the medians (goal <= 1.00), the median of the per-round ratios (each
+round runs both back to back, so it shares the machine's noise), and the max abs difference.
 
     .venv/bin/python bench/unet.py                 # SD 1.5 shape, latent 32 and 64, batch 2
     .venv/bin/python bench/unet.py --profile       # plus a torch.profiler op table per impl
@@ -46,7 +49,7 @@ TINY: dict[str, Any] = {
 
 
 def build_pair(config: dict[str, Any], seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(ours, diffusers') with the same weights; ours shares diffusers' tensors."""
+    """(ours, diffusers') with the same weights; ours shares diffusers' tensors (NCHW)."""
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -81,6 +84,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per impl (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--layout",
+        choices=["pipeline", "default"],
+        default="pipeline",
+        help="ours as the CPU pipeline runs it (channels_last), or the default NCHW layout",
+    )
+    p.add_argument(
+        "--ref-channels-last",
+        action="store_true",
+        help="also time diffusers with channels_last weights and input",
+    )
     p.add_argument("--profile", action="store_true", help="print a torch.profiler op table")
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--quick", action="store_true", help="tiny UNet, latent 8, 2 repeats")
@@ -92,6 +106,13 @@ def main() -> None:
     print(f"load average at start: {load_average()}")
 
     ours, ref = build_pair(config)
+    if args.layout == "pipeline":
+        ours.use_channels_last()
+    ref_cl = None
+    if args.ref_channels_last:
+        import copy
+
+        ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
     n_params = sum(t.numel() for t in ref.parameters())
     print(f"UNet {config['block_out_channels']}: {n_params / 1e6:.1f}M parameters, fp32, CPU")
     ctx_dim = config["cross_attention_dim"]
@@ -110,15 +131,33 @@ def main() -> None:
             with torch.inference_mode():
                 return ref(x, t, encoder_hidden_states=ctx).sample
 
+        fns = {"ours": run_ours, "diffusers": run_ref}
+        if ref_cl is not None:
+
+            def run_ref_cl(
+                x: torch.Tensor = x, t: torch.Tensor = t, ctx: torch.Tensor = ctx
+            ) -> Any:
+                x_cl = x.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode():
+                    return ref_cl(x_cl, t, encoder_hidden_states=ctx).sample
+
+            fns["diffusers_cl"] = run_ref_cl
         diff = (run_ours() - run_ref()).abs().max().item()
-        times = interleaved(
-            {"ours": run_ours, "diffusers": run_ref}, args.repeats, warmup=args.warmup
-        )
+        times = interleaved(fns, args.repeats, warmup=args.warmup)
         m_ours, m_ref = median(times["ours"]), median(times["diffusers"])
         ratio = m_ours / m_ref
-        rows.append([f"{side}x{side}", args.batch, m_ours, m_ref, ratio, f"{diff:.2e}"])
+        round_ratio = median(
+            [a / b for a, b in zip(times["ours"], times["diffusers"], strict=True)]
+        )
+        m_ref_cl = median(times["diffusers_cl"]) if ref_cl is not None else None
+        rows.append(
+            [f"{side}x{side}", args.batch, m_ours, m_ref, ratio, round_ratio, f"{diff:.2e}"]
+            + ([m_ref_cl, m_ours / m_ref_cl] if m_ref_cl else [])
+        )
         print(
-            f"{side}x{side}: ours {m_ours:.3f}s diffusers {m_ref:.3f}s ratio {ratio:.3f}",
+            f"{side}x{side}: ours {m_ours:.3f}s diffusers {m_ref:.3f}s ratio {ratio:.3f}"
+            f" (per-round median {round_ratio:.3f})"
+            + (f", diffusers channels_last {m_ref_cl:.3f}s" if m_ref_cl else ""),
             flush=True,
         )
         results.append(
@@ -128,6 +167,8 @@ def main() -> None:
                 "ours_s": m_ours,
                 "diffusers_s": m_ref,
                 "ratio": ratio,
+                "per_round_ratio_median": round_ratio,
+                "diffusers_channels_last_s": m_ref_cl,
                 "max_abs_diff": diff,
                 "ours_all_s": times["ours"],
                 "diffusers_all_s": times["diffusers"],
@@ -139,7 +180,8 @@ def main() -> None:
 
     print(
         table(
-            ["latent", "batch", "ours s", "diffusers s", "ours/diffusers", "max|diff|"],
+            ["latent", "batch", "ours s", "diffusers s", "ours/diffusers", "per-round", "max|diff|"]
+            + (["diffusers cl s", "ours/diffusers cl"] if ref_cl is not None else []),
             rows,
         )
     )
@@ -149,6 +191,7 @@ def main() -> None:
         {
             "threads": threads,
             "quick": args.quick,
+            "layout": args.layout,
             "params_m": n_params / 1e6,
             "repeats": args.repeats,
             "results": results,

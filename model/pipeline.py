@@ -38,6 +38,10 @@ class Pipeline:
     name: str = "model"
     decode_chunk: int = 4  # images decoded per VAE call: bounds activation memory at 512x512+
 
+    def __post_init__(self) -> None:
+        if self.device.type == "cpu":  # measured faster there (bench/unet.py); GPUs: not yet
+            self.unet.use_channels_last()
+
     @property
     def device(self) -> torch.device:
         return self.unet.out[2].weight.device

@@ -246,6 +246,7 @@ class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
         self.config = cfg
+        self._channels_last = False  # see use_channels_last()
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(
@@ -294,6 +295,23 @@ class UNetModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out[2].weight.dtype
 
+    @property
+    def channels_last(self) -> bool:
+        return self._channels_last
+
+    def use_channels_last(self) -> UNetModel:
+        """Keep conv weights and activations NHWC (``torch.channels_last``).
+
+        Why: on CPU, oneDNN runs NHWC convolutions without reordering, and the spatial
+        transformers' (B, H*W, C) token views of an NHWC feature map are free instead of a
+        copy in and a copy out. Same weights and maths; sums may round in another order
+        (|diff| ~1e-5 at the SD 1.5 shape). Measured by bench/unet.py; used on CPU only
+        (model.pipeline.Pipeline), GPUs keep the default layout until measured there.
+        """
+        self.to(memory_format=torch.channels_last)
+        self._channels_last = True
+        return self
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B, C_in, h, w), t (B,), context (B, N, context_dim) -> (B, C_out, h, w)."""
         dtype = self.dtype
@@ -301,6 +319,8 @@ class UNetModel(nn.Module):
             timestep_embedding(t, self.config.model_channels).to(dtype)
         )  # (B, 4*mc)
         h, context = x.to(dtype), context.to(dtype)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -310,4 +330,4 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             size = tuple(skips[-1].shape[-2:]) if skips else None  # the next skip's (h, w)
             h = block(h, emb, context, size)
-        return self.out(h)
+        return self.out(h).contiguous()  # callers get the default layout whatever ours

@@ -222,5 +222,6 @@ def unet_state_dict_from_diffusers(
 
 
 def unet_state_dict_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Our weights under the single-file prefix (for writing checkpoints)."""
-    return {LDM_PREFIX + k: v for k, v in unet.state_dict().items()}
+    """Our weights under the single-file prefix (for writing checkpoints), in the default
+    layout whatever the module's (safetensors stores only contiguous tensors)."""
+    return {LDM_PREFIX + k: v.contiguous() for k, v in unet.state_dict().items()}

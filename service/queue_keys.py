@@ -40,6 +40,11 @@ LATENCY_BOUNDS: tuple[float, ...] = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
 BATCH_ROW_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def text(value: bytes | str | None) -> str | None:
+    """A Redis reply field as str (replies are bytes; None stays None)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def new_worker_id() -> str:
     """A consumer name unique to this process start: a restarted worker must not inherit
     (and then never finish) the entries its previous life left pending."""

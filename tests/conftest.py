@@ -8,13 +8,18 @@ import os
 # then makes torch 10-50x slower. Set before any test module imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import redis
+from fastapi import FastAPI
 
 from service.redis_server import RedisServer
+from tests.apps import AppClientFactory, open_app_client
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +49,15 @@ def redis_url(redis_server: RedisServer) -> str:
 def anyio_backend() -> str:
     """Run ``@pytest.mark.anyio`` tests on asyncio only (redis.asyncio needs it)."""
     return "asyncio"
+
+
+@pytest.fixture
+async def app_client_factory(redis_url: str) -> AsyncIterator[AppClientFactory]:
+    """``make(**settings)`` -> (client, app): the real FastAPI app, lifespan entered, behind an
+    in-process ASGI client; everything made is closed when the test ends."""
+    async with AsyncExitStack() as stack:
+
+        async def make(**overrides: Any) -> tuple[httpx.AsyncClient, FastAPI]:
+            return await open_app_client(stack, redis_url, **overrides)
+
+        yield make

@@ -25,25 +25,18 @@ from service.queue import JobQueue, WorkerInfo
 from service.redis_server import RedisServer, free_port
 from service.schemas import SAMPLER_NAMES, SamplerName
 from service.settings import Settings
+from tests.apps import AppClientFactory, open_app_client
 
 pytestmark = pytest.mark.anyio
 Client = httpx.AsyncClient
 
 
 @pytest.fixture
-async def make_client(redis_url: str) -> AsyncIterator[Any]:
-    async with AsyncExitStack() as stack:
+def make_client(app_client_factory: AppClientFactory) -> AppClientFactory:
+    async def make(**overrides: Any) -> tuple[Client, FastAPI]:
+        return await app_client_factory(**{"worker_ttl_s": 5.0, **overrides})
 
-        async def make(**overrides: Any) -> tuple[Client, FastAPI]:
-            settings = Settings(**{"redis_url": redis_url, "worker_ttl_s": 5.0, **overrides})
-            app = create_app(settings)
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            transport = httpx.ASGITransport(app=app)
-            client = Client(transport=transport, base_url="http://test")
-            await stack.enter_async_context(client)
-            return client, app
-
-        yield make
+    return make
 
 
 @pytest.fixture
@@ -403,32 +396,29 @@ async def test_metrics_exposes_the_named_series(api: tuple[Client, FastAPI]) -> 
 
 
 async def test_redis_down_is_503_with_retry_after() -> None:
-    app = create_app(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.5))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with Client(transport=transport, base_url="http://test") as client:
-            for method, path in (("POST", "/v1/jobs"), ("GET", f"/v1/jobs/{'0' * 32}"),
-                                 ("GET", "/readyz"), ("GET", "/metrics")):  # fmt: skip
-                r = await client.request(method, path, json={"prompt": "a"})
-                assert r.status_code == 503, (path, r.text)
-                assert r.headers["retry-after"] == "2"
-                assert r.json()["error"]["code"] == "redis_unavailable"
-            assert (await client.get("/healthz")).status_code == 200
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    async with AsyncExitStack() as stack:
+        client, _ = await open_app_client(stack, url, redis_timeout_s=0.5)
+        for method, path in (("POST", "/v1/jobs"), ("GET", f"/v1/jobs/{'0' * 32}"),
+                             ("GET", "/readyz"), ("GET", "/metrics")):  # fmt: skip
+            r = await client.request(method, path, json={"prompt": "a"})
+            assert r.status_code == 503, (path, r.text)
+            assert r.headers["retry-after"] == "2"
+            assert r.json()["error"]["code"] == "redis_unavailable"
+        assert (await client.get("/healthz")).status_code == 200
 
 
 async def test_api_reconnects_after_a_redis_restart(tmp_path: Path) -> None:
     server = RedisServer(tmp_path).start()
     try:
-        app = create_app(Settings(redis_url=server.url, redis_timeout_s=0.5))
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with Client(transport=transport, base_url="http://test") as client:
-                job_id = (await post_job(client)).json()["id"]
-                server.stop()
-                assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 503
-                server.start()  # same port and data dir: the append-only file brings it back
-                r = await client.get(f"/v1/jobs/{job_id}")
-                assert r.status_code == 200 and r.json()["status"] == "queued"
+        async with AsyncExitStack() as stack:
+            client, _ = await open_app_client(stack, server.url, redis_timeout_s=0.5)
+            job_id = (await post_job(client)).json()["id"]
+            server.stop()
+            assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 503
+            server.start()  # same port and data dir: the append-only file brings it back
+            r = await client.get(f"/v1/jobs/{job_id}")
+            assert r.status_code == 200 and r.json()["status"] == "queued"
     finally:
         server.stop()
 

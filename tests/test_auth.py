@@ -7,8 +7,6 @@ import logging
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from fastapi import FastAPI
 from service.api import create_app, new_job_id
 from service.auth import KeyRing, hash_key, parse_entries
 from service.settings import Settings
+from tests.apps import AppClientFactory
 
 pytestmark = pytest.mark.anyio
 Client = httpx.AsyncClient
@@ -31,19 +30,11 @@ def bearer(name: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def make_client(redis_url: str) -> AsyncIterator[Any]:
-    async with AsyncExitStack() as stack:
+def make_client(app_client_factory: AppClientFactory) -> AppClientFactory:
+    async def make(**overrides: Any) -> tuple[Client, FastAPI]:
+        return await app_client_factory(**{"api_keys": API_KEYS, **overrides})
 
-        async def make(**overrides: Any) -> tuple[Client, FastAPI]:
-            settings = Settings(**{"redis_url": redis_url, "api_keys": API_KEYS, **overrides})
-            app = create_app(settings)
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            transport = httpx.ASGITransport(app=app)
-            client = Client(transport=transport, base_url="http://test")
-            await stack.enter_async_context(client)
-            return client, app
-
-        yield make
+    return make
 
 
 @pytest.fixture

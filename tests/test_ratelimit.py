@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
-from service.api import create_app
 from service.auth import hash_key
 from service.ratelimit import burst_of, retry_after_s
-from service.settings import Settings
+from tests.apps import AppClientFactory
 
 pytestmark = pytest.mark.anyio
 Client = httpx.AsyncClient
@@ -23,19 +20,11 @@ AUTH = {"alice": {"Authorization": "Bearer a-key"}, "bob": {"Authorization": "Be
 
 
 @pytest.fixture
-async def make_client(redis_url: str) -> AsyncIterator[Any]:
-    async with AsyncExitStack() as stack:
+def make_client(app_client_factory: AppClientFactory) -> AppClientFactory:
+    async def make(**overrides: Any) -> tuple[Client, FastAPI]:
+        return await app_client_factory(**{"api_keys": API_KEYS, **overrides})
 
-        async def make(**overrides: Any) -> tuple[Client, FastAPI]:
-            settings = Settings(**{"redis_url": redis_url, "api_keys": API_KEYS, **overrides})
-            app = create_app(settings)
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            transport = httpx.ASGITransport(app=app)
-            client = Client(transport=transport, base_url="http://test")
-            await stack.enter_async_context(client)
-            return client, app
-
-        yield make
+    return make
 
 
 async def submit(client: Client, who: str | None = "alice", **headers: str) -> httpx.Response:

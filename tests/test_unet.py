@@ -127,3 +127,33 @@ def test_latent_sides_not_divisible_by_the_downsampling_match_diffusers() -> Non
         torch.testing.assert_close(
             ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample, atol=1e-5, rtol=1e-4
         )
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("side", [(16, 16), (9, 11)])
+def test_channels_last_layout_matches_diffusers(name: str, side: tuple[int, int]) -> None:
+    """The NHWC layout the CPU pipeline uses: same outputs, handed back in the default layout."""
+    cfg = CONFIGS[name]
+    ref = randomize_(UNet2DConditionModel(**cfg), seed=6).eval()
+    ours_cfg = unet_config_from_diffusers(ref.config, source="test")
+    sd = unet_state_dict_from_diffusers(ref.state_dict(), ours_cfg, source="test")
+    ours = build_module(lambda: UNetModel(ours_cfg), sd, what="UNet", source="test")
+    assert not ours.channels_last
+    ours.use_channels_last()
+    conv = ours.input_blocks[0][0].weight
+    assert ours.channels_last and conv.is_contiguous(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, cfg["in_channels"], *side, generator=g)
+    t = torch.tensor([3.0, 700.0])
+    ctx = torch.randn(2, 77, cfg["cross_attention_dim"], generator=g)
+    with torch.no_grad():
+        got = ours(x, t, ctx)
+        expected = ref(x, t, encoder_hidden_states=ctx).sample
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_pipeline_runs_its_unet_channels_last() -> None:
+    from model.demo import build_demo
+
+    assert build_demo().unet.channels_last

@@ -12,8 +12,7 @@ import ipaddress
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -24,7 +23,6 @@ from fastapi import FastAPI
 from redis.exceptions import ResponseError
 
 import service.webhooks as webhooks
-from service.api import create_app
 from service.settings import Settings
 from service.webhook_dispatch import WebhookDispatcher
 from service.webhooks import (
@@ -36,6 +34,7 @@ from service.webhooks import (
     sign,
     verify_signature,
 )
+from tests.apps import AppClientFactory
 
 pytestmark = pytest.mark.anyio
 Client = httpx.AsyncClient
@@ -91,19 +90,13 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-async def make_client(redis_url: str) -> AsyncIterator[Any]:
-    async with AsyncExitStack() as stack:
+def make_client(app_client_factory: AppClientFactory) -> AppClientFactory:
+    async def make(**overrides: Any) -> tuple[Client, FastAPI]:
+        base = {"webhook_secret": SECRET, "webhook_backoff_s": 0.05,
+                "webhook_allow": "127.0.0.1/32", "webhook_timeout_s": 2.0}  # fmt: skip
+        return await app_client_factory(**{**base, **overrides})
 
-        async def make(**overrides: Any) -> tuple[Client, FastAPI]:
-            base = {"redis_url": redis_url, "webhook_secret": SECRET, "webhook_backoff_s": 0.05,
-                    "webhook_allow": "127.0.0.1/32", "webhook_timeout_s": 2.0}  # fmt: skip
-            app = create_app(Settings(**{**base, **overrides}))
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            client = Client(transport=httpx.ASGITransport(app=app), base_url="http://test")
-            await stack.enter_async_context(client)
-            return client, app
-
-        yield make
+    return make
 
 
 async def wait_for(predicate: Any, timeout_s: float = 10.0) -> None:
