@@ -19,7 +19,7 @@ from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
 from model.text import text_encoder_from_ldm
 from model.text_diffusers import text_encoder_from_diffusers
-from model.unet import UNetModel
+from model.unet import UNetModel, prefers_channels_last
 from model.unet_convert import (
     LDM_PREFIX as UNET_PREFIX,
 )
@@ -135,9 +135,10 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pi
         source=source,
     )
     strip_unet = lambda k: k.removeprefix(UNET_PREFIX)  # noqa: E731
+    nhwc = prefers_channels_last(device)  # read conv weights NHWC once (see Pipeline)
     unet = build_module(
         lambda: UNetModel(unet_cfg),
-        wf.read(unet_keys, rename=strip_unet, device=device, dtype=dtype),
+        wf.read(unet_keys, rename=strip_unet, device=device, dtype=dtype, channels_last=nhwc),
         what="UNet",
         source=source,
         device=device,
@@ -186,7 +187,8 @@ def load_diffusers_folder(
         _read_json(unet_dir / "config.json"), source=str(unet_dir)
     )
     weights = WeightFile(find_weights(unet_dir, "diffusion_pytorch_model"))
-    raw = weights.read(list(weights.shapes()), device=device, dtype=dtype)
+    nhwc = prefers_channels_last(device)  # read conv weights NHWC once (see Pipeline)
+    raw = weights.read(list(weights.shapes()), device=device, dtype=dtype, channels_last=nhwc)
     unet = build_module(
         lambda: UNetModel(unet_cfg),
         unet_state_dict_from_diffusers(raw, unet_cfg, source=str(weights.path)),

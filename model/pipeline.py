@@ -17,7 +17,7 @@ from PIL import Image
 
 from model import samplers
 from model.text import TextEncoder
-from model.unet import UNetModel
+from model.unet import UNetModel, prefers_channels_last
 from model.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Pipeline:
     decode_chunk: int = 4  # images decoded per VAE call: bounds activation memory at 512x512+
 
     def __post_init__(self) -> None:
-        if self.device.type == "cpu":  # measured faster there (bench/unet.py); GPUs: not yet
+        if prefers_channels_last(self.device):  # loaders read conv weights NHWC already
             self.unet.use_channels_last()
 
     @property

@@ -240,6 +240,11 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def prefers_channels_last(device: torch.device | str) -> bool:
+    """Whether the pipeline runs the UNet NHWC on this device (measured on CPU only)."""
+    return torch.device(device).type == "cpu"
+
+
 class UNetModel(nn.Module):
     """eps (or v) = unet(x, t, context), each row with its own timestep."""
 
@@ -308,7 +313,7 @@ class UNetModel(nn.Module):
         (|diff| ~1e-5 at the SD 1.5 shape). Measured by bench/unet.py; used on CPU only
         (model.pipeline.Pipeline), GPUs keep the default layout until measured there.
         """
-        self.to(memory_format=torch.channels_last)
+        self.to(memory_format=torch.channels_last)  # no copy of weights already NHWC
         self._channels_last = True
         return self
 

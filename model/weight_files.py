@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -25,8 +26,11 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def _check_safetensors_size(path: Path) -> None:
-    """Refuse a truncated safetensors file with a clear reason (the header says how long it is)."""
+def _check_safetensors_size(path: Path) -> dict[str, tuple[int, int]]:
+    """Refuse a truncated safetensors file with a clear reason (the header says how long it is).
+
+    Returns each tensor's (start, end) byte range in the file.
+    """
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -52,6 +56,12 @@ def _check_safetensors_size(path: Path) -> None:
         raise CheckpointError(
             f"{path}: truncated safetensors file ({size} bytes, header promises {8 + header_len + end})"
         )
+    base = 8 + header_len
+    return {
+        k: (base + int(v["data_offsets"][0]), base + int(v["data_offsets"][1]))
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
 
 
 class WeightFile:
@@ -64,8 +74,9 @@ class WeightFile:
         suffix = path.suffix.lower()
         self._pickled: Mapping[str, torch.Tensor] | None = None
         self._meta: dict[str, torch.Tensor] = {}
+        self._ranges: dict[str, tuple[int, int]] = {}
         if suffix in SAFETENSORS_SUFFIXES:
-            _check_safetensors_size(path)
+            self._ranges = _check_safetensors_size(path)
             try:
                 self._handle = safe_open(str(path), framework="pt", device="cpu")
             except (SafetensorError, OSError, ValueError) as exc:
@@ -103,12 +114,23 @@ class WeightFile:
         rename: Callable[[str], str] = lambda k: k,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
+        channels_last: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Read `keys`, each converted to device/dtype (floating tensors only) as it is read."""
+        """Read `keys`, each converted to device/dtype (floating tensors only) as it is read.
+
+        `channels_last`: 4-D floating tensors (conv weights) come back NHWC. Those are read
+        from a safetensors file with plain reads into memory of their own, not through the
+        file's memory map: copying out of the map would leave the source pages resident in
+        this process next to the copy, two copies of every conv weight.
+        """
         out: dict[str, torch.Tensor] = {}
         for key in keys:
+            nhwc = channels_last and self._meta[key].dim() == 4
+            nhwc = nhwc and self._meta[key].is_floating_point()
             if self._pickled is not None:
                 tensor = self._pickled[key]
+            elif nhwc:
+                tensor = self._read_unmapped(key)
             else:
                 try:
                     tensor = self._handle.get_tensor(key)
@@ -118,8 +140,30 @@ class WeightFile:
                 tensor = tensor.to(device=device, dtype=dtype)
             else:
                 tensor = tensor.to(device=device)
+            if nhwc:
+                tensor = tensor.contiguous(memory_format=torch.channels_last)
             out[rename(key)] = tensor
         return out
+
+    def _read_unmapped(self, key: str) -> torch.Tensor:
+        """One safetensors tensor read with os.pread (little-endian, as the format stores it)."""
+        start, end = self._ranges[key]
+        meta = self._meta[key]
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        if sys.byteorder != "little" or meta.element_size() * meta.numel() != end - start:
+            raise CheckpointError(f"{self.path}: cannot read '{key}' (unexpected byte layout)")
+        try:
+            with self.path.open("rb", buffering=0) as f:
+                f.seek(start)
+                view, done = memoryview(raw.numpy()), 0
+                while done < end - start:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise OSError("file ended early")
+                    done += n
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read '{key}' ({exc})") from None
+        return raw.view(meta.dtype).reshape(meta.shape)
 
 
 _SAFETENSORS_DTYPES = {

@@ -67,6 +67,27 @@ def test_single_file_gives_the_same_images_as_the_folder(
     np.testing.assert_array_equal(_images(single), _images(sd1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_loads_read_conv_weights_channels_last_with_the_same_values(
+    sd1: Pipeline, single_file_dict: dict[str, torch.Tensor], tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """On CPU the UNet's conv weights are read straight into NHWC (not copied out of the
+    file's memory map); every value equals the file's, and the VAE keeps NCHW."""
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.to(dtype) for k, v in single_file_dict.items()}, path)
+    pipe = load_pipeline(str(path), device="cpu")
+    assert pipe.unet.channels_last and pipe.dtype == torch.float32
+    convs = {k: v for k, v in pipe.unet.state_dict().items() if v.dim() == 4}
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs.values())
+    for key, value in convs.items():
+        expected = single_file_dict["model.diffusion_model." + key].to(dtype).float()
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    assert pipe.vae.state_dict()["decoder.conv_in.weight"].is_contiguous()
+    for name, sd in (("single file", pipe.unet.state_dict()), ("folder", sd1.unet.state_dict())):
+        assert all(v.is_contiguous(memory_format=torch.channels_last) for k, v in sd.items()
+                   if v.dim() == 4), name  # fmt: skip
+
+
 def test_full_checkpoint_with_ema_and_training_keys_loads_the_model_weights(
     sd1: Pipeline, single_file_dict: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
