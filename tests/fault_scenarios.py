@@ -47,6 +47,12 @@ class FaultResult:
     problems: list[str] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 
+    def assert_nothing_lost(self) -> None:
+        """Every accepted job completed exactly once, with no problem found on the way."""
+        assert self.problems == [], self
+        assert self.lost == 0 and self.duplicates == 0, self
+        assert self.completed == self.accepted > 0, self
+
 
 # ---------------------------------------------------------------------------- clients
 

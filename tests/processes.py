@@ -210,6 +210,16 @@ class Stack:
                 proc.stderr.close()
         self.redis.process = None
 
+    def __enter__(self) -> Stack:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # what did start (redis, an API, some workers) is stopped
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         for proc in self.workers:
             stop(proc, signal.SIGKILL, 10)

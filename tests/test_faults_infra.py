@@ -32,24 +32,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp("faults-infra"), workers=1,
               env={"FAULT_SLOW_STEP_S": "0.2"})  # fmt: skip
-    try:
-        s.start()
+    with s:
         yield s
-    finally:
-        s.close()
-
-
-def _ok(result: fs.FaultResult) -> None:
-    assert result.problems == [], result
-    assert result.lost == 0 and result.duplicates == 0, result
-    assert result.completed == result.accepted > 0, result
 
 
 def test_api_killed_and_restarted_under_load(stack: Stack) -> None:
     """16 jobs submitted one every 0.1 s; the API is SIGKILLed after a third were accepted
     and restarted on its port. Every 202-accepted job succeeds once with a complete,
     decodable image set of the right size, and retried POSTs (same Idempotency-Key) created no extra job."""
-    _ok(fs.api_restart(stack, seed=11, n=16))
+    fs.api_restart(stack, seed=11, n=16).assert_nothing_lost()
 
 
 def test_redis_killed_and_restarted_under_load(stack: Stack) -> None:
@@ -57,7 +48,7 @@ def test_redis_killed_and_restarted_under_load(stack: Stack) -> None:
     While it is away: POST /v1/jobs and GET /v1/jobs/{id} answer 503 with Retry-After,
     /readyz 503, /healthz 200. It restarts on the same port and data dir after 3 s; API and
     worker (same pids) reconnect by themselves and every accepted job succeeds once."""
-    _ok(fs.redis_restart(stack, seed=12, n=12))
+    fs.redis_restart(stack, seed=12, n=12).assert_nothing_lost()
 
 
 def test_results_expire_to_410_and_memory_stays_bounded(
@@ -76,4 +67,4 @@ def test_results_expire_to_410_and_memory_stays_bounded(
         result = fs.ttl_and_memory(s, seed=13, n=200)
     finally:
         s.close()
-    _ok(result)
+    result.assert_nothing_lost()

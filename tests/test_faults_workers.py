@@ -27,31 +27,22 @@ ENV = {"LDMSERVE_DRAIN_TIMEOUT_S": "1", "FAULT_SLOW_STEP_S": "0.3"}
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root: Path = tmp_path_factory.mktemp("faults-workers")
     s = Stack(root, workers=3, env=ENV)
-    try:
-        s.start()
+    with s:
         yield s
-    finally:
-        s.close()
-
-
-def _ok(result: fs.FaultResult) -> None:
-    assert result.problems == [], result
-    assert result.lost == 0 and result.duplicates == 0, result
-    assert result.completed == result.accepted > 0, result
 
 
 def test_slow_worker_keeps_its_job(stack: Stack) -> None:
     """Steps of 0.3 s make a 20-step job last far longer than reclaim_after_s (2 s); the
     other worker is live and idle all along, yet the job finishes on attempt 1 where it
     started: only a missing heartbeat lets a job be taken over."""
-    _ok(fs.slow_worker(stack, seed=1))
+    fs.slow_worker(stack, seed=1).assert_nothing_lost()
 
 
 def test_sigterm_hands_back_a_job_that_outlasts_the_drain(stack: Stack) -> None:
     """Drain timeout 1 s < the job: the worker exits 0 and hands the job back (queued, the
     run not counted), the other worker runs it: running → queued → running → succeeded,
     attempt 1, images equal to the library's."""
-    _ok(fs.drain_hand_back(stack, seed=2))
+    fs.drain_hand_back(stack, seed=2).assert_nothing_lost()
 
 
 def test_sigkill_mid_denoise_loses_nothing(stack: Stack) -> None:
@@ -59,11 +50,11 @@ def test_sigkill_mid_denoise_loses_nothing(stack: Stack) -> None:
     random moment mid-denoise, start a new worker. Every job succeeds exactly once (one
     `succeeded` status message, one stored result, the jobs_succeeded counter), reclaimed
     jobs show attempt 2 and a second `running`, and every PNG equals the library's."""
-    _ok(fs.worker_kill(stack, seed=3, rounds=3, per_round=6))
+    fs.worker_kill(stack, seed=3, rounds=3, per_round=6).assert_nothing_lost()
 
 
 def test_poison_job_fails_after_max_attempts(stack: Stack) -> None:
     """A prompt that kills every worker receiving it: the job fails after max_attempts (3)
     with error code max_attempts and a message naming the count; the 4 jobs submitted
     around it succeed. Crashed workers are restarted by a bounded supervisor loop."""
-    _ok(fs.poison_job(stack, seed=4, others=4))
+    fs.poison_job(stack, seed=4, others=4).assert_nothing_lost()
