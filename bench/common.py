@@ -26,6 +26,25 @@ if str(ROOT) not in sys.path:
 
 JSON_TAG = "BENCH_JSON"
 
+# diffusers UNet2DConditionModel arguments: the SD 1.5 UNet (859.5M parameters) and the demo's.
+DEMO_UNET: dict[str, Any] = {  # the shape of model/demo.py's UNet, in diffusers terms
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": 4,
+    "cross_attention_dim": 32,
+}
+
+SD15_UNET: dict[str, Any] = {
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+}
+
 
 def set_threads(n: int) -> int:
     """Fix torch's intra-op threads (and print them): results depend on it."""

@@ -32,7 +32,7 @@ from typing import Any
 
 import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
-from common import emit_json, load_average, set_threads, table
+from common import DEMO_UNET, SD15_UNET, emit_json, load_average, set_threads, table
 
 IMAGE_TFLOP = 43.0  # one 25-step CFG image at 512x512, VAE decode included
 UNET_TFLOP_64 = 0.80  # one UNet forward of one row at a 64x64 latent
@@ -47,14 +47,6 @@ PEAK_FP16_TFLOPS = {  # dense fp16 tensor-core peak; first matching substring wi
     "A10": 125.0,
 }
 
-SD15_UNET: dict[str, Any] = {
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 768,
-}
 SD15_VAE: dict[str, Any] = {
     "block_out_channels": [128, 256, 512, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -62,14 +54,7 @@ SD15_VAE: dict[str, Any] = {
     "layers_per_block": 2,
     "latent_channels": 4,
 }
-TINY_UNET: dict[str, Any] = {
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "attention_head_dim": 4,
-    "cross_attention_dim": 32,
-}
+TINY_UNET = DEMO_UNET
 TINY_VAE: dict[str, Any] = {
     **SD15_VAE,
     "block_out_channels": [32, 32, 64, 64],

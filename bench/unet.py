@@ -22,18 +22,13 @@ from typing import Any
 
 import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
-from common import emit_json, interleaved, load_average, median, set_threads, table
+from common import SD15_UNET, emit_json, interleaved, load_average, median, set_threads, table
 
 SD15: dict[str, Any] = {
+    **SD15_UNET,
     "sample_size": 64,
     "in_channels": 4,
     "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 768,
     "norm_num_groups": 32,
 }
 
