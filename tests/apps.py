@@ -24,3 +24,8 @@ async def open_app_client(
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
     await stack.enter_async_context(client)
     return client, app
+
+
+async def post_job(client: httpx.AsyncClient, **body: Any) -> httpx.Response:
+    """POST /v1/jobs with a default prompt."""
+    return await client.post("/v1/jobs", json={"prompt": "a lighthouse at dusk", **body})
