@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -27,37 +26,34 @@ import yaml
 
 from service.queue_keys import Keys
 from service.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILE = ROOT / "Dockerfile"
-DEPLOY = ROOT / "deploy"
-COMPOSE = DEPLOY / "docker-compose.yml"
-K8S = DEPLOY / "k8s"
-REDIS_CONF = DEPLOY / "redis.conf"
-API_PORT = 8000
-IMAGE = "ldmserve"
-ENV_NAME = re.compile(r"\bLDMSERVE_[A-Z0-9_]+\b")
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def _interpolate(value: Any) -> Any:
-    """Resolve compose's ``${VAR:-default}`` / ``${VAR-default}`` to the default (as with no .env)."""
-    if isinstance(value, str):
-        return re.sub(
-            r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value
-        )
-    if isinstance(value, list):
-        return [_interpolate(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _interpolate(v) for k, v in value.items()}
-    return value
+from tests.deploy_files import (
+    API_PORT,
+    COMPOSE,
+    DEPLOY,
+    DOCKERFILE,
+    ENV_NAME,
+    K8S,
+    REDIS_CONF,
+    ROOT,
+    command_lines,
+    compose_env,
+    dockerfile,
+    dockerfile_env,
+    exec_form,
+    final_stage,
+    find_doc,
+    interpolate,
+    ldmserve_containers,
+    ldmserve_services,
+    parse_redis_conf,
+    pod_spec,
+    seconds,
+)
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return _interpolate(yaml.safe_load(COMPOSE.read_text()))
+    return interpolate(yaml.safe_load(COMPOSE.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -68,145 +64,18 @@ def k8s() -> list[dict[str, Any]]:
     return docs
 
 
-def _one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name!r} in deploy/k8s, found {len(found)}"
-    return found[0]
-
-
-def _pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
-    return workload["spec"]["template"]["spec"]
-
-
-def _ldmserve_containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
-    for doc in docs:
-        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
-            for c in _pod_spec(doc)["containers"]:
-                if c["image"].split(":")[0].rsplit("/", 1)[-1] == IMAGE:
-                    yield doc["metadata"]["name"], c
-
-
 @pytest.fixture(scope="module")
 def configmap(k8s: list[dict[str, Any]]) -> dict[str, str]:
-    return _one(k8s, "ConfigMap", "ldmserve-config")["data"]
-
-
-def _dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line = pending + line
-        pending = ""
-        word, _, rest = line.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    return out
-
-
-def _dockerfile(name: str) -> list[str]:
-    return [args for word, args in _dockerfile_instructions() if word == name]
-
-
-def _final_stage() -> list[tuple[str, str]]:
-    """Instructions of the last build stage (the image that runs)."""
-    instructions = _dockerfile_instructions()
-    starts = [i for i, (word, _) in enumerate(instructions) if word == "FROM"]
-    return instructions[starts[-1] :]
-
-
-def _dockerfile_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    for word, args in _final_stage():
-        if word == "ENV":
-            for key, value in re.findall(r'([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|\S+)', args):
-                env[key] = value.strip('"')
-    return env
-
-
-def _exec_form(args: str) -> list[str]:
-    value = json.loads(args)
-    assert isinstance(value, list), f"use the exec (JSON) form: {args}"
-    return value
-
-
-def _parse_redis_conf(text: str) -> dict[str, str]:
-    conf: dict[str, str] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition(" ")
-            conf[key.lower()] = value.strip()
-    return conf
-
-
-def _seconds(duration: str | int | float) -> float:
-    """Compose durations: ``90s``, ``1m30s``, ``2m``; a bare number is seconds."""
-    if isinstance(duration, (int, float)):
-        return float(duration)
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", duration)
-    assert parts and "".join(n + u for n, u in parts) == duration, f"bad duration {duration!r}"
-    return sum(float(n) * units[u] for n, u in parts)
-
-
-def _compose_env(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {k: str(v) for k, v in env.items()}
-
-
-def _ldmserve_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
-        name: svc
-        for name, svc in compose["services"].items()
-        if svc.get("image", "").split(":")[0].rsplit("/", 1)[-1] == IMAGE or "build" in svc
-    }
+    return find_doc(k8s, "ConfigMap", "ldmserve-config")["data"]
 
 
 # ---------------------------------------------------------------------------- command lines
 
 
-def _command_lines(
-    compose: dict[str, Any], k8s: list[dict[str, Any]]
-) -> list[tuple[str, list[str]]]:
-    """Every ``ldmserve`` argument list the deployment files run, with where it comes from."""
-    lines: list[tuple[str, list[str]]] = []
-    entrypoint = _exec_form(_dockerfile("ENTRYPOINT")[-1])
-    assert entrypoint == ["ldmserve"], f"ENTRYPOINT must be ['ldmserve'], got {entrypoint}"
-    lines.append(("Dockerfile CMD", _exec_form(_dockerfile("CMD")[-1])))
-    for args in _dockerfile("HEALTHCHECK"):
-        cmd = _exec_form(args.split(" CMD ", 1)[1])
-        assert cmd[0] == "ldmserve", cmd
-        lines.append(("Dockerfile HEALTHCHECK", cmd[1:]))
-    for name, svc in _ldmserve_services(compose).items():
-        assert "entrypoint" not in svc, f"compose {name}: keep the image's ENTRYPOINT"
-        lines.append((f"compose {name}", svc.get("command") or ["api"]))
-        test = (svc.get("healthcheck") or {}).get("test")
-        if test:
-            assert test[0] == "CMD" and test[1] == "ldmserve", f"compose {name}: {test}"
-            lines.append((f"compose {name} healthcheck", test[2:]))
-    for owner, c in _ldmserve_containers(k8s):
-        assert c.get("command") in (None, ["ldmserve"]), f"k8s {owner}: keep the ENTRYPOINT"
-        lines.append((f"k8s {owner}", c.get("args") or ["api"]))
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            cmd = (c.get(probe) or {}).get("exec", {}).get("command")
-            if cmd:
-                assert cmd[0] == "ldmserve", f"k8s {owner} {probe}: {cmd}"
-                lines.append((f"k8s {owner} {probe}", cmd[1:]))
-    return lines
-
-
 def test_every_command_line_is_a_real_subcommand(compose, k8s) -> None:
     from service.cli import build_parser  # the CLI the image's ENTRYPOINT runs
 
-    lines = _command_lines(compose, k8s)
+    lines = command_lines(compose, k8s)
     assert {argv[0] for _, argv in lines} >= {"api", "worker", "health"}
     for where, argv in lines:
         parser = build_parser()
@@ -218,7 +87,7 @@ def test_every_command_line_is_a_real_subcommand(compose, k8s) -> None:
 
 def test_each_container_runs_its_role(compose, k8s) -> None:
     """The api runs `api` and checks `health api`; a worker runs `worker`, `health worker`."""
-    services = _ldmserve_services(compose)
+    services = ldmserve_services(compose)
     assert services["api"].get("command", ["api"])[0] == "api"
     assert services["worker"]["command"][0] == "worker"
     assert services["worker"]["healthcheck"]["test"][2:] == ["ldmserve", "health", "worker"][1:]
@@ -227,7 +96,7 @@ def test_each_container_runs_its_role(compose, k8s) -> None:
         "api",
     ]
     roles = {"ldmserve-api": "api", "ldmserve-worker": "worker"}
-    containers = dict(_ldmserve_containers(k8s))
+    containers = dict(ldmserve_containers(k8s))
     assert set(containers) == set(roles)
     for owner, role in roles.items():
         c = containers[owner]
@@ -236,35 +105,35 @@ def test_each_container_runs_its_role(compose, k8s) -> None:
             cmd = (c.get(probe) or {}).get("exec", {}).get("command")
             if cmd:
                 assert cmd == ["ldmserve", "health", role], f"{owner} {probe}: {cmd}"
-    healthcheck = _exec_form(_dockerfile("HEALTHCHECK")[-1].split(" CMD ", 1)[1])
+    healthcheck = exec_form(dockerfile("HEALTHCHECK")[-1].split(" CMD ", 1)[1])
     assert healthcheck == ["ldmserve", "health", "api"]
-    assert _exec_form(_dockerfile("CMD")[-1]) == ["api"]
+    assert exec_form(dockerfile("CMD")[-1]) == ["api"]
 
 
 def test_workers_serve_the_model_the_api_queues_for(compose, k8s) -> None:
     """The API queues on LDMSERVE_MODEL's stream: a worker given another --model never sees it."""
     worker_lines = [
         argv
-        for where, argv in _command_lines(compose, k8s)
+        for where, argv in command_lines(compose, k8s)
         if argv[0] == "worker" and where.startswith(("compose", "k8s"))
     ]
     assert len(worker_lines) == 2
     for argv in worker_lines:
         assert "--model" not in argv, f"set the model in LDMSERVE_MODEL (shared), not {argv}"
     api, worker = (
-        _one(k8s, "Deployment", "ldmserve-api"),
-        _one(k8s, "Deployment", "ldmserve-worker"),
+        find_doc(k8s, "Deployment", "ldmserve-api"),
+        find_doc(k8s, "Deployment", "ldmserve-worker"),
     )
     refs = [
-        [e["configMapRef"]["name"] for e in _pod_spec(d)["containers"][0].get("envFrom", [])]
+        [e["configMapRef"]["name"] for e in pod_spec(d)["containers"][0].get("envFrom", [])]
         for d in (api, worker)
     ]
     assert refs[0] == refs[1] == ["ldmserve-config"]
     for d in (api, worker):
-        env = [e["name"] for e in _pod_spec(d)["containers"][0].get("env", [])]
+        env = [e["name"] for e in pod_spec(d)["containers"][0].get("env", [])]
         assert not [n for n in env if n.startswith("LDMSERVE_")], f"per-pod LDMSERVE_* env: {env}"
-    services = _ldmserve_services(compose)
-    assert _compose_env(services["api"]) == _compose_env(services["worker"])
+    services = ldmserve_services(compose)
+    assert compose_env(services["api"]) == compose_env(services["worker"])
 
 
 # ---------------------------------------------------------------------------- settings
@@ -293,11 +162,11 @@ def _load_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Sett
 
 def test_deployment_settings_load(compose, configmap, monkeypatch) -> None:
     """The values validate, and both deployments point every process at the shared Redis."""
-    docker_env = {k: v for k, v in _dockerfile_env().items() if k.startswith("LDMSERVE_")}
+    docker_env = {k: v for k, v in dockerfile_env().items() if k.startswith("LDMSERVE_")}
     assert docker_env["LDMSERVE_HOST"] == "0.0.0.0"
     for where, env in [
-        ("compose api", _compose_env(_ldmserve_services(compose)["api"])),
-        ("compose worker", _compose_env(_ldmserve_services(compose)["worker"])),
+        ("compose api", compose_env(ldmserve_services(compose)["api"])),
+        ("compose worker", compose_env(ldmserve_services(compose)["worker"])),
         ("k8s ldmserve-config", dict(configmap)),
     ]:
         settings = _load_settings(docker_env | env, monkeypatch)
@@ -311,26 +180,26 @@ def test_deployment_settings_load(compose, configmap, monkeypatch) -> None:
 
 
 def test_api_port_agrees_everywhere(compose, k8s, configmap) -> None:
-    env = _dockerfile_env()
+    env = dockerfile_env()
     assert int(env["LDMSERVE_PORT"]) == API_PORT == Settings.model_fields["port"].default
-    assert [int(p.split("/")[0]) for p in _dockerfile("EXPOSE")] == [API_PORT]
+    assert [int(p.split("/")[0]) for p in dockerfile("EXPOSE")] == [API_PORT]
 
-    api = _ldmserve_services(compose)["api"]
+    api = ldmserve_services(compose)["api"]
     assert [str(p).rsplit(":", 1)[-1] for p in api["ports"]] == [str(API_PORT)]
-    for where, argv in _command_lines(compose, k8s):
+    for where, argv in command_lines(compose, k8s):
         if "--port" in argv:
             assert argv[argv.index("--port") + 1] == str(API_PORT), where
 
     assert int(configmap.get("LDMSERVE_PORT", API_PORT)) == API_PORT
-    deployment = _one(k8s, "Deployment", "ldmserve-api")
-    (container,) = _pod_spec(deployment)["containers"]
+    deployment = find_doc(k8s, "Deployment", "ldmserve-api")
+    (container,) = pod_spec(deployment)["containers"]
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert list(named.values()) == [API_PORT]
 
     def resolve(port: int | str) -> int:
         return named[port] if isinstance(port, str) else port
 
-    service = _one(k8s, "Service", "ldmserve-api")
+    service = find_doc(k8s, "Service", "ldmserve-api")
     assert (
         service["spec"]["selector"].items()
         <= deployment["spec"]["template"]["metadata"]["labels"].items()
@@ -343,7 +212,7 @@ def test_api_port_agrees_everywhere(compose, k8s, configmap) -> None:
 def test_api_probes_use_healthz_not_readyz(k8s) -> None:
     """/readyz is 503 with no live worker: as a readiness probe it would pull the API out of its
     Service whenever the workers are scaled to zero or loading, so nobody could submit."""
-    (container,) = _pod_spec(_one(k8s, "Deployment", "ldmserve-api"))["containers"]
+    (container,) = pod_spec(find_doc(k8s, "Deployment", "ldmserve-api"))["containers"]
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] == "/healthz", probe
 
@@ -352,27 +221,27 @@ def test_api_probes_use_healthz_not_readyz(k8s) -> None:
 
 
 def test_worker_requests_one_gpu(compose, k8s) -> None:
-    worker = _ldmserve_services(compose)["worker"]
+    worker = ldmserve_services(compose)["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
-    (container,) = _pod_spec(_one(k8s, "Deployment", "ldmserve-worker"))["containers"]
+    (container,) = pod_spec(find_doc(k8s, "Deployment", "ldmserve-worker"))["containers"]
     resources = container["resources"]
     assert int(resources["limits"]["nvidia.com/gpu"]) == 1
     assert int(resources.get("requests", {}).get("nvidia.com/gpu", 1)) == 1
-    (api,) = _pod_spec(_one(k8s, "Deployment", "ldmserve-api"))["containers"]
+    (api,) = pod_spec(find_doc(k8s, "Deployment", "ldmserve-api"))["containers"]
     assert "nvidia.com/gpu" not in json.dumps(api.get("resources", {})), "the API needs no GPU"
-    assert "deploy" not in _ldmserve_services(compose)["api"], "the API needs no GPU"
+    assert "deploy" not in ldmserve_services(compose)["api"], "the API needs no GPU"
 
 
 def test_model_and_hub_cache_volumes(compose, k8s) -> None:
-    hf_home = _dockerfile_env()["HF_HOME"]
+    hf_home = dockerfile_env()["HF_HOME"]
     assert hf_home == "/cache/huggingface"
-    worker = _ldmserve_services(compose)["worker"]
+    worker = ldmserve_services(compose)["worker"]
     targets = {str(v).split(":")[1]: str(v) for v in worker["volumes"]}
     assert set(targets) == {"/models", hf_home}
     assert targets["/models"].endswith(":ro")
-    (container,) = _pod_spec(_one(k8s, "Deployment", "ldmserve-worker"))["containers"]
+    (container,) = pod_spec(find_doc(k8s, "Deployment", "ldmserve-worker"))["containers"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert set(mounts) == {"/models", hf_home}
     assert mounts["/models"].get("readOnly") is True
@@ -382,10 +251,10 @@ def test_model_and_hub_cache_volumes(compose, k8s) -> None:
 
 
 def test_keda_scales_workers_on_the_job_stream(k8s, configmap) -> None:
-    scaled = _one(k8s, "ScaledObject", "ldmserve-worker")
+    scaled = find_doc(k8s, "ScaledObject", "ldmserve-worker")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "ldmserve-worker"
     assert scaled["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-    _one(k8s, "Deployment", "ldmserve-worker")
+    find_doc(k8s, "Deployment", "ldmserve-worker")
     assert scaled["spec"]["minReplicaCount"] in (0, 1)
     assert scaled["spec"]["maxReplicaCount"] >= max(1, scaled["spec"]["minReplicaCount"])
     (trigger,) = scaled["spec"]["triggers"]
@@ -404,7 +273,7 @@ def test_keda_scales_workers_on_the_job_stream(k8s, configmap) -> None:
     # KEDA's operator lives in another namespace: the address must be the Service's full name.
     namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
     host, port = meta["address"].rsplit(":", 1)
-    redis_service = _one(k8s, "Service", "redis")
+    redis_service = find_doc(k8s, "Service", "redis")
     assert host in (f"redis.{namespace}.svc.cluster.local", f"redis.{namespace}.svc")
     assert int(port) in [p["port"] for p in redis_service["spec"]["ports"]]
     db = urlparse(configmap["LDMSERVE_REDIS_URL"]).path.strip("/") or "0"
@@ -422,7 +291,7 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def test_redis_persists_with_aof(compose, k8s) -> None:
-    conf = _parse_redis_conf(REDIS_CONF.read_text())
+    conf = parse_redis_conf(REDIS_CONF.read_text())
     assert conf["appendonly"] == "yes"
     assert conf["appendfsync"] in ("everysec", "always")
     assert conf["maxmemory-policy"] == "noeviction", "a queue must never evict job keys"
@@ -437,20 +306,20 @@ def test_redis_persists_with_aof(compose, k8s) -> None:
     assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
     assert "ports" not in redis, "Redis has no password: do not publish its port"
     for name in ("api", "worker"):
-        dep = _ldmserve_services(compose)[name]["depends_on"]["redis"]
+        dep = ldmserve_services(compose)[name]["depends_on"]["redis"]
         assert dep["condition"] == "service_healthy"
 
     # k8s: the same directives as deploy/redis.conf, and /data on a persistent volume.
-    k8s_conf = _parse_redis_conf(_one(k8s, "ConfigMap", "redis-config")["data"]["redis.conf"])
+    k8s_conf = parse_redis_conf(find_doc(k8s, "ConfigMap", "redis-config")["data"]["redis.conf"])
     assert k8s_conf == conf
-    sts = _one(k8s, "StatefulSet", "redis")
-    (container,) = _pod_spec(sts)["containers"]
+    sts = find_doc(k8s, "StatefulSet", "redis")
+    (container,) = pod_spec(sts)["containers"]
     claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
     mounts_k8s = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts_k8s[conf["dir"]] in claims
     conf_dir = str(Path(container["command"][1]).parent)
     config_volume = mounts_k8s[conf_dir]
-    (volume,) = [v for v in _pod_spec(sts)["volumes"] if v["name"] == config_volume]
+    (volume,) = [v for v in pod_spec(sts)["volumes"] if v["name"] == config_volume]
     assert volume["configMap"]["name"] == "redis-config"
 
 
@@ -460,26 +329,26 @@ def test_redis_persists_with_aof(compose, k8s) -> None:
 def test_grace_periods_exceed_the_drain_timeout(compose, configmap) -> None:
     field = Settings.model_fields.get("drain_timeout_s")
     assert field is not None, "Settings needs drain_timeout_s (LDMSERVE_DRAIN_TIMEOUT_S)"
-    compose_worker = _ldmserve_services(compose)["worker"]
+    compose_worker = ldmserve_services(compose)["worker"]
     compose_drain = float(
-        _compose_env(compose_worker).get("LDMSERVE_DRAIN_TIMEOUT_S", field.default)
+        compose_env(compose_worker).get("LDMSERVE_DRAIN_TIMEOUT_S", field.default)
     )
-    assert _seconds(compose_worker["stop_grace_period"]) > compose_drain
+    assert seconds(compose_worker["stop_grace_period"]) > compose_drain
 
     k8s_drain = float(configmap.get("LDMSERVE_DRAIN_TIMEOUT_S", field.default))
     worker = yaml.safe_load((K8S / "worker.yaml").read_text())
-    assert _pod_spec(worker)["terminationGracePeriodSeconds"] > k8s_drain
+    assert pod_spec(worker)["terminationGracePeriodSeconds"] > k8s_drain
 
 
 # ---------------------------------------------------------------------------- image
 
 
 def test_dockerfile_runs_as_non_root_with_pinned_cuda_torch() -> None:
-    users = [args for word, args in _final_stage() if word == "USER"]
+    users = [args for word, args in final_stage() if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
-    froms = _dockerfile("FROM")
+    froms = dockerfile("FROM")
     assert len(froms) >= 2, "multi-stage build"
-    args = dict(a.split("=", 1) for a in _dockerfile("ARG") if "=" in a)
+    args = dict(a.split("=", 1) for a in dockerfile("ARG") if "=" in a)
     assert re.fullmatch(r"nvidia/cuda:12\.\d+(\.\d+)?-[a-z-]+-ubuntu\d\d\.\d\d", args["CUDA_IMAGE"])
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"]), "pin torch exactly"
     text = DOCKERFILE.read_text()
@@ -503,7 +372,7 @@ def test_dockerfile_copies_exist_and_are_not_ignored() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    for args in _dockerfile("COPY"):
+    for args in dockerfile("COPY"):
         if args.startswith("--from"):
             continue
         for source in args.split()[:-1]:
