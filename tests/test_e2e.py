@@ -110,16 +110,37 @@ def test_twenty_concurrent_jobs_match_the_library(stack: dict[str, Any]) -> None
                         Image.open(io.BytesIO(client.get(image["url"]).content)).convert("RGB")
                     )
                     assert np.abs(got.astype(int) - np.asarray(expected).astype(int)).max() <= 2
-        metrics = client.get("/metrics").text
-    # One job has at most 2 images x 2 rows = 4 rows; a call above 4 rows holds several jobs.
+
+
+def calls_over_rows(client: httpx.Client, rows: float) -> int:
+    """UNet calls (all workers) that carried more than `rows` rows, from /metrics."""
     buckets = {
         float(line.split('le="')[1].split('"')[0]) if "+Inf" not in line else float("inf"): int(
             line.split()[-1]
         )
-        for line in metrics.splitlines()
+        for line in client.get("/metrics").text.splitlines()
         if line.startswith("ldmserve_unet_batch_rows_bucket")
     }
-    assert buckets[float("inf")] - buckets[4.0] > 0, "no UNet call carried more than one job's rows"
+    return buckets[float("inf")] - buckets[rows]
+
+
+def test_concurrent_jobs_share_unet_calls(stack: dict[str, Any]) -> None:
+    """12 guided one-image jobs of one shape at once (2 rows each) over two workers: some UNet
+    call must carry more than 4 rows, i.e. more than two jobs. (The mixed jobs above have six
+    shapes over two workers, too few of one shape at a time to prove it reliably.)"""
+    body = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 20, "sampler": "ddim"}
+    with httpx.Client(base_url=stack["base"], timeout=30) as client:
+        before = calls_over_rows(client, 4.0)
+
+        def submit(i: int) -> str:
+            r = client.post("/v1/jobs", json={**body, "seed": 50 + i})
+            assert r.status_code == 202, r.text
+            return r.json()["id"]
+
+        with ThreadPoolExecutor(12) as pool:
+            ids = list(pool.map(submit, range(12)))
+        assert all(wait_job(client, job_id)["status"] == "succeeded" for job_id in ids)
+        assert calls_over_rows(client, 4.0) > before, "no UNet call carried more than two jobs"
 
 
 def test_cancel_a_running_job(stack: dict[str, Any]) -> None:
