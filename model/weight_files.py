@@ -8,11 +8,13 @@ dtype, so a load never holds two full copies of a checkpoint. Pickled checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import struct
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -123,44 +125,56 @@ class WeightFile:
         file's memory map: copying out of the map would leave the source pages resident in
         this process next to the copy, two copies of every conv weight.
         """
+        unmapped = channels_last and self._pickled is None
         out: dict[str, torch.Tensor] = {}
-        for key in keys:
-            nhwc = channels_last and self._meta[key].dim() == 4
-            nhwc = nhwc and self._meta[key].is_floating_point()
-            if self._pickled is not None:
-                tensor = self._pickled[key]
-            elif nhwc:
-                tensor = self._read_unmapped(key)
-            else:
-                try:
-                    tensor = self._handle.get_tensor(key)
-                except (SafetensorError, OSError) as exc:
-                    raise CheckpointError(f"{self.path}: cannot read '{key}' ({exc})") from None
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(device=device, dtype=dtype)
-            else:
-                tensor = tensor.to(device=device)
-            if nhwc:
-                tensor = tensor.contiguous(memory_format=torch.channels_last)
-            out[rename(key)] = tensor
+        with self._open_unmapped() if unmapped else contextlib.nullcontext() as fd:
+            for key in keys:
+                meta = self._meta[key]
+                nhwc = channels_last and meta.dim() == 4 and meta.is_floating_point()
+                if self._pickled is not None:
+                    tensor = self._pickled[key]
+                elif nhwc:
+                    tensor = self._read_unmapped(fd, key)
+                else:
+                    try:
+                        tensor = self._handle.get_tensor(key)
+                    except (SafetensorError, OSError) as exc:
+                        raise CheckpointError(f"{self.path}: cannot read '{key}' ({exc})") from None
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(device=device, dtype=dtype)
+                else:
+                    tensor = tensor.to(device=device)
+                if nhwc:
+                    tensor = tensor.contiguous(memory_format=torch.channels_last)
+                out[rename(key)] = tensor
         return out
 
-    def _read_unmapped(self, key: str) -> torch.Tensor:
-        """One safetensors tensor read with os.pread (little-endian, as the format stores it)."""
+    @contextlib.contextmanager
+    def _open_unmapped(self) -> Iterator[int]:
+        """A plain file descriptor on the file, for the whole of one read() call."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot open ({exc})") from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _read_unmapped(self, fd: int, key: str) -> torch.Tensor:
+        """One safetensors tensor read with os.preadv (little-endian, as the format stores it)."""
         start, end = self._ranges[key]
         meta = self._meta[key]
-        raw = torch.empty(end - start, dtype=torch.uint8)
         if sys.byteorder != "little" or meta.element_size() * meta.numel() != end - start:
             raise CheckpointError(f"{self.path}: cannot read '{key}' (unexpected byte layout)")
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        view, done = memoryview(raw.numpy()), 0
         try:
-            with self.path.open("rb", buffering=0) as f:
-                f.seek(start)
-                view, done = memoryview(raw.numpy()), 0
-                while done < end - start:
-                    n = f.readinto(view[done:])
-                    if not n:
-                        raise OSError("file ended early")
-                    done += n
+            while done < end - start:
+                n = os.preadv(fd, [view[done:]], start + done)
+                if not n:
+                    raise OSError("file ended early")
+                done += n
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read '{key}' ({exc})") from None
         return raw.view(meta.dtype).reshape(meta.shape)
