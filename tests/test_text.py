@@ -1,16 +1,12 @@
-"""CLIP text encoder: bundled tokenizer vs CLIP's BPE, loader parity with diffusers, errors."""
+"""CLIP text encoder: single-file and diffusers-folder loading, parity with diffusers, errors."""
 
 from __future__ import annotations
 
 import functools
-import gzip
-import itertools
 import json
-import zipfile
 from pathlib import Path
 
 import pytest
-import regex
 import torch
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
@@ -22,7 +18,6 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from model.text import (
     ASSETS,
-    MAX_LENGTH,
     TextEncoder,
     random_text_encoder,
     text_encoder_from_ldm,
@@ -31,66 +26,7 @@ from model.text import (
 )
 from model.text_diffusers import text_encoder_from_diffusers
 from model.weights import CheckpointError
-
-PROMPTS = [
-    "a photo of a cat",
-    "An astronaut riding a horse on Mars, 4k, trending on ArtStation!!",
-    "  don't   stop; it's   1999 -- naïve café, Ωmega, 東京, 🐱🚀  ",
-    "",
-]
-OPEN_CLIP_WHEEL = Path("/tmp/oc/open_clip_torch-3.3.0-py3-none-any.whl")
-
-
-# --- a reference tokenizer: OpenAI CLIP's simple_tokenizer algorithm, written independently ---
-
-
-def _byte_chars() -> list[str]:
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    rest = [b for b in range(256) if b not in keep]
-    table = {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(rest)}
-    return [table[b] for b in range(256)]
-
-
-@functools.cache
-def _reference() -> tuple[dict[str, int], dict[tuple[str, str], int]]:
-    merges = (ASSETS / "merges.txt").read_text("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    pairs = [tuple(m.split()) for m in merges]
-    byte_table = _byte_chars()
-    printable_first = [byte_table[b] for b in [*range(33, 127), *range(161, 173), *range(174, 256)]]
-    printable_first += [c for c in byte_table if c not in printable_first]
-    tokens = printable_first + [c + "</w>" for c in printable_first] + ["".join(p) for p in pairs]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, {p: i for i, p in enumerate(pairs)}
-
-
-def _bpe(word: tuple[str, ...], ranks: dict[tuple[str, str], int]) -> list[str]:
-    while len(word) > 1:
-        pairs = set(itertools.pairwise(word))
-        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(word):
-            if i < len(word) - 1 and (word[i], word[i + 1]) == best:
-                merged.append(word[i] + word[i + 1])
-                i += 2
-            else:
-                merged.append(word[i])
-                i += 1
-        word = tuple(merged)
-    return list(word)
-
-
-def reference_ids(text: str) -> list[int]:
-    vocab, ranks = _reference()
-    byte_table = _byte_chars()
-    pattern = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    text = regex.sub(r"\s+", " ", text).strip().lower()
-    ids = [vocab["<|startoftext|>"]]
-    for piece in regex.findall(pattern, text, regex.IGNORECASE):
-        chars = [byte_table[b] for b in piece.encode("utf-8")]
-        ids += [vocab[t] for t in _bpe((*chars[:-1], chars[-1] + "</w>"), ranks)]
-    return [*ids, vocab["<|endoftext|>"]]
+from tests.clip_reference import PROMPTS, reference_ids
 
 
 def randomize_(model: nn.Module, seed: int) -> nn.Module:
@@ -156,61 +92,6 @@ def open_clip_penultimate(
 
 
 # --- tokenizer ---
-
-
-def test_bundled_vocab_matches_clip_bpe_derivation() -> None:
-    vocab = json.loads((ASSETS / "vocab.json").read_text("utf-8"))
-    assert len(vocab) == 49408
-    assert vocab == _reference()[0]
-    assert vocab["!"] == 0 and vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
-
-
-@pytest.mark.skipif(not OPEN_CLIP_WHEEL.is_file(), reason="open_clip_torch wheel not downloaded")
-def test_merges_equal_open_clip_bpe_file() -> None:
-    with zipfile.ZipFile(OPEN_CLIP_WHEEL) as wheel:
-        lines = (
-            gzip.decompress(wheel.read("open_clip/bpe_simple_vocab_16e6.txt.gz"))
-            .decode()
-            .split("\n")
-        )
-    ours = (ASSETS / "merges.txt").read_text("utf-8").split("\n")
-    assert ours[1:-1] == lines[1:48895]
-
-
-def test_tokenizer_matches_reference_bpe_and_known_ids() -> None:
-    enc = random_text_encoder(tiny_text_config())
-    ids = enc.tokenize(PROMPTS)
-    for prompt, row in zip(PROMPTS, ids.tolist(), strict=True):
-        ref = reference_ids(prompt)
-        assert row[: len(ref)] == ref, prompt
-        assert set(row[len(ref) :]) <= {49407}
-    # The ids SD 1.5 users see for these prompts.
-    assert ids[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 49407]
-    assert reference_ids("an astronaut riding a horse") == [
-        49406,
-        550,
-        18376,
-        6765,
-        320,
-        4558,
-        49407,
-    ]
-
-
-def test_padding_sd1_vs_sd2_and_truncation() -> None:
-    sd1 = random_text_encoder(tiny_text_config())
-    sd2 = random_text_encoder(tiny_text_config(hidden_act="gelu"))
-    assert (sd1.pad_token_id, sd2.pad_token_id) == (49407, 0)
-    a, b = sd1.tokenize(["a cat!!"]), sd2.tokenize(["a cat!!"])
-    assert a.shape == b.shape == (1, MAX_LENGTH)
-    # "!!" stays one ordinary token (748) under SD 2.x padding, as OpenCLIP tokenizes it.
-    assert a[0, :5].tolist() == b[0, :5].tolist() == [49406, 320, 2368, 748, 49407]
-    assert set(a[0, 5:].tolist()) == {49407} and set(b[0, 5:].tolist()) == {0}
-    long = sd2.tokenize(["cat " * 200])[0].tolist()
-    assert len(long) == 77 and long[0] == 49406 and long[-1] == 49407 and set(long[1:-1]) == {2368}
-
-
-# --- single-file loading, parity with diffusers' converters ---
 
 
 def _sd1_model(layers: int = 2, hidden: int = 64, seed: int = 0) -> CLIPTextModel:
