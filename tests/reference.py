@@ -22,6 +22,18 @@ VAE_TINY: dict[str, Any] = {
     "norm_num_groups": 32,
 }
 
+# The generate() call of the pipeline parity tests: DDIM 10 steps, CFG 7.5, two seeds.
+PARITY_KW: dict[str, Any] = {
+    "prompt": "a red bicycle",
+    "negative_prompt": "blurry",
+    "steps": 10,
+    "guidance_scale": 7.5,
+    "width": 64,
+    "height": 72,
+    "seed": 1234,
+    "num_images": 2,
+}
+
 FAMILIES: dict[str, dict[str, Any]] = {
     "sd1": {
         "unet": UNET_SD1,

@@ -22,20 +22,10 @@ from diffusers import StableDiffusionPipeline
 
 from model import load_pipeline
 from service.engine import Engine
-from tests.reference import FAMILIES, build_reference, reference_images
+from tests.reference import FAMILIES, PARITY_KW, build_reference, reference_images
 from tests.test_engine import MIXED, run_until_idle, solo
 
 HALF = [torch.float16, torch.bfloat16]
-KW = {
-    "prompt": "a red bicycle",
-    "negative_prompt": "blurry",
-    "steps": 10,
-    "guidance_scale": 7.5,
-    "width": 64,
-    "height": 72,
-    "seed": 1234,
-    "num_images": 2,
-}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -46,7 +36,7 @@ def family_folder(
     pipe = build_reference(request.param)
     folder = tmp_path_factory.mktemp(request.param) / "pipeline"
     pipe.save_pretrained(folder, safe_serialization=True)
-    return folder, reference_images(pipe, **KW).astype(int)
+    return folder, reference_images(pipe, **PARITY_KW).astype(int)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -58,10 +48,10 @@ def test_half_precision_generate_is_as_accurate_as_diffusers(
         folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
     theirs_pipe.set_progress_bar_config(disable=True)
-    theirs = reference_images(theirs_pipe, **KW).astype(int)
+    theirs = reference_images(theirs_pipe, **PARITY_KW).astype(int)
     ours_pipe = load_pipeline(str(folder), device="cpu", dtype=dtype)
     assert ours_pipe.dtype == dtype and ours_pipe.vae_dtype == dtype
-    ours = np.stack([np.asarray(im) for im in ours_pipe.generate(sampler="ddim", **KW)])
+    ours = np.stack([np.asarray(im) for im in ours_pipe.generate(sampler="ddim", **PARITY_KW)])
     assert ours.shape == exact.shape
     ours_err, theirs_err = np.abs(ours.astype(int) - exact), np.abs(theirs - exact)
     assert theirs_err.max() > 0, "half precision should not reproduce fp32 exactly"

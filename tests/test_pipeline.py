@@ -10,7 +10,7 @@ import pytest
 from diffusers import StableDiffusionPipeline
 
 from model import load_pipeline
-from tests.reference import FAMILIES, build_reference, reference_images
+from tests.reference import FAMILIES, PARITY_KW, build_reference, reference_images
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -30,18 +30,8 @@ def ours_images(pipe: Any, **kw: Any) -> np.ndarray:
 def test_generate_ddim_matches_diffusers(reference: tuple[StableDiffusionPipeline, Path]) -> None:
     ref, folder = reference
     ours = load_pipeline(str(folder), device="cpu")
-    kw = {
-        "prompt": "a red bicycle",
-        "negative_prompt": "blurry",
-        "steps": 10,
-        "guidance_scale": 7.5,
-        "width": 64,
-        "height": 72,
-        "seed": 1234,
-        "num_images": 2,
-    }
-    expected = reference_images(ref, **dict(kw))
-    got = ours_images(ours, sampler="ddim", **kw)
+    expected = reference_images(ref, **PARITY_KW)
+    got = ours_images(ours, sampler="ddim", **PARITY_KW)
     assert got.shape == expected.shape == (2, 72, 64, 3)
     diff = np.abs(got.astype(int) - expected.astype(int)).max()
     assert diff <= 2, f"max pixel difference {diff} > 2/255"
