@@ -140,12 +140,12 @@ class WeightFile:
                         tensor = self._handle.get_tensor(key)
                     except (SafetensorError, OSError) as exc:
                         raise CheckpointError(f"{self.path}: cannot read '{key}' ({exc})") from None
+                # One conversion for device, dtype and layout: at most one copy per tensor.
+                layout = torch.channels_last if nhwc else torch.preserve_format
                 if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(device=device, dtype=dtype)
+                    tensor = tensor.to(device=device, dtype=dtype, memory_format=layout)
                 else:
-                    tensor = tensor.to(device=device)
-                if nhwc:
-                    tensor = tensor.contiguous(memory_format=torch.channels_last)
+                    tensor = tensor.to(device=device, memory_format=layout)
                 out[rename(key)] = tensor
         return out
 
