@@ -54,7 +54,6 @@ SD15_VAE: dict[str, Any] = {
     "layers_per_block": 2,
     "latent_channels": 4,
 }
-TINY_UNET = DEMO_UNET
 TINY_VAE: dict[str, Any] = {
     **SD15_VAE,
     "block_out_channels": [32, 32, 64, 64],
@@ -90,7 +89,7 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[Any, An
     from model.weights import build_module
 
     torch.manual_seed(0)
-    ucfg, vcfg = (TINY_UNET, TINY_VAE) if tiny else (SD15_UNET, SD15_VAE)
+    ucfg, vcfg = (DEMO_UNET, TINY_VAE) if tiny else (SD15_UNET, SD15_VAE)
     with torch.device(device):  # random init on the GPU: seconds, not minutes
         unet = UNet2DConditionModel(**ucfg)
         vae = AutoencoderKL(**vcfg)

@@ -79,18 +79,7 @@ class EngineRunner:
         self.rows = []
         t0 = time.monotonic()
         handles = [
-            self.engine.submit(
-                GenerationRequest(
-                    id=f"a{i}",
-                    prompt=j.prompt,
-                    width=j.width,
-                    height=j.height,
-                    steps=j.steps,
-                    guidance_scale=j.guidance,
-                    sampler=j.sampler,
-                    seed=j.seed,
-                )
-            )
+            self.engine.submit(GenerationRequest(id=f"a{i}", **j.request_fields()))
             for i, j in enumerate(jobs)
         ]
         deadline = t0 + timeout

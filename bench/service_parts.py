@@ -36,7 +36,8 @@ class Job:
     seed: int
     guidance: float = 7.5
 
-    def body(self) -> dict[str, Any]:
+    def request_fields(self) -> dict[str, Any]:
+        """The generation parameters, named as the API and GenerationRequest name them."""
         return {
             "prompt": self.prompt,
             "width": self.width,
@@ -45,8 +46,11 @@ class Job:
             "sampler": self.sampler,
             "seed": self.seed,
             "guidance_scale": self.guidance,
-            "output_format": "png",
         }
+
+    def body(self) -> dict[str, Any]:
+        """The POST /v1/jobs body."""
+        return {**self.request_fields(), "output_format": "png"}
 
 
 def make_jobs(n: int, sizes: list[tuple[int, int]], steps: list[int], seed: int) -> list[Job]:
