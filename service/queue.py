@@ -127,6 +127,7 @@ class JobQueue(StreamClaims):
         digest: str = "",
         owner: str = ANONYMOUS,
         webhook_url: str | None = None,
+        inputs: dict[str, bytes] | None = None,
     ) -> SubmitResult:
         """Create a job (hash + stream entry, atomically), or return the idempotent twin.
 
@@ -134,9 +135,42 @@ class JobQueue(StreamClaims):
         ``max_queued_per_key`` unfinished jobs of ``owner``, QueueFull past ``max_queue``
         queued jobs for the model, and IdempotencyMismatch when the owner used the key with
         a different ``digest``. A job with ``webhook_url`` gets a delivery on its final state.
+        ``inputs`` (img2img / inpainting images) are stored beside the job before it is
+        queued, so a worker never claims a job whose images are missing; they expire with
+        the job (and after ``input_ttl_s`` if the job never ends).
         """
         s = self.settings
         idem = self.keys.idem(idempotency_key, owner) if idempotency_key else ""
+        if inputs:
+            await self.redis.hset(self.keys.inputs(job_id), mapping=inputs)  # type: ignore[arg-type]
+            await self.redis.expire(self.keys.inputs(job_id), s.input_ttl_s)
+        try:
+            result = await self._submit_script(params, model, job_id, idem, digest, owner,
+                                               webhook_url)  # fmt: skip
+        except BaseException:
+            if inputs:
+                await self.redis.delete(self.keys.inputs(job_id))
+            raise
+        if inputs and not result.created:  # an idempotent replay: the first job has its own
+            await self.redis.delete(self.keys.inputs(job_id))
+        return result
+
+    async def inputs(self, job_id: str) -> dict[str, bytes]:
+        """A job's stored input images by field name (empty for text-to-image jobs)."""
+        raw = await self.redis.hgetall(self.keys.inputs(job_id))
+        return {text(k) or "": bytes(v) for k, v in raw.items()}
+
+    async def _submit_script(
+        self,
+        params: dict[str, Any],
+        model: str,
+        job_id: str,
+        idem: str,
+        digest: str,
+        owner: str,
+        webhook_url: str | None,
+    ) -> SubmitResult:
+        s = self.settings
         kind, found, status, rank, params_json = await self._submit(
             args=[
                 self._p,

@@ -47,7 +47,15 @@ class StreamClaims:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.worker(info.worker_id), info.to_json(), px=ttl_ms)
             pipe.zadd(self.keys.workers, {info.worker_id: time.time()})
+            if info.capabilities is not None:
+                caps = json.dumps(info.capabilities, separators=(",", ":"))
+                pipe.set(self.keys.capabilities(info.model), caps)
             await pipe.execute()
+
+    async def capabilities(self, model: str) -> dict[str, Any] | None:
+        """What the model's workers last published (None: no worker ever registered it)."""
+        raw = await self.redis.get(self.keys.capabilities(model))
+        return None if raw is None else json.loads(raw)
 
     async def unregister(self, worker_id: str) -> None:
         """Drop a worker's heartbeat now (after draining) so its leftovers are reclaimable."""

@@ -90,6 +90,14 @@ class Keys:
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:events"
 
+    def inputs(self, job_id: str) -> str:
+        """Input images of an img2img / inpainting job (PNG bytes by field name)."""
+        return f"{self.prefix}:job:{job_id}:inputs"
+
+    def capabilities(self, model: str) -> str:
+        """What the model's workers last published it can run (kept when they are gone)."""
+        return f"{self.prefix}:model:{model}:capabilities"
+
     def stream(self, model: str) -> str:
         return f"{self.prefix}:model:{model}:stream"
 
@@ -143,13 +151,15 @@ class WorkerInfo:
     max_batch: int
     device: str
     started_at: float
+    capabilities: dict[str, Any] | None = None  # model.capabilities.Capabilities.to_dict()
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> WorkerInfo:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ local METRICS = P .. ':metrics'
 local function job_key(id) return P .. ':job:' .. id end
 local function images_key(id) return P .. ':job:' .. id .. ':images' end
 local function channel(id) return P .. ':job:' .. id .. ':events' end
+local function inputs_key(id) return P .. ':job:' .. id .. ':inputs' end
 local function stream_key(m) return P .. ':model:' .. m .. ':stream' end
 local function queued_key(m) return P .. ':model:' .. m .. ':queued' end
 local function worker_key(w) return P .. ':worker:' .. w end
@@ -64,6 +65,7 @@ local function finalize(id, status, now, job_ttl)
       'finished_at', now)
   end
   redis.call('EXPIRE', job, job_ttl)
+  redis.call('EXPIRE', inputs_key(id), job_ttl)
   redis.call('HINCRBY', METRICS, 'jobs_' .. status, 1)
   publish_status(id, status)
 end
