@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from service import job_index, openapi_limits
 from service.api_errors import ApiError, BodyLimitMiddleware, install_error_handlers
 from service.auth import ANONYMOUS, OWNER_SCOPE_KEY, AuthMiddleware, KeyRing, is_loopback_host
+from service.compat import a1111 as a1111_compat
 from service.compat import openai as openai_compat
 from service.job_wait import wait_for_job
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -335,6 +336,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, settings.redis_retry_after_s)
     app.include_router(router)
     openai_compat.install(app)
+    a1111_compat.install(app)
     openapi_limits.install(app, settings)
     # Middleware added last runs first: CORS (preflights need no key), then auth (a bad key
     # is refused before the body is read or validated), then the body limit.

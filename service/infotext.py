@@ -24,7 +24,7 @@ A1111_SAMPLERS: dict[str, tuple[str, str]] = {
     "ddim": ("DDIM", ""),
     "pndm": ("PLMS", ""),
     "lcm": ("LCM", ""),
-    "dpmpp_2m": ("DPM++ 2M", ""),
+    "dpmpp_2m": ("DPM++ 2M", "Normal"),  # A1111's automatic choice for it is Karras
     "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
 }
 VERSION = "ldmserve 0.1.0"
