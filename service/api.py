@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, R
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service import job_index, openapi_limits
+from service import job_index, openapi_limits, playground
 from service.api_errors import ApiError, BodyLimitMiddleware, install_error_handlers
 from service.auth import ANONYMOUS, OWNER_SCOPE_KEY, AuthMiddleware, KeyRing, is_loopback_host
 from service.compat import a1111 as a1111_compat
@@ -337,6 +337,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     openai_compat.install(app)
     a1111_compat.install(app)
+    playground.install(app)
     openapi_limits.install(app, settings)
     # Middleware added last runs first: CORS (preflights need no key), then auth (a bad key
     # is refused before the body is read or validated), then the body limit.
