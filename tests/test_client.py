@@ -4,6 +4,9 @@ whose ``slow:`` prompts take 0.25 s per step), and its retry rules against the r
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -110,3 +113,12 @@ async def test_429_is_retried_after_retry_after_only_with_an_idempotency_key(
         assert err.value.retry_after is not None and err.value.retry_after >= 1
         second = await client.submit(prompt="a fox", idempotency_key="k-1")  # waits, retries
         assert second.id != first.id and second.status == "queued"
+
+
+def test_client_needs_only_httpx_and_pydantic() -> None:
+    code = (
+        "import sys, service.client; "
+        "bad = [m for m in ('torch', 'model', 'fastapi', 'redis', 'PIL') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
