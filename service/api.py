@@ -129,15 +129,16 @@ async def submit_job(
         body, queue=queue, settings=settings, owner=owner, idempotency_key=idempotency_key
     )
     base = f"/v1/jobs/{result.job_id}"
-    response.headers["Location"] = base
+    headers = {"Location": base}
     if not result.created:
-        response.headers["Idempotent-Replayed"] = "true"
+        headers["Idempotent-Replayed"] = "true"
+    response.headers.update(headers)
     wait_s = prefer_wait_s(prefer, settings)
     if wait_s > 0:
         record = await wait_for_job(queue, result.job_id, wait_s, settings.sse_poll_s)
         if record is not None and record.status in TERMINAL_STATUSES:
             view = JobView.from_record(record).model_dump(mode="json")
-            return JSONResponse(view, status_code=200, headers=dict(response.headers))
+            return JSONResponse(view, status_code=200, headers=headers)
     return SubmitResponse(
         id=result.job_id,
         status=result.status,  # type: ignore[arg-type]

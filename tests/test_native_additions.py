@@ -7,17 +7,20 @@ queue (claim / progress / finish), as tests/test_api.py does.
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from PIL import Image
 
 from service.api import prefer_wait_s
 from service.infotext import image_infotexts, infotext
 from service.queue import JobQueue
 from service.settings import Settings
 from tests.apps import AppClientFactory, post_job
+from tests.conftest import LIVE_KEYS
 
 pytestmark = pytest.mark.anyio
 
@@ -148,3 +151,21 @@ def _sha(key: str) -> str:
     import hashlib
 
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.mark.slow
+def test_prefer_wait_through_uvicorn_and_a_real_worker(live_stack: Any) -> None:
+    """The 200 body arrives whole over a real socket, with the PNG's parameters chunk."""
+    headers = {"Authorization": f"Bearer {LIVE_KEYS['other']}", "Prefer": "wait=120"}
+    body = {"prompt": "a harbour", "width": 64, "height": 64, "steps": 2, "seed": 21}
+    with httpx.Client(base_url=live_stack.base, headers=headers, timeout=150) as client:
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code == 200, r.text
+        view = r.json()
+        assert view["status"] == "succeeded" and view["images"][0]["seed"] == 21
+        png = client.get(view["images"][0]["url"]).content
+    text = Image.open(io.BytesIO(png)).info["parameters"]
+    assert text == (
+        "a harbour\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 21, Size: 64x64, "
+        "Model: demo, Version: ldmserve 0.1.0"
+    )
