@@ -11,7 +11,9 @@ from typing import Any
 import httpx
 import pytest
 import webuiapi
+from PIL import Image
 
+from service.compat.masks import native_images_supported
 from tests.conftest import LIVE_KEYS
 from tests.processes import wait_until
 
@@ -152,7 +154,24 @@ def test_skip_stops_only_the_current_job(api: webuiapi.WebUIApi, live_stack: Any
     assert len(results["second"].images) == 1
 
 
-def test_img2img_is_refused_until_supported(live_stack: Any) -> None:
-    with native(live_stack) as client:
-        r = client.post("/sdapi/v1/img2img", json={"init_images": [], "prompt": "x"})
-    assert r.status_code == 400 and r.json()["error"] == "unsupported"
+def test_img2img_with_a_mask(api: webuiapi.WebUIApi, live_stack: Any) -> None:
+    """Inpainting with webuiapi (mask white = repaint); a clear 400 while the native
+    contract takes no input images (service.compat.masks.native_images_supported)."""
+    init = Image.new("RGB", (64, 64), "gray")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    if not native_images_supported():
+        with pytest.raises(RuntimeError) as err:
+            api.img2img(images=[init], mask_image=mask, prompt="a hat", width=64, height=64)
+        assert err.value.args[0] == 400 and "not supported" in err.value.args[1]
+        return
+    result = api.img2img(
+        images=[init], mask_image=mask, prompt="a hat", denoising_strength=0.5, seed=4,
+        width=64, height=64, inpainting_mask_invert=0, resize_mode=0,
+    )  # fmt: skip
+    assert [im.size for im in result.images] == [(64, 64)]
+    assert result.info["denoising_strength"] == 0.5 and result.info["all_seeds"] == [4]
+    assert "mask_blur" in result.info["ldmserve_ignored_fields"]
+    with pytest.raises(RuntimeError) as err:
+        api.img2img(images=[init], prompt="a hat", resize_mode=1, width=64, height=64)
+    assert err.value.args[0] == 422

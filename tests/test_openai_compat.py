@@ -13,6 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
+from service.compat.masks import native_images_supported
 from tests.apps import AppClientFactory
 from tests.conftest import LIVE_KEYS
 
@@ -103,22 +104,45 @@ def test_invalid_requests_raise_bad_request(
 
 
 @pytest.mark.slow
-def test_unknown_model_bad_key_and_edits(client: openai.OpenAI, live_stack: Any) -> None:
+def test_unknown_model_and_bad_key(client: openai.OpenAI, live_stack: Any) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.images.generate(prompt="a fox", model="sdxl-nonexistent", size="64x64")
     assert isinstance(err.value.body, dict) and err.value.body["code"] == "model_not_found"
     bad = openai.OpenAI(base_url=f"{live_stack.base}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.images.generate(prompt="a fox", size="64x64")
-    with pytest.raises(openai.BadRequestError) as err:
-        client.images.edit(image=("in.png", _png_bytes(), "image/png"), prompt="a hat")
-    assert isinstance(err.value.body, dict) and err.value.body["code"] == "unsupported"
 
 
-def _png_bytes() -> bytes:
+def _png_bytes(image: Image.Image | None = None) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (64, 64), "gray").save(buf, format="PNG")
+    (image or Image.new("RGB", (64, 64), "gray")).save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_edits_with_a_mask(client: openai.OpenAI) -> None:
+    """Inpainting through the SDK's multipart upload; a clear 400 while the native contract
+    takes no input images (service.compat.masks.native_images_supported)."""
+    mask_image = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask_image.paste((0, 0, 0, 0), (0, 0, 32, 64))  # transparent left half: repaint it
+    image = ("in.png", _png_bytes(), "image/png")
+    mask = ("mask.png", _png_bytes(mask_image), "image/png")
+    if not native_images_supported():
+        with pytest.raises(openai.BadRequestError) as err:
+            client.images.edit(image=image, mask=mask, prompt="a hat")
+        assert isinstance(err.value.body, dict) and err.value.body["code"] == "unsupported"
+        return
+    result = client.images.edit(
+        image=image, mask=mask, prompt="a hat", size="64x64", n=2,
+        extra_body={"steps": 2, "strength": 0.5, "seed": 3},
+    )  # fmt: skip
+    assert result.data is not None and len(result.data) == 2
+    images = [png(base64.b64decode(d.b64_json or "")) for d in result.data]
+    assert all(im.size == (64, 64) for im in images)
+    assert "Denoising strength: 0.5" in images[0].info["parameters"]
+    with pytest.raises(openai.BadRequestError) as err:  # OpenAI masks need alpha
+        client.images.edit(image=image, mask=("m.png", _png_bytes(), "image/png"), prompt="x")
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == "mask"
 
 
 @pytest.mark.anyio

@@ -1,6 +1,6 @@
 """AUTOMATIC1111 web UI API (``/sdapi/v1/*``) over the native submit/wait path.
 
-``txt2img`` takes A1111's field names and defaults and answers A1111's
+``txt2img`` (and ``img2img`` once the native contract takes input images) takes A1111's field names and defaults and answers A1111's
 ``{images: [raw base64], parameters, info}`` (``info`` a JSON string). Fields ldmserve does
 not act on (hires fix, face restore, scripts, null values, unknown names) are accepted and
 listed in ``info["ldmserve_ignored_fields"]``. Samplers and schedule types map to native
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -25,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service import job_index
 from service.api_errors import ApiError
 from service.compat.jobs import Caller, caller, images_of, run_job
+from service.compat.masks import a1111_mask, native_images_supported
 from service.infotext import A1111_SAMPLERS, VERSION, image_infotexts
 from service.queue_keys import text
 
@@ -72,6 +74,11 @@ TXT2IMG_DEFAULTS: dict[str, Any] = {
     "sampler_index": "Euler", "scheduler": None, "batch_size": 1, "n_iter": 1, "steps": 50,
     "cfg_scale": 7.0, "width": 512, "height": 512, "override_settings": {},
     "send_images": True,
+}  # fmt: skip
+# ... and StableDiffusionProcessingImg2Img's, on top of those.
+IMG2IMG_DEFAULTS: dict[str, Any] = {
+    **TXT2IMG_DEFAULTS, "init_images": None, "mask": None, "denoising_strength": 0.75,
+    "inpainting_mask_invert": 0, "resize_mode": 0,
 }  # fmt: skip
 
 
@@ -130,7 +137,7 @@ def a1111_sampler_name(native: str) -> str:
 def _number(body: dict[str, Any], name: str, *, integer: bool) -> Any:
     value = body.get(name)
     if value is None:
-        return TXT2IMG_DEFAULTS[name]
+        return IMG2IMG_DEFAULTS[name]
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok and integer and float(value).is_integer():
         return int(value)
@@ -159,8 +166,10 @@ async def _served(c: Caller) -> list[str]:
     return sorted({c.settings.model, *(w.model for w in workers)})
 
 
-async def txt2img_fields(c: Caller, body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A1111 txt2img body → (native fields, ignored field names)."""
+async def txt2img_fields(
+    c: Caller, body: dict[str, Any], known: Mapping[str, Any] = TXT2IMG_DEFAULTS
+) -> tuple[dict[str, Any], list[str]]:
+    """A1111 txt2img body → (native fields, ignored field names: those not in ``known``)."""
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise A1111Error(422, "validation_error", "override_settings: expected an object")
@@ -188,7 +197,7 @@ async def txt2img_fields(c: Caller, body: dict[str, Any]) -> tuple[dict[str, Any
     model = overrides.get("sd_model_checkpoint") or await _default_model(c)
     if model:
         fields["model"] = _model_name(str(model))
-    ignored = sorted(k for k in body if k not in TXT2IMG_DEFAULTS)
+    ignored = sorted(k for k in body if k not in known)
     ignored += sorted(f"override_settings.{k}" for k in overrides if k != "sd_model_checkpoint")
     return fields, ignored
 
@@ -227,7 +236,7 @@ def _info(record_params: dict[str, Any], fields: dict[str, Any], job_id: str,
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
+        "denoising_strength": fields.get("strength"),
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": image_infotexts(record_params, n) if count else [],
@@ -260,6 +269,59 @@ async def txt2img(request: Request) -> JSONResponse:
     body = await _body(request)
     try:
         fields, ignored = await txt2img_fields(c, body)
+    except ApiError as exc:
+        raise _from_native(exc) from None
+    return await _generate(c, body, fields, ignored, TXT2IMG_DEFAULTS)
+
+
+async def img2img_fields(c: Caller, body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A1111 img2img body → native fields with ``image``, ``mask``, ``strength``."""
+    fields, ignored = await txt2img_fields(c, body, IMG2IMG_DEFAULTS)
+    images = body.get("init_images")
+    if not isinstance(images, list) or not images or not isinstance(images[0], str):
+        raise A1111Error(422, "validation_error", "init_images: expected a list of base64 images")
+    if len(images) > 1:
+        ignored.append("init_images[1:]")
+    resize_mode = _number(body, "resize_mode", integer=True)
+    if resize_mode != 0:
+        raise A1111Error(422, "unsupported_resize_mode", f"resize_mode {resize_mode} is not "
+                         "available here (only 0, just resize)")  # fmt: skip
+    fields["image"] = images[0]
+    fields["strength"] = _number(body, "denoising_strength", integer=False)
+    mask = body.get("mask")
+    if mask is not None:
+        if not isinstance(mask, str):
+            raise A1111Error(422, "validation_error", "mask: expected a base64 image")
+        invert = _number(body, "inpainting_mask_invert", integer=True) == 1
+        fields["mask"] = await run_in_threadpool(a1111_mask, mask, c.settings, invert)
+    return fields, ignored
+
+
+@router.post("/img2img", include_in_schema=False)
+async def img2img(request: Request) -> JSONResponse:
+    """Image to image, or inpainting with ``mask`` (white = repaint): once the native API
+    takes input images; until then a 400."""
+    if not native_images_supported():
+        raise A1111Error(400, "unsupported", "img2img is not supported by this server yet "
+                         "(the native API does not take input images); use txt2img")  # fmt: skip
+    c = caller(request)
+    body = await _body(request)
+    try:
+        fields, ignored = await img2img_fields(c, body)
+    except ApiError as exc:
+        raise _from_native(exc) from None
+    return await _generate(c, body, fields, ignored, IMG2IMG_DEFAULTS)
+
+
+async def _generate(
+    c: Caller,
+    body: dict[str, Any],
+    fields: dict[str, Any],
+    ignored: list[str],
+    defaults: Mapping[str, Any],
+) -> JSONResponse:
+    """Run the native job and answer A1111's ``{images, parameters, info}``."""
+    try:
         outcome = await run_job(fields, queue=c.queue, settings=c.settings, owner=c.owner)
     except ApiError as exc:
         raise _from_native(exc) from None
@@ -280,7 +342,7 @@ async def txt2img(request: Request) -> JSONResponse:
     if record.status == "succeeded":
         images = await images_of(c.queue, record) or []
     send = body.get("send_images", True) is not False
-    parameters = {**TXT2IMG_DEFAULTS, **body}
+    parameters = {**defaults, **body}
     info = _info(record.params, fields, job_id, ignored, len(images),
                  record.status == "canceled")  # fmt: skip
     return JSONResponse(
@@ -291,13 +353,6 @@ async def txt2img(request: Request) -> JSONResponse:
         },
         headers=headers,
     )
-
-
-@router.post("/img2img", include_in_schema=False)
-async def img2img(request: Request) -> JSONResponse:
-    """Needs input images in the native API, which it does not take yet."""
-    raise A1111Error(400, "unsupported", "img2img is not supported by this server yet (the "
-                     "native API does not take input images); use txt2img")  # fmt: skip
 
 
 @router.get("/samplers", include_in_schema=False)

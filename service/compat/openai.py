@@ -1,5 +1,5 @@
-"""OpenAI Images API: ``POST /v1/images/generations`` (and ``/v1/images/edits``, refused
-until the native API takes input images).
+"""OpenAI Images API: ``POST /v1/images/generations`` and ``POST /v1/images/edits`` (the
+latter answers 400 until the native contract takes input images, then maps to it).
 
 Fields are the ones the ``openai`` SDK sends; ldmserve's own (negative_prompt, steps,
 guidance_scale, sampler, seed, ...) ride along as top-level extras, which is what the SDK
@@ -21,12 +21,16 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from service.api_errors import ApiError
 from service.compat.jobs import Caller, Outcome, caller, images_of, run_job, start_job
+from service.compat.masks import image_b64, native_images_supported, openai_mask
 from service.job_wait import wait_for_job
 from service.schemas import TERMINAL_STATUSES, JobRequest
 
@@ -239,6 +243,17 @@ async def generations(request: Request) -> Any:
     c = caller(request)
     body = await _json_object(request)
     fields, response_format = native_fields(body)
+    return await _answer(request, c, body, fields, response_format)
+
+
+async def _answer(
+    request: Request,
+    c: Caller,
+    body: dict[str, Any],
+    fields: dict[str, Any],
+    response_format: str,
+) -> Any:
+    """Run the job through the native path and answer (JSON, or SSE when streaming)."""
     idem = request.headers.get("idempotency-key")
     try:
         if body.get("stream"):
@@ -320,16 +335,75 @@ async def _stream(request: Request, c: Caller, job_id: str, prompt: str) -> Asyn
         log.info("openai stream job=%s ended (%s)", job_id, record.status if record else "?")
 
 
+_INT_FORM_FIELDS = frozenset({"n", "output_compression", "partial_images"})
+
+
+async def _form(request: Request) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
+    """A multipart edit request → (typed fields, uploaded files by field name).
+
+    Form values are text: OpenAI's integer and boolean fields are parsed as such, native
+    extras as JSON when they parse ("20" → 20, "0.6" → 0.6), else kept as text."""
+    try:
+        form = await request.form()
+    except (StarletteHTTPException, MultiPartException) as exc:  # a malformed body
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", "")
+        raise OpenAIError(400, f"could not parse the multipart body: {detail}",
+                          code="invalid_multipart") from None  # fmt: skip
+    fields: dict[str, Any] = {}
+    files: dict[str, list[bytes]] = {}
+    for name, value in form.multi_items():
+        if not isinstance(value, str):
+            files.setdefault(name, []).append(await value.read())
+            continue
+        if name in _INT_FORM_FIELDS:
+            try:
+                fields[name] = int(value)
+            except ValueError:
+                raise _invalid(name, f"Invalid value for {name!r}: expected an integer.") from None
+        elif name == "stream":
+            fields[name] = value.lower() == "true"
+        elif name in _OPENAI_FIELDS:
+            fields[name] = value
+        else:
+            try:
+                fields[name] = json.loads(value)
+            except ValueError:
+                fields[name] = value
+    return fields, files
+
+
 @router.post("/v1/images/edits", include_in_schema=False)
 async def edits(request: Request) -> Any:
-    """Image edits need img2img / inpainting in the native API, which is not there yet."""
-    raise OpenAIError(
-        400,
-        "image edits are not supported by this server yet (the native API does not take "
-        "input images); use /v1/images/generations",
-        param="image",
-        code="unsupported",
-    )
+    """Edit (img2img) or inpaint one image: multipart ``image`` (or ``image[]``), optional
+    ``mask`` (transparent = repaint), ``prompt``; answers like generations."""
+    if not native_images_supported():
+        raise OpenAIError(
+            400,
+            "image edits are not supported by this server yet (the native API does not take "
+            "input images); use /v1/images/generations",
+            param="image",
+            code="unsupported",
+        )
+    c = caller(request)
+    body, files = await _form(request)
+    uploads = files.get("image", []) + files.get("image[]", [])
+    if not uploads:
+        raise _invalid(
+            "image", "Missing required parameter: 'image'.", "missing_required_parameter"
+        )
+    if len(uploads) > 1:
+        raise _invalid("image", "only one input image is supported here")
+    fields, response_format = native_fields(body)
+    try:
+        image, size = await run_in_threadpool(image_b64, uploads[0], "image", c.settings)
+        fields["image"] = image
+        if files.get("mask"):
+            fields["mask"] = await run_in_threadpool(
+                openai_mask, files["mask"][0], c.settings, size
+            )
+    except ApiError as exc:
+        raise _from_native(exc) from None
+    return await _answer(request, c, body, fields, response_format)
 
 
 def install(app: FastAPI) -> None:
