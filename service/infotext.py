@@ -40,6 +40,16 @@ def _number(value: float) -> str:
     return f"{float(value):g}"
 
 
+def model_label(source: str) -> str:
+    """A1111 names a model by its checkpoint's file stem; a Hugging Face id stays as is."""
+    if source.startswith(("/", ".", "~")) or "\\" in source:
+        source = source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if source.endswith(suffix):
+            return source[: -len(suffix)]
+    return source
+
+
 def infotext(params: Mapping[str, Any], seed: int, model: str | None = None) -> str:
     """A1111's infotext for one image of a job with native ``params``."""
     sampler, schedule = A1111_SAMPLERS.get(str(params.get("sampler")), (params.get("sampler"), ""))
@@ -58,7 +68,7 @@ def infotext(params: Mapping[str, Any], seed: int, model: str | None = None) -> 
         fields.append(("Denoising strength", _number(params["strength"])))
     name = model or params.get("model")
     if name:
-        fields.append(("Model", name))
+        fields.append(("Model", model_label(str(name))))
     fields.append(("Version", VERSION))
     lines = [str(params.get("prompt", ""))]
     if params.get("negative_prompt"):

@@ -144,7 +144,13 @@ def test_infotext_is_a1111s_format() -> None:
         "a lighthouse, at dusk\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 43, "
         "Size: 512x768, Model: demo, Version: ldmserve 0.1.0"
     )
-    assert 'Model: "C:\\\\m\\\\x,y"' in infotext({**params, "model": "C:\\m\\x,y"}, 1)
+    assert 'Model: "x,y"' in infotext({**params, "model": "C:\\m\\x,y.ckpt"}, 1)
+    assert "Model: v1-5-pruned-emaonly," in infotext(
+        {**params, "model": "/models/v1-5-pruned-emaonly.safetensors"}, 1
+    )
+    assert "Model: runwayml/stable-diffusion-v1-5," in infotext(
+        {**params, "model": "runwayml/stable-diffusion-v1-5"}, 1
+    )
 
 
 def _sha(key: str) -> str:
