@@ -5,6 +5,9 @@ step so that progress and cancel can be watched). .ci/run installs the browser."
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
+from service.compat.masks import native_images_supported
 from tests.conftest import LIVE_KEYS
 
 pytestmark = pytest.mark.slow
@@ -105,3 +110,36 @@ def test_cancel_stops_the_running_job(page: Any, live_stack: Any) -> None:
     r = httpx.get(f"{live_stack.base}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"})
     assert r.json()["status"] == "canceled"
     assert page.is_enabled("#generate") and not page.is_enabled("#cancel")
+
+
+def test_inpainting_with_a_painted_mask(page: Any, live_stack: Any, tmp_path: Path) -> None:
+    """Upload + brush appear when the server's JobRequest takes input images; the job then
+    carries the picture and a mask painted white where the brush went."""
+    sign_in(page)
+    if not native_images_supported():
+        page.wait_for_function("window.ldmserve.imageInputChecked === true")
+        assert page.locator("#image-input").is_hidden()
+        return
+    page.wait_for_function("window.ldmserve.imageInputChecked === true")
+    assert page.locator("#image-input").is_visible()
+    page.click("#image-input summary")
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "gray").save(picture)
+    page.set_input_files("#init-image", str(picture))
+    page.wait_for_function("document.querySelector('#mask-canvas').width === 64")
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + 4, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 4, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    assert page.evaluate("window.ldmserve.input.painted")
+    page.screenshot(path=str(tmp_path / "inpaint.png"))
+    fill(page, "a hat", steps=2)
+    with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as req:
+        page.click("#generate")
+    body = json.loads(req.value.post_data or "{}")
+    assert body["image"].startswith("data:image/png;base64,") and body["strength"] == 0.75
+    mask = Image.open(io.BytesIO(base64.b64decode(body["mask"].split(",", 1)[1]))).convert("L")
+    assert mask.getpixel((8, 32)) == 255 and mask.getpixel((60, 32)) == 0  # painted / not
+    page.wait_for_selector("#images img", timeout=120_000)
+    assert "succeeded" in page.text_content("#status")
