@@ -20,17 +20,13 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import job_index
 from service.api_errors import ApiError
-from service.compat.jobs import Caller, caller, images_of, run_job
+from service.compat.jobs import Caller, caller, images_of, route_class, run_job
 from service.compat.masks import a1111_mask, native_images_supported
 from service.infotext import A1111_SAMPLERS, VERSION, image_infotexts
 from service.queue_keys import text
-
-router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 
 
 @dataclass(frozen=True)
@@ -103,9 +99,12 @@ def _from_native(exc: ApiError) -> A1111Error:
     return A1111Error(exc.status, exc.code, exc.message, exc.headers)
 
 
-def _redis_down(c: Caller) -> A1111Error:
-    retry = {"Retry-After": str(c.settings.redis_retry_after_s)}
+def _unavailable(retry_s: int) -> A1111Error:
+    retry = {"Retry-After": str(retry_s)}
     return A1111Error(503, "redis_unavailable", "the job store is unreachable", retry)
+
+
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], route_class=route_class(_unavailable))
 
 
 def find_sampler(name: str, scheduler: str | None) -> str:
@@ -325,8 +324,6 @@ async def _generate(
         outcome = await run_job(fields, queue=c.queue, settings=c.settings, owner=c.owner)
     except ApiError as exc:
         raise _from_native(exc) from None
-    except (RedisConnectionError, RedisTimeoutError):
-        raise _redis_down(c) from None
     record, job_id = outcome.record, outcome.job_id
     headers = {"X-Ldmserve-Job": job_id}
     if record is None:

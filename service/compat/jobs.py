@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.auth import ANONYMOUS, OWNER_SCOPE_KEY
 from service.job_wait import wait_for_job
@@ -89,3 +92,24 @@ def caller(request: Request) -> Caller:
     state = request.app.state
     owner = str(request.scope.get(OWNER_SCOPE_KEY, ANONYMOUS))
     return Caller(state.queue, state.settings, owner)
+
+
+def route_class(unavailable: Callable[[int], Exception]) -> type[APIRoute]:
+    """An APIRoute whose handler turns an unreachable Redis into ``unavailable(retry_s)``
+    (raised, so the compat API's own handler answers it in its error shape) — without
+    this, the app-wide handler would answer a compat client in the native shape."""
+
+    class CompatRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def guarded(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except (RedisConnectionError, RedisTimeoutError):
+                    retry_s = request.app.state.settings.redis_retry_after_s
+                    raise unavailable(retry_s) from None
+
+            return guarded
+
+    return CompatRoute

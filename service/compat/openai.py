@@ -29,14 +29,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from service.api_errors import ApiError
-from service.compat.jobs import Caller, Outcome, caller, images_of, run_job, start_job
+from service.compat.jobs import (
+    Caller,
+    Outcome,
+    caller,
+    images_of,
+    route_class,
+    run_job,
+    start_job,
+)
 from service.compat.masks import image_b64, native_images_supported, openai_mask
 from service.job_wait import wait_for_job
 from service.schemas import TERMINAL_STATUSES, JobRequest
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["openai"])
 
 # The SDK's own fields (current `openai` images.generate); accepted, some ignored.
 _OPENAI_FIELDS = frozenset(
@@ -231,10 +238,16 @@ async def _data(
     return [{"b64_json": base64.b64encode(b).decode(), "revised_prompt": prompt} for b in images]
 
 
+def _unavailable(retry_s: int) -> OpenAIError:
+    return OpenAIError(503, "the job store is unreachable; retry shortly", type_="server_error",
+                       code="service_unavailable", headers={"Retry-After": str(retry_s)})  # fmt: skip
+
+
 def _redis_down(c: Caller) -> OpenAIError:
-    retry = {"Retry-After": str(c.settings.redis_retry_after_s)}
-    return OpenAIError(503, "the job store is unreachable; retry shortly",
-                       type_="server_error", code="service_unavailable", headers=retry)  # fmt: skip
+    return _unavailable(c.settings.redis_retry_after_s)
+
+
+router = APIRouter(tags=["openai"], route_class=route_class(_unavailable))
 
 
 @router.post("/v1/images/generations", include_in_schema=False)
@@ -270,8 +283,6 @@ async def _answer(
         )
     except ApiError as exc:
         raise _from_native(exc) from None
-    except (RedisConnectionError, RedisTimeoutError):
-        raise _redis_down(c) from None
     error = _job_error(outcome, c.settings.compat_wait_s)
     if error is not None:
         raise error
