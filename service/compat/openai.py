@@ -45,12 +45,14 @@ from service.schemas import TERMINAL_STATUSES, JobRequest
 log = logging.getLogger(__name__)
 
 
-# The SDK's own fields (current `openai` images.generate); accepted, some ignored.
+# The SDK's own fields (current `openai` images.generate / images.edit); accepted, those
+# without an ldmserve meaning ignored (quality, style, background, moderation, user, ...).
 _OPENAI_FIELDS = frozenset(
     {
         "prompt", "model", "n", "size", "response_format", "output_format",
         "output_compression", "quality", "style", "background", "moderation", "user",
-        "stream", "partial_images", "safety_identifier",
+        "stream", "partial_images", "safety_identifier", "complexity", "frame_count",
+        "frame_duration_ms", "svg", "input_fidelity", "markup",
     }
 )  # fmt: skip
 # Native fields set from OpenAI's instead (n, size, output_format, model).
