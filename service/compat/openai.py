@@ -102,10 +102,16 @@ class OpenAIError(Exception):
 def _from_native(exc: ApiError) -> OpenAIError:
     """A native refusal at submit in OpenAI's terms (422 → 400, params renamed)."""
     param = _NATIVE_TO_PARAM.get(exc.field or "", exc.field)
+    message = exc.message
+    if param != exc.field and message.startswith(f"{exc.field}: "):  # say it in OpenAI's terms
+        rest = message[len(exc.field or "") + 2 :]
+        message = (
+            f"{param}: {rest}" if exc.field == "num_images" else f"{param}: {exc.field} {rest}"
+        )
     if exc.status == 422:
         status = 404 if exc.code == "unknown_model" else 400
         code = "model_not_found" if exc.code == "unknown_model" else exc.code
-        return OpenAIError(status, exc.message, param=param, code=code)
+        return OpenAIError(status, message, param=param, code=code)
     if exc.status == 429:
         return OpenAIError(429, exc.message, type_="requests", code=exc.code, headers=exc.headers)
     type_ = "server_error" if exc.status >= 500 else "invalid_request_error"
