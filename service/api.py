@@ -9,31 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import re
-import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from service import openapi_limits
-from service.api_checks import (
-    check_against_model,
-    check_limits,
-    check_webhook,
-    png_bytes,
-    read_inputs,
-    resolve_model,
-)
+from service import job_index, openapi_limits, playground
 from service.api_errors import (
     BODY_BYTES_SCOPE_KEY,
     ApiError,
@@ -41,23 +29,21 @@ from service.api_errors import (
     install_error_handlers,
 )
 from service.auth import ANONYMOUS, OWNER_SCOPE_KEY, AuthMiddleware, KeyRing, is_loopback_host
-from service.contract import DEFAULT_SAMPLER, IMAGE_FIELDS, MAX_SEED, SAMPLER_NAMES
+from service.compat import a1111 as a1111_compat
+from service.compat import openai as openai_compat
+from service.contract import DEFAULT_SAMPLER, IMAGE_FIELDS, SAMPLER_NAMES
+from service.job_wait import wait_for_job
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import render as render_metrics
 from service.metrics import snapshot as metrics_snapshot
-from service.queue import (
-    IdempotencyMismatch,
-    JobQueue,
-    JobRecord,
-    OwnerQueueFull,
-    QueueFull,
-    RateLimited,
-)
-from service.ratelimit import retry_after_s
+from service.queue import JobQueue, JobRecord
 from service.schemas import (
     CONTENT_TYPES,
+    TERMINAL_STATUSES,
     ErrorResponse,
+    JobList,
     JobRequest,
+    JobStatus,
     JobView,
     Links,
     ModelInfo,
@@ -67,6 +53,8 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.sse import job_events
+from service.submission import new_job_id as new_job_id  # re-exported (tests, old callers)
+from service.submission import submit
 
 log = logging.getLogger(__name__)
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -95,11 +83,6 @@ async def get_owner(request: Request) -> str:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 OwnerDep = Annotated[str, Depends(get_owner)]
-
-
-def new_job_id() -> str:
-    """uuid4 hex: 122 random bits from os.urandom (unguessable; ownership still checked)."""
-    return uuid.uuid4().hex
 
 
 def _ms(started: float) -> float:
@@ -135,11 +118,21 @@ async def image_body_limit(request: Request, settings: SettingsDep) -> None:
 router = APIRouter()
 
 
+_PREFER_WAIT = re.compile(r"(?:^|[,\s])wait\s*=\s*\"?(\d{1,9})\"?\s*(?:[;,]|$)", re.IGNORECASE)
+
+
+def prefer_wait_s(prefer: str | None, settings: Settings) -> float:
+    """Seconds asked for by ``Prefer: wait=N`` (RFC 7240), bounded by a setting; 0 = none.
+    Other or malformed preferences are ignored, as the RFC asks."""
+    match = _PREFER_WAIT.search(prefer or "")
+    return min(float(match.group(1)), settings.max_prefer_wait_s) if match else 0.0
+
+
 @router.post(
     "/v1/jobs",
     status_code=202,
     response_model=SubmitResponse,
-    responses=_ERRORS,
+    responses={**_ERRORS, 200: {"model": JobView, "description": "Finished within `wait`."}},
 )
 async def submit_job(
     body: JobRequest,
@@ -149,60 +142,47 @@ async def submit_job(
     owner: OwnerDep,
     _: Annotated[None, Depends(image_body_limit)],
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
-) -> SubmitResponse:
+    prefer: Annotated[str | None, Header(max_length=1024)] = None,
+) -> SubmitResponse | JSONResponse:
     """Queue a generation job; answers at once with its id (poll or stream it).
 
-    Everything knowable at submit is checked here — the deployment's limits, the input
-    images, and what the target model's workers published they can run — so a 202 never
-    becomes a failure that could have been a 422."""
-    started = time.perf_counter()
-    check_limits(body, settings)
-    model = await resolve_model(body, settings, queue)
-    has_inputs = body.image is not None or body.mask is not None
-    images = await run_in_threadpool(read_inputs, body, settings) if has_inputs else {}
-    width, height = check_against_model(body, await queue.capabilities(model), images, settings)
-    webhook_url = await check_webhook(body.webhook_url, settings)
-    digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    params = body.model_dump(exclude={"webhook_url", *IMAGE_FIELDS}) | {
-        "seed": seed, "model": model, "width": width, "height": height,
-    }  # fmt: skip
-    inputs = {name: await run_in_threadpool(png_bytes, im) for name, im in images.items()}
-    if inputs:
-        params["inputs"] = sorted(inputs)
-    try:
-        result = await queue.submit(
-            params, model=model, job_id=new_job_id(), idempotency_key=idempotency_key,
-            digest=digest, owner=owner, webhook_url=webhook_url, inputs=inputs,
-        )  # fmt: skip
-    except RateLimited as exc:
-        retry = str(retry_after_s(exc.retry_after_ms))
-        log.info("submit refused: owner=%s rate limited (retry in %s s)", owner, retry)
-        message = f"rate limit of {settings.rate_limit_per_min:g} submits per minute exceeded"
-        raise ApiError(429, "rate_limited", message, headers={"Retry-After": retry}) from exc
-    except OwnerQueueFull as exc:
-        retry = str(settings.queue_full_retry_after_s)
-        log.info("submit refused: owner=%s holds too many unfinished jobs", owner)
-        raise ApiError(429, "too_many_jobs", str(exc), headers={"Retry-After": retry}) from exc
-    except QueueFull as exc:
-        retry = str(settings.queue_full_retry_after_s)
-        raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": retry}) from exc
-    except IdempotencyMismatch as exc:
-        raise ApiError(422, "idempotency_key_reused", str(exc), "Idempotency-Key") from exc
+    With ``Prefer: wait=N`` the answer waits up to N seconds (at most
+    ``LDMSERVE_MAX_PREFER_WAIT_S``): 200 with the finished job if it ended by then."""
+    result = await submit(
+        body, queue=queue, settings=settings, owner=owner, idempotency_key=idempotency_key
+    )
     base = f"/v1/jobs/{result.job_id}"
-    response.headers["Location"] = base
+    headers = {"Location": base}
     if not result.created:
-        response.headers["Idempotent-Replayed"] = "true"
-    prompt = f" prompt={body.prompt!r}" if settings.log_prompts else ""
-    log.info("submit job=%s owner=%s model=%s created=%s position=%s webhook=%s%s in %.1f ms",
-             result.job_id, owner, model, result.created, result.queue_position,
-             webhook_url is not None, prompt, _ms(started))  # fmt: skip
+        headers["Idempotent-Replayed"] = "true"
+    response.headers.update(headers)
+    wait_s = prefer_wait_s(prefer, settings)
+    if wait_s > 0:
+        record = await wait_for_job(queue, result.job_id, wait_s, settings.sse_poll_s)
+        if record is not None and record.status in TERMINAL_STATUSES:
+            view = JobView.from_record(record).model_dump(mode="json")
+            return JSONResponse(view, status_code=200, headers=headers)
     return SubmitResponse(
         id=result.job_id,
         status=result.status,  # type: ignore[arg-type]
         queue_position=result.queue_position,
         seed=int(result.params["seed"]),
         links=Links(self=base, events=f"{base}/events"),
+    )
+
+
+@router.get("/v1/jobs", response_model=JobList, responses=_ERRORS)
+async def list_jobs(
+    queue: QueueDep,
+    owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,19}$")] = None,
+    status: JobStatus | None = None,
+) -> JobList:
+    """The caller's own jobs, newest first; ``next_cursor`` fetches the next page."""
+    found = await job_index.page(queue, owner, limit=limit, cursor=cursor, status=status)
+    return JobList(
+        jobs=[JobView.from_record(r) for r in found.records], next_cursor=found.next_cursor
     )
 
 
@@ -380,13 +360,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app, settings.redis_retry_after_s)
     app.include_router(router)
+    openai_compat.install(app)
+    a1111_compat.install(app)
+    playground.install(app)
     openapi_limits.install(app, settings)
     # Middleware added last runs first: CORS (preflights need no key), then auth (a bad key
     # is refused before the body is read or validated), then the body limit.
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
-        larger={("POST", "/v1/jobs"): settings.max_image_body_bytes},
+        larger={
+            ("POST", path): settings.max_image_body_bytes
+            for path in ("/v1/jobs", "/v1/images/edits", "/sdapi/v1/img2img")
+        },
     )
     app.add_middleware(AuthMiddleware, keys=keys, metrics_public=settings.metrics_public)
     if settings.cors_origins:

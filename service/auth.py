@@ -127,7 +127,8 @@ class AuthMiddleware:
     def __init__(self, app: ASGIApp, keys: KeyRing, metrics_public: bool) -> None:
         self.app = app
         self.keys = keys
-        self.public = {"/healthz", *_DOCS} | ({"/metrics"} if metrics_public else set())
+        # "/" is the playground: a static page that asks for the key itself.
+        self.public = {"/", "/healthz", *_DOCS} | ({"/metrics"} if metrics_public else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

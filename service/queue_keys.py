@@ -11,6 +11,8 @@ Key layout (``P`` = ``Settings.key_prefix``, default ``ldmserve``); the Lua prea
 ``P:job:{id}:events``               pubsub  progress / status messages (JSON) for SSE
 ``P:idem:{sha256(owner\nkey)}``     string  Idempotency-Key → job id (scoped per owner)
 ``P:owner:{owner}:active``          set     the owner's unfinished job ids (per-key cap)
+``P:owner:{owner}:jobs``            zset    the owner's job ids by submit order (GET /v1/jobs)
+``P:owner:{owner}:a1111``           string  the owner's A1111 ``sd_model_checkpoint`` choice
 ``P:rate:{owner}``                  string  GCRA state of the owner's submits (service.ratelimit)
 ``P:webhooks``                      stream  webhook deliveries due now; group ``dispatchers``
 ``P:webhooks:retry``                zset    deliveries waiting for a retry, scored by due ms
@@ -110,6 +112,12 @@ class Keys:
 
     def owner_active(self, owner: str) -> str:
         return f"{self.prefix}:owner:{owner}:active"
+
+    def owner_jobs(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:jobs"
+
+    def owner_a1111(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:a1111"
 
     def rate(self, owner: str) -> str:
         return f"{self.prefix}:rate:{owner}"

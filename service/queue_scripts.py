@@ -146,6 +146,12 @@ redis.call('HSET', job_key(id), 'id', id, 'status', 'queued', 'model', model,
   'entry', entry, 'seq', seq, 'attempt', 0, 'lease', 0, 'owner', owner)
 if webhook ~= '' then redis.call('HSET', job_key(id), 'webhook', webhook) end
 redis.call('SADD', owner_key(owner), id)
+-- The owner's job index for GET /v1/jobs (service.job_index): newest by seq, bounded,
+-- expiring with the jobs it lists when the owner stops submitting.
+local owner_jobs = P .. ':owner:' .. owner .. ':jobs'
+redis.call('ZADD', owner_jobs, seq, id)
+redis.call('ZREMRANGEBYRANK', owner_jobs, 0, -10001)
+redis.call('EXPIRE', owner_jobs, 2 * tonumber(ARGV[9]))
 redis.call('ZADD', queued_key(model), seq, id)
 redis.call('SADD', P .. ':models', model)
 redis.call('HINCRBY', METRICS, 'jobs_submitted', 1)

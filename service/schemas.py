@@ -165,6 +165,15 @@ def iso(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
 
 
+class JobList(BaseModel):
+    """``GET /v1/jobs``: the caller's jobs, newest first."""
+
+    jobs: list[JobView]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; null on the last."
+    )
+
+
 class ModelInfo(BaseModel):
     """A model this deployment serves and the live workers that serve it."""
 

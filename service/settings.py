@@ -95,6 +95,19 @@ class Settings(BaseSettings):
     )
     sse_keepalive_s: float = Field(default=15.0, gt=0)
     log_prompts: bool = Field(default=False, description="Log prompts with job ids (privacy).")
+    png_parameters: bool = Field(
+        default=True,
+        description="PNGs carry A1111's `parameters` text chunk (prompt, seed, sampler, ...).",
+    )
+    max_prefer_wait_s: float = Field(
+        default=60.0, ge=0, description="Longest `Prefer: wait=N` honoured on POST /v1/jobs."
+    )
+    compat_wait_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="OpenAI / A1111 endpoints wait this long for their job, then answer an "
+        "error naming the job id (it keeps running; fetch it from /v1/jobs/{id}).",
+    )
 
     # Security (docs/ARCHITECTURE.md "Security"; service.auth, service.webhooks).
     api_keys: str = Field(

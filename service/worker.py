@@ -17,12 +17,13 @@ import logging
 import signal
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from redis.exceptions import RedisError
 
 from model.pipeline import GenerationError, Pipeline
@@ -31,6 +32,7 @@ from service.contract import GENERATION_FIELDS, IMAGE_FIELDS, GenerationParams
 from service.engine import Engine
 from service.engine_types import GenerationRequest, JobHandle, JobState, Progress, StepOutput
 from service.image_input import decode_image
+from service.infotext import image_infotexts
 from service.queue import Claim, JobQueue, WorkerInfo, new_worker_id
 from service.settings import Settings
 
@@ -58,10 +60,13 @@ def request_from_claim(
     return GenerationRequest(claim.job_id, params, images.get("image"), images.get("mask"))
 
 
-def encode_images(images: list[np.ndarray], fmt: str) -> list[bytes]:
-    """uint8 (H, W, 3) arrays -> PNG / JPEG / WebP bytes."""
+def encode_images(
+    images: list[np.ndarray], fmt: str, texts: Sequence[str] | None = None
+) -> list[bytes]:
+    """uint8 (H, W, 3) arrays -> PNG / JPEG / WebP bytes; PNGs get ``texts[i]`` as their
+    A1111 ``parameters`` chunk."""
     out = []
-    for pixels in images:
+    for i, pixels in enumerate(images):
         buf = io.BytesIO()
         image = Image.fromarray(pixels)
         if fmt == "jpeg":
@@ -69,7 +74,11 @@ def encode_images(images: list[np.ndarray], fmt: str) -> list[bytes]:
         elif fmt == "webp":
             image.save(buf, format="WEBP", quality=92)
         else:
-            image.save(buf, format="PNG", compress_level=4)
+            info = None
+            if texts:
+                info = PngImagePlugin.PngInfo()
+                info.add_text("parameters", texts[i])
+            image.save(buf, format="PNG", compress_level=4, pnginfo=info)
         out.append(buf.getvalue())
     return out
 
@@ -340,8 +349,11 @@ class Worker:
             if entry.encoded is None:
                 fmt = str(claim.params.get("output_format", "png"))
                 loop = asyncio.get_running_loop()
+                texts = None
+                if self.settings.png_parameters:
+                    texts = image_infotexts(claim.params, len(handle.images), claim.model)
                 entry.encoded = await loop.run_in_executor(
-                    self._encoder, encode_images, handle.images, fmt
+                    self._encoder, encode_images, handle.images, fmt, texts
                 )
             if await self.queue.finish(claim, entry.encoded):
                 log.info("job %s succeeded (%d images)", claim.job_id, len(entry.encoded))

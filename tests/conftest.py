@@ -61,3 +61,38 @@ async def app_client_factory(redis_url: str) -> AsyncIterator[AppClientFactory]:
             return await open_app_client(stack, redis_url, **overrides)
 
         yield make
+
+
+# Keys of the live stack below: one tenant per test module, so their jobs never mix.
+LIVE_KEYS = {name: f"key-{name}" for name in ("openai", "a1111", "client", "browser", "other")}
+
+
+@pytest.fixture(scope="session")
+def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """redis-server + `ldmserve api` + one demo worker as real processes, with API keys
+    ``LIVE_KEYS`` (compat, client and browser tests). The worker is tests/fault_worker.py:
+    a prompt starting ``slow:`` takes 0.25 s per UNet call, so a job can be watched."""
+    import hashlib
+
+    from tests.processes import Stack, wait_until
+
+    entries = ",".join(
+        f"{n}:{hashlib.sha256(k.encode()).hexdigest()}" for n, k in LIVE_KEYS.items()
+    )
+    env = {"LDMSERVE_API_KEYS": entries, "FAULT_SLOW_STEP_S": "0.25",
+           "LDMSERVE_COMPAT_WAIT_S": "120"}  # fmt: skip
+    stack = Stack(tmp_path_factory.mktemp("live"), workers=1, appendfsync="no", env=env)
+    auth = {"Authorization": f"Bearer {LIVE_KEYS['other']}"}
+
+    def worker_up() -> bool:
+        r = httpx.get(f"{stack.base}/v1/models", headers=auth, timeout=2)
+        return sum(m["workers"] for m in r.json()["models"]) >= 1
+
+    try:
+        stack.redis.start()
+        stack.start_api()
+        stack.start_worker()
+        wait_until(worker_up, 240, "a live worker", 0.25)
+        yield stack
+    finally:
+        stack.close()

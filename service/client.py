@@ -1,0 +1,506 @@
+"""Python client for ldmserve's native API (only httpx and pydantic; no torch).
+
+::
+
+    from service.client import Client
+
+    with Client("http://127.0.0.1:8000", api_key=None) as client:
+        pngs = client.generate("a lighthouse at dusk", steps=20, seed=1)  # list[bytes]
+        job = client.submit(prompt="a red fox", num_images=2)             # Job, at once
+        for event in client.stream(job.id):                              # progress, done
+            print(event)
+
+:class:`AsyncClient` has the same methods as coroutines (``stream`` an async iterator).
+Errors are typed (:class:`ApiError` and subclasses by status; :class:`JobFailed`,
+:class:`JobTimeout`). 429 and 503 answers are retried with exponential backoff honouring
+``Retry-After`` for reads, and for submits only when they carry an ``Idempotency-Key``
+(so a retry can never queue the same job twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+_RETRY_STATUSES = frozenset({429, 503})
+
+# ---------------------------------------------------------------------------- models
+
+
+class _Model(BaseModel):
+    # Newer servers may add fields: keep them rather than fail.
+    model_config = ConfigDict(extra="allow")
+
+
+class Progress(_Model):
+    step: int
+    total: int
+    eta_s: float | None = None
+
+
+class ImageRef(_Model):
+    index: int
+    seed: int
+    url: str
+    content_type: str
+
+
+class JobErrorInfo(_Model):
+    code: str
+    message: str
+
+
+class Job(_Model):
+    """A job as the server last described it."""
+
+    id: str
+    status: str
+    model: str | None = None
+    queue_position: int | None = None
+    progress: Progress | None = None
+    seed: int | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: JobErrorInfo | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    images: list[ImageRef] = Field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+
+class JobEvent(_Model):
+    """The job's state: first on connect and on every status change."""
+
+    type: Literal["job"] = "job"
+    job: Job
+
+
+class ProgressEvent(_Model):
+    """One denoising step done."""
+
+    type: Literal["progress"] = "progress"
+    id: str
+    step: int
+    total: int
+    eta_s: float | None = None
+
+
+class PreviewEvent(_Model):
+    """A live preview image (base64), when the server sends them."""
+
+    type: Literal["preview"] = "preview"
+    id: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class DoneEvent(_Model):
+    """The job's final state; the stream ends after it."""
+
+    type: Literal["done"] = "done"
+    job: Job
+
+
+Event = JobEvent | ProgressEvent | PreviewEvent | DoneEvent
+
+# ---------------------------------------------------------------------------- errors
+
+
+class LdmserveError(Exception):
+    """Base of every error this client raises."""
+
+
+class ApiError(LdmserveError):
+    """The server answered an error (``{"error": {"code", "message", "field"}}``)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, field: str | None, retry_after: float | None
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.retry_after = retry_after
+
+
+class InvalidRequest(ApiError):
+    """400 / 413 / 422: the request was refused as it is."""
+
+
+class AuthenticationError(ApiError):
+    """401: missing or wrong API key."""
+
+
+class NotFound(ApiError):
+    """404: unknown job (or another key's)."""
+
+
+class Conflict(ApiError):
+    """409: e.g. images of a job that has not succeeded, or cancel of a finished job."""
+
+
+class Gone(ApiError):
+    """410: the job's images expired."""
+
+
+class RateLimited(ApiError):
+    """429: rate limit, per-key job cap or full queue (``retry_after`` seconds)."""
+
+
+class Unavailable(ApiError):
+    """503: the job store is unreachable, or no worker is ready."""
+
+
+class JobFailed(LdmserveError):
+    """The job ended failed or canceled; ``job`` says how."""
+
+    def __init__(self, job: Job) -> None:
+        detail = f": {job.error.code}: {job.error.message}" if job.error else ""
+        super().__init__(f"job {job.id} {job.status}{detail}")
+        self.job = job
+
+
+class JobTimeout(LdmserveError, TimeoutError):
+    """The job did not end within the wait; it keeps running (``job`` is its last state)."""
+
+    def __init__(self, job: Job, timeout: float) -> None:
+        super().__init__(f"job {job.id} still {job.status} after {timeout:g} s")
+        self.job = job
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    400: InvalidRequest, 413: InvalidRequest, 422: InvalidRequest, 401: AuthenticationError,
+    404: NotFound, 409: Conflict, 410: Gone, 429: RateLimited, 503: Unavailable,
+}  # fmt: skip
+
+# ---------------------------------------------------------------------------- shared logic
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json().get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    cls = _BY_STATUS.get(response.status_code, ApiError)
+    raise cls(
+        response.status_code,
+        str(error.get("code") or f"http_{response.status_code}"),
+        str(error.get("message") or response.text[:200]),
+        error.get("field"),
+        _retry_after(response),
+    )
+
+
+def _delay(attempt: int, response: httpx.Response, base: float, cap: float) -> float:
+    """Retry-After when given, else exponential backoff with jitter."""
+    after = _retry_after(response)
+    if after is not None:
+        return min(after, cap)
+    return min(cap, base * 2**attempt) * (0.5 + random.random() / 2)
+
+
+def _retryable(method: str, headers: dict[str, str], response: httpx.Response) -> bool:
+    safe = method == "GET" or "Idempotency-Key" in headers
+    return safe and response.status_code in _RETRY_STATUSES
+
+
+def _job_from_submit(data: dict[str, Any]) -> Job:
+    return Job.model_validate(data)
+
+
+def _event(name: str, data: dict[str, Any]) -> Event | None:
+    if name in ("job", "done"):
+        job = Job.model_validate(data)
+        return JobEvent(job=job) if name == "job" else DoneEvent(job=job)
+    if name == "progress":
+        return ProgressEvent.model_validate(data)
+    if name == "preview":
+        return PreviewEvent(id=str(data.get("id", "")), data=data)
+    if name == "error":
+        raise Unavailable(503, str(data.get("code", "stream_error")), str(data.get("message")),
+                          None, None)  # fmt: skip
+    return None
+
+
+class _SSE:
+    """Incremental Server-Sent Events parser: feed lines, get (event, data) at blank lines."""
+
+    def __init__(self) -> None:
+        self.name: str = "message"
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, dict[str, Any]] | None:
+        if not line:
+            if not self.data:
+                return None
+            out = (self.name, json.loads("\n".join(self.data)))
+            self.name, self.data = "message", []
+            return out
+        if line.startswith(":"):
+            return None
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            self.name = value
+        elif field == "data":
+            self.data.append(value)
+        return None
+
+
+def _submit_body(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+class _Base:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        timeout: float,
+        max_retries: int,
+        backoff_s: float,
+        max_backoff_s: float,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+
+
+# ---------------------------------------------------------------------------- sync client
+
+
+class Client(_Base):
+    """Blocking client; use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        http: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, backoff_s, max_backoff_s)
+        self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        for attempt in range(self.max_retries + 1):
+            response = self._http.request(method, path, headers=headers, **kwargs)
+            if attempt < self.max_retries and _retryable(method, headers, response):
+                delay = _delay(attempt, response, self.backoff_s, self.max_backoff_s)
+                log.info("%s %s: %d, retry in %.2f s", method, path, response.status_code, delay)
+                time.sleep(delay)
+                continue
+            _raise_for(response)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def submit(self, *, idempotency_key: str | None = None, **fields: Any) -> Job:
+        """Queue a job (native field names: prompt, steps, seed, num_images, ...)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        r = self._request("POST", "/v1/jobs", json=_submit_body(fields), headers=headers)
+        return _job_from_submit(r.json())
+
+    def get(self, job_id: str) -> Job:
+        return Job.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.25) -> Job:
+        """Poll until the job ended; JobTimeout after ``timeout`` seconds (None: forever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job.done:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(job, timeout or 0.0)
+            time.sleep(poll_s)
+
+    def stream(self, job_id: str) -> Iterator[Event]:
+        """The job's events (job, progress, preview, done) as they happen."""
+        parser = _SSE()
+        url = f"/v1/jobs/{job_id}/events"
+        timeout = httpx.Timeout(self.timeout, read=None)
+        with self._http.stream("GET", url, headers=self.headers, timeout=timeout) as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for(response)
+            for line in response.iter_lines():
+                parsed = parser.feed(line)
+                event = _event(*parsed) if parsed else None
+                if event is not None:
+                    yield event
+                    if isinstance(event, DoneEvent):
+                        return
+
+    def cancel(self, job_id: str) -> Job:
+        return Job.model_validate(self._request("DELETE", f"/v1/jobs/{job_id}").json())
+
+    def images(self, job: Job | str) -> list[bytes]:
+        """Encoded bytes of every image of a succeeded job."""
+        job = self.get(job) if isinstance(job, str) else job
+        if not job.images and job.status == "succeeded":
+            job = self.get(job.id)
+        return [self._request("GET", ref.url).content for ref in job.images]
+
+    def jobs(self, status: str | None = None, page_size: int = 50) -> Iterator[Job]:
+        """The caller's jobs, newest first, across pages."""
+        cursor: str | None = None
+        while True:
+            params = {"limit": page_size, "status": status, "cursor": cursor}
+            body = self._request("GET", "/v1/jobs", params=_submit_body(params)).json()
+            yield from (Job.model_validate(j) for j in body["jobs"])
+            cursor = body.get("next_cursor")
+            if not cursor:
+                return
+
+    def generate(self, prompt: str, *, timeout: float | None = None, **fields: Any) -> list[bytes]:
+        """Submit, wait, download: the images of one job. JobFailed if it did not succeed."""
+        key = fields.pop("idempotency_key", None) or uuid.uuid4().hex
+        job = self.wait(self.submit(idempotency_key=key, prompt=prompt, **fields).id, timeout)
+        if job.status != "succeeded":
+            raise JobFailed(job)
+        return self.images(job)
+
+
+# ---------------------------------------------------------------------------- async client
+
+
+class AsyncClient(_Base):
+    """The same methods as :class:`Client`, as coroutines."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, backoff_s, max_backoff_s)
+        self._http = http or httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        for attempt in range(self.max_retries + 1):
+            response = await self._http.request(method, path, headers=headers, **kwargs)
+            if attempt < self.max_retries and _retryable(method, headers, response):
+                delay = _delay(attempt, response, self.backoff_s, self.max_backoff_s)
+                log.info("%s %s: %d, retry in %.2f s", method, path, response.status_code, delay)
+                await asyncio.sleep(delay)
+                continue
+            _raise_for(response)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def submit(self, *, idempotency_key: str | None = None, **fields: Any) -> Job:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        r = await self._request("POST", "/v1/jobs", json=_submit_body(fields), headers=headers)
+        return _job_from_submit(r.json())
+
+    async def get(self, job_id: str) -> Job:
+        return Job.model_validate((await self._request("GET", f"/v1/jobs/{job_id}")).json())
+
+    async def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.25) -> Job:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = await self.get(job_id)
+            if job.done:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(job, timeout or 0.0)
+            await asyncio.sleep(poll_s)
+
+    async def stream(self, job_id: str) -> AsyncIterator[Event]:
+        parser = _SSE()
+        url = f"/v1/jobs/{job_id}/events"
+        timeout = httpx.Timeout(self.timeout, read=None)
+        async with self._http.stream("GET", url, headers=self.headers, timeout=timeout) as r:
+            if r.status_code >= 400:
+                await r.aread()
+                _raise_for(r)
+            async for line in r.aiter_lines():
+                parsed = parser.feed(line)
+                event = _event(*parsed) if parsed else None
+                if event is not None:
+                    yield event
+                    if isinstance(event, DoneEvent):
+                        return
+
+    async def cancel(self, job_id: str) -> Job:
+        return Job.model_validate((await self._request("DELETE", f"/v1/jobs/{job_id}")).json())
+
+    async def images(self, job: Job | str) -> list[bytes]:
+        job = await self.get(job) if isinstance(job, str) else job
+        if not job.images and job.status == "succeeded":
+            job = await self.get(job.id)
+        return [(await self._request("GET", ref.url)).content for ref in job.images]
+
+    async def jobs(self, status: str | None = None, page_size: int = 50) -> AsyncIterator[Job]:
+        cursor: str | None = None
+        while True:
+            params = {"limit": page_size, "status": status, "cursor": cursor}
+            body = (await self._request("GET", "/v1/jobs", params=_submit_body(params))).json()
+            for j in body["jobs"]:
+                yield Job.model_validate(j)
+            cursor = body.get("next_cursor")
+            if not cursor:
+                return
+
+    async def generate(
+        self, prompt: str, *, timeout: float | None = None, **fields: Any
+    ) -> list[bytes]:
+        key = fields.pop("idempotency_key", None) or uuid.uuid4().hex
+        submitted = await self.submit(idempotency_key=key, prompt=prompt, **fields)
+        job = await self.wait(submitted.id, timeout)
+        if job.status != "succeeded":
+            raise JobFailed(job)
+        return await self.images(job)
