@@ -5,8 +5,8 @@ this is in product code):
 
 - prompt ``poison`` (or ``$FAULT_POISON_PROMPT``): the process dies with ``os._exit(1)``
   the moment the engine receives the job, every time, like a job that segfaults its worker;
-- prompt starting with ``slow:``: every UNet call carrying that job first sleeps
-  ``$FAULT_SLOW_STEP_S`` seconds (default 1.0), like a slow GPU. The sleep is on the engine
+- prompt starting with ``slow:``: the engine sleeps
+  ``$FAULT_SLOW_STEP_S`` seconds (default 1.0) per engine step of its group, like a slow GPU. The sleep is on the engine
   thread, so the worker's heartbeats keep going: slow, but alive.
 """
 
@@ -28,25 +28,26 @@ SLOW_PREFIX = "slow:"
 SLOW_STEP_S = float(os.environ.get("FAULT_SLOW_STEP_S", "1.0"))
 
 _submit = Engine.submit
-_unet_call = Engine._unet_call
+_advance = Engine._advance
 
 
 def submit(self: Engine, request: Any, *args: Any, **kwargs: Any) -> Any:
-    if request.prompt == POISON:
+    if request.params.prompt == POISON:
         sys.stderr.write(f"fault_worker: poison job {request.id}: crashing\n")
         sys.stderr.flush()
         os._exit(1)
     return _submit(self, request, *args, **kwargs)
 
 
-def unet_call(self: Engine, chunk: list[Any]) -> Any:
-    if any(s.job.request.prompt.startswith(SLOW_PREFIX) for s in chunk):
+def advance(self: Engine, key: Any, out: Any) -> Any:
+    """One step of a group: it sleeps first when the group carries a slow job."""
+    if any(s.job.request.params.prompt.startswith(SLOW_PREFIX) for s in self._groups[key]):
         time.sleep(SLOW_STEP_S)
-    return _unet_call(self, chunk)
+    return _advance(self, key, out)
 
 
 Engine.submit = submit  # type: ignore[method-assign]
-Engine._unet_call = unet_call  # type: ignore[method-assign]
+Engine._advance = advance  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))
