@@ -105,7 +105,14 @@ EOF
 esac
 
 echo "build_image: docker build ($mode) -> $image"
-docker build --network host "${build_args[@]}" -t "$image" .
+# The build stage gets a tag of its own (${image%%:*}-build:$mode) so the layers it caches (torch,
+# the dependencies) outlive a rebuild; the images a rebuild replaces (untagged, with this label)
+# are pruned, so repeated builds on one machine do not fill its disk.
+label=org.ldmserve.image-build=1
+docker build --network host "${build_args[@]}" --label "$label" --target build \
+  -t "${image%%:*}-build:$mode" .
+docker build --network host "${build_args[@]}" --label "$label" -t "$image" .
+docker image prune -f --filter "label=$label" >/dev/null
 size=$(docker image inspect -f '{{.Size}}' "$image")
 echo "build_image: $image ($mode) $(awk -v b="$size" 'BEGIN { printf "%.2f GB", b / 1e9 }')" \
   "in $(($(date +%s) - start)) s"
