@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PY:-python3.10}
 torch_version=$(sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)
-cuda_image=$(sed -n 's/^ARG CUDA_IMAGE=//p' Dockerfile)
+cuda_image=$(sed -n 's/^ARG BASE_IMAGE=//p' Dockerfile)
 cuda_want=$(sed -E 's/.*:([0-9]+\.[0-9]+).*/\1/' <<<"$cuda_image")
 work=$(mktemp -d)
 up_pid=

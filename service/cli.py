@@ -166,11 +166,36 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def pid1_api_flags(cmdline: Path = Path("/proc/1/cmdline")) -> dict[str, Any]:
+    """`--host`/`--port` given to `ldmserve api` when it is PID 1 (a container's entrypoint).
+
+    The image's HEALTHCHECK runs beside the server with only its environment, so without these
+    `docker run ldmserve:latest api --port 9000` would be probed on LDMSERVE_PORT (8000).
+    Anything else as PID 1 (an init, systemd, another command) gives no flags.
+    """
+    try:
+        argv = [a.decode() for a in cmdline.read_bytes().split(b"\0") if a]
+    except (OSError, UnicodeDecodeError):
+        return {}
+    # The console script runs under its interpreter: [python] /opt/venv/bin/ldmserve api ...
+    starts = [i for i, a in enumerate(argv[:2]) if Path(a).name == "ldmserve"]
+    if not starts or "api" not in argv[starts[0] + 1 :]:
+        return {}
+    try:
+        args, _ = build_parser().parse_known_args(argv[starts[0] + 1 :])
+    except SystemExit:  # argparse's way to refuse; the server would not have started either
+        return {}
+    if args.command != "api":
+        return {}
+    return {n: getattr(args, n) for n in ("host", "port") if getattr(args, n) is not None}
+
+
 def cmd_health(role: str, settings: Settings) -> int:
     """Container health probe: the API answers /healthz; a worker's heartbeat key lives."""
     if role == "api":
         import httpx
 
+        settings = settings.model_copy(update=pid1_api_flags())
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         try:
             return (

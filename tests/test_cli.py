@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.cli import build_parser, settings_from
+from service.cli import build_parser, pid1_api_flags, settings_from
 from service.redis_server import free_port
 from tests.processes import stop, wait_until
 
@@ -124,6 +124,30 @@ def test_generate_inpaints_from_files_like_the_library(tmp_path: Path) -> None:
 def test_health_probe_fails_without_a_server() -> None:
     env = {**_env(), "LDMSERVE_PORT": str(free_port())}
     assert subprocess.run([LDMSERVE, "health", "api"], env=env, timeout=30).returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "flags"),
+    [
+        (
+            ["/opt/venv/bin/python3", "/opt/venv/bin/ldmserve", "api", "--port", "9001"],
+            {"port": 9001},
+        ),
+        (["ldmserve", "--log-level", "debug", "api", "--host", "127.0.0.1"], {"host": "127.0.0.1"}),
+        (["/opt/venv/bin/python3", "/opt/venv/bin/ldmserve", "worker", "--device", "cpu"], {}),
+        (["/sbin/init"], {}),
+        (["/usr/bin/tini", "--", "ldmserve", "api", "--port", "9001"], {}),
+        (["ldmserve", "api", "--port", "not-a-port"], {}),
+    ],
+)
+def test_health_api_probes_the_port_pid1_was_given(
+    tmp_path: Path, argv: list[str], flags: dict[str, object]
+) -> None:
+    """In a container the probe runs beside `ldmserve api --port P` and must probe P."""
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    assert pid1_api_flags(cmdline) == flags
+    assert pid1_api_flags(tmp_path / "missing") == {}
 
 
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -349,7 +349,7 @@ def test_dockerfile_runs_as_non_root_with_pinned_cuda_torch() -> None:
     froms = dockerfile("FROM")
     assert len(froms) >= 2, "multi-stage build"
     args = dict(a.split("=", 1) for a in dockerfile("ARG") if "=" in a)
-    assert re.fullmatch(r"nvidia/cuda:12\.\d+(\.\d+)?-[a-z-]+-ubuntu\d\d\.\d\d", args["CUDA_IMAGE"])
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+(\.\d+)?-[a-z-]+-ubuntu\d\d\.\d\d", args["BASE_IMAGE"])
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"]), "pin torch exactly"
     text = DOCKERFILE.read_text()
     assert '"torch==${TORCH_VERSION}"' in text
