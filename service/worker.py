@@ -120,7 +120,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._work = asyncio.Event()  # the engine has something new (a job or a cancel)
         self._stop = asyncio.Event()
-        self._engine_done = False
+        self._closed = asyncio.Event()  # the loops end by this flag, not by cancellation:
+        # redis-py can swallow a cancel that lands inside a command (as a timeout error)
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.info = WorkerInfo(
@@ -136,7 +137,7 @@ class Worker:
     async def _engine_loop(self) -> None:
         """Run engine steps on their own thread; turn what each returns into Redis writes."""
         loop = asyncio.get_running_loop()
-        while not self._engine_done:
+        while not self._closed.is_set():
             self._work.clear()
             try:
                 out = await loop.run_in_executor(self._stepper, self.engine.step)
@@ -175,12 +176,10 @@ class Worker:
             await self._claim_loop()
             await self._drain()
         finally:
-            self._engine_done = True
+            self._closed.set()
             self._work.set()
-            await asyncio.gather(engine, return_exceptions=True)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._wake.set()
+            await asyncio.gather(engine, *tasks, return_exceptions=True)
             await self._flush_events()
             self._stepper.shutdown(wait=True)
             self._encoder.shutdown(wait=True)
@@ -192,12 +191,13 @@ class Worker:
             log.info("worker %s stopped", self.worker_id)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._closed.is_set():
             try:
                 await self.queue.heartbeat(self.info)
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed (Redis away?): %s", exc)
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), self.settings.heartbeat_interval_s)
 
     async def _claim_loop(self) -> None:
         """Take jobs while there is room: dead workers' first, then new ones.
@@ -296,9 +296,11 @@ class Worker:
         self._work.set()
 
     async def _events_loop(self) -> None:
-        while True:
+        while not self._closed.is_set():
             await self._wake.wait()
             self._wake.clear()
+            if self._closed.is_set():
+                return  # run() flushes once more after the engine has stopped
             try:
                 await self._flush_events()
             except (RedisError, OSError) as exc:
@@ -312,10 +314,12 @@ class Worker:
         progress, ev.progress = ev.progress, {}
         done, ev.done = ev.done, []
         rows, ev.batch_rows = ev.batch_rows, []
+        # A job's last progress arrives with its end (same engine step): still write it first,
+        # so readers see step == total before the final status; canceled jobs get none.
         updates = [
             (self.running[j].claim, p.step, p.total, p.eta_s)
             for j, p in progress.items()
-            if j in self.running and not self.running[j].handle.done()  # type: ignore[union-attr]
+            if j in self.running and self.running[j].handle.state is not JobState.CANCELED  # type: ignore[union-attr]
         ]
         try:
             lost = await self.queue.progress_many(updates)

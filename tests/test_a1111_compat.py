@@ -13,7 +13,6 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from service.compat.masks import native_images_supported
 from tests.conftest import LIVE_KEYS
 from tests.processes import wait_until
 
@@ -155,16 +154,10 @@ def test_skip_stops_only_the_current_job(api: webuiapi.WebUIApi, live_stack: Any
 
 
 def test_img2img_with_a_mask(api: webuiapi.WebUIApi, live_stack: Any) -> None:
-    """Inpainting with webuiapi (mask white = repaint); a clear 400 while the native
-    contract takes no input images (service.compat.masks.native_images_supported)."""
+    """Inpainting with webuiapi (mask white = repaint)."""
     init = Image.new("RGB", (64, 64), "gray")
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
-    if not native_images_supported():
-        with pytest.raises(RuntimeError) as err:
-            api.img2img(images=[init], mask_image=mask, prompt="a hat", width=64, height=64)
-        assert err.value.args[0] == 400 and "not supported" in err.value.args[1]
-        return
     result = api.img2img(
         images=[init], mask_image=mask, prompt="a hat", denoising_strength=0.5, seed=4,
         width=64, height=64, inpainting_mask_invert=0, resize_mode=0,

@@ -27,6 +27,8 @@ CASES = {
     "gpu": ["bench/gpu.py", "--device", "cpu", "--tiny", "--quick"],
     # redis-server + `ldmserve api` + one demo worker on loopback; ~20 s (two model loads)
     "service": ["bench/service.py", "--quick"],
+    # this tree against the commit before the generation contract (needs git history)
+    "vs_previous": ["bench/vs_previous.py", "--quick"],
 }
 
 

@@ -13,7 +13,6 @@ import openai
 import pytest
 from PIL import Image
 
-from service.compat.masks import native_images_supported
 from tests.apps import AppClientFactory
 from tests.conftest import LIVE_KEYS
 
@@ -121,17 +120,11 @@ def _png_bytes(image: Image.Image | None = None) -> bytes:
 
 @pytest.mark.slow
 def test_edits_with_a_mask(client: openai.OpenAI) -> None:
-    """Inpainting through the SDK's multipart upload; a clear 400 while the native contract
-    takes no input images (service.compat.masks.native_images_supported)."""
+    """Inpainting through the SDK's multipart upload (transparent mask pixels = repaint)."""
     mask_image = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
     mask_image.paste((0, 0, 0, 0), (0, 0, 32, 64))  # transparent left half: repaint it
     image = ("in.png", _png_bytes(), "image/png")
     mask = ("mask.png", _png_bytes(mask_image), "image/png")
-    if not native_images_supported():
-        with pytest.raises(openai.BadRequestError) as err:
-            client.images.edit(image=image, mask=mask, prompt="a hat")
-        assert isinstance(err.value.body, dict) and err.value.body["code"] == "unsupported"
-        return
     result = client.images.edit(
         image=image, mask=mask, prompt="a hat", size="64x64", n=2,
         extra_body={"steps": 2, "strength": 0.5, "seed": 3},

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from service import job_index
 from service.api_errors import ApiError
 from service.compat.jobs import Caller, caller, images_of, route_class, run_job
-from service.compat.masks import a1111_mask, native_images_supported
+from service.compat.masks import a1111_mask
 from service.infotext import A1111_SAMPLERS, VERSION, image_infotexts
 from service.queue_keys import text
 
@@ -298,11 +298,7 @@ async def img2img_fields(c: Caller, body: dict[str, Any]) -> tuple[dict[str, Any
 
 @router.post("/img2img", include_in_schema=False)
 async def img2img(request: Request) -> JSONResponse:
-    """Image to image, or inpainting with ``mask`` (white = repaint): once the native API
-    takes input images; until then a 400."""
-    if not native_images_supported():
-        raise A1111Error(400, "unsupported", "img2img is not supported by this server yet "
-                         "(the native API does not take input images); use txt2img")  # fmt: skip
+    """Image to image, or inpainting with ``mask`` (white = repaint)."""
     c = caller(request)
     body = await _body(request)
     try:

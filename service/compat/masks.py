@@ -15,15 +15,7 @@ import io
 
 from service.api_errors import ApiError
 from service.image_input import decode_image
-from service.schemas import JobRequest
 from service.settings import Settings
-
-IMAGE_FIELDS = frozenset({"image", "mask", "strength"})
-
-
-def native_images_supported() -> bool:
-    """Whether the native contract takes input images yet (the edit endpoints wait for it)."""
-    return set(JobRequest.model_fields) >= IMAGE_FIELDS
 
 
 def _png_b64(image: object) -> str:

@@ -38,7 +38,7 @@ from service.compat.jobs import (
     run_job,
     start_job,
 )
-from service.compat.masks import image_b64, native_images_supported, openai_mask
+from service.compat.masks import image_b64, openai_mask
 from service.job_wait import wait_for_job
 from service.schemas import TERMINAL_STATUSES, JobRequest
 
@@ -395,14 +395,6 @@ async def _form(request: Request) -> tuple[dict[str, Any], dict[str, list[bytes]
 async def edits(request: Request) -> Any:
     """Edit (img2img) or inpaint one image: multipart ``image`` (or ``image[]``), optional
     ``mask`` (transparent = repaint), ``prompt``; answers like generations."""
-    if not native_images_supported():
-        raise OpenAIError(
-            400,
-            "image edits are not supported by this server yet (the native API does not take "
-            "input images); use /v1/images/generations",
-            param="image",
-            code="unsupported",
-        )
     c = caller(request)
     body, files = await _form(request)
     uploads = files.get("image", []) + files.get("image[]", [])
