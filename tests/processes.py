@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -226,3 +227,15 @@ class Stack:
         if self.api is not None:
             stop(self.api, signal.SIGTERM, 10)
         self.redis.stop()
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict[str, Any]:
+    """Poll GET /v1/jobs/{id} until the job ends; its final view."""
+    deadline = time.monotonic() + timeout
+    view: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view["status"] in ("succeeded", "failed", "canceled"):
+            return view
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s: {view}")

@@ -11,10 +11,8 @@ import io
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -37,7 +35,7 @@ from tests.docker_tools import (
     wait_exit,
     wait_healthy,
 )
-from tests.processes import wait_until
+from tests.processes import wait_job, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]
 
@@ -89,16 +87,6 @@ def redis_image(image: str) -> str:
         timeout=900,
     )  # fmt: skip
     return REDIS_IMAGE
-
-
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        view = client.get(f"/v1/jobs/{job_id}").json()
-        if view["status"] in ("succeeded", "failed", "canceled"):
-            return view
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish in {timeout}s: {view}")
 
 
 def pixels(png: bytes) -> np.ndarray:

@@ -18,7 +18,15 @@ from PIL import Image
 
 from model import load_pipeline
 from service.redis_server import RedisServer
-from tests.processes import api_process, live_workers, service_env, spawn, stop, wait_until
+from tests.processes import (
+    api_process,
+    live_workers,
+    service_env,
+    spawn,
+    stop,
+    wait_job,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -44,16 +52,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         for w in workers:
             stop(w)
         server.stop()
-
-
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 240) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        view = client.get(f"/v1/jobs/{job_id}").json()
-        if view["status"] in ("succeeded", "failed", "canceled"):
-            return view
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} did not finish")
 
 
 def random_request(rng: random.Random, i: int) -> dict[str, Any]:

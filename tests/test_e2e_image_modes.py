@@ -19,8 +19,15 @@ from PIL import Image
 
 from model import load_pipeline
 from service.redis_server import RedisServer
-from tests.processes import api_process, live_workers, service_env, spawn, stop, wait_until
-from tests.test_e2e import wait_job
+from tests.processes import (
+    api_process,
+    live_workers,
+    service_env,
+    spawn,
+    stop,
+    wait_job,
+    wait_until,
+)
 from tests.test_pipeline_image_modes import hard_mask, source_image
 
 pytestmark = pytest.mark.slow
