@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from service.queue_keys import BATCH_ROW_BOUNDS, LATENCY_BOUNDS
+from service.queue.keys import BATCH_ROW_BOUNDS, LATENCY_BOUNDS
 
 if TYPE_CHECKING:
     from service.queue import JobQueue

@@ -1,6 +1,6 @@
 """The webhook dispatcher: an asyncio task in each API process (started by the lifespan).
 
-Deliveries are queued by the queue's finalize step (:mod:`service.queue_scripts`) in the
+Deliveries are queued by the queue's finalize step (:mod:`service.queue.scripts`) in the
 stream ``P:webhooks``, atomically with the job's final state, so a worker never waits on a
 receiver. Every API replica reads that stream in the consumer group ``dispatchers``:
 
@@ -34,7 +34,7 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from service.queue_keys import WEBHOOK_GROUP, Keys, new_worker_id
+from service.queue.keys import WEBHOOK_GROUP, Keys, new_worker_id
 from service.settings import Settings
 from service.webhooks import (
     SIGNATURE_HEADER,

@@ -3,7 +3,7 @@
 Parses Dockerfile, deploy/docker-compose.yml and deploy/k8s/*.yaml and checks them against
 ``service.cli.build_parser()`` (every command line is a real subcommand with real flags),
 ``service.settings.Settings`` (every ``LDMSERVE_*`` name is a field and every value loads),
-``service.queue_keys`` (the KEDA stream is the one jobs are queued on) and each other (ports,
+``service.queue.keys`` (the KEDA stream is the one jobs are queued on) and each other (ports,
 GPU requests, Redis persistence, grace periods longer than the worker's drain timeout). Also runs
 scripts/lint_deploy.sh (hadolint + yamllint), which must be installed (test extra).
 """
@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from service.queue_keys import Keys
+from service.queue.keys import Keys
 from service.settings import Settings
 from tests.deploy_files import (
     API_PORT,

@@ -33,7 +33,7 @@ from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.api import create_app
-from service.queue_keys import Keys, WorkerInfo
+from service.queue.keys import Keys, WorkerInfo
 from service.settings import Settings
 
 MAX_EXAMPLES = int(os.environ.get("LDMSERVE_ST_EXAMPLES", "50"))

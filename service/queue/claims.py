@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
-from service.queue_keys import GROUP, Claim, Keys, WorkerInfo, text
+from service.queue.keys import GROUP, Claim, Keys, WorkerInfo, text
 from service.settings import Settings
 
 

@@ -1,7 +1,7 @@
 """Redis key layout and the plain records :class:`service.queue.JobQueue` reads and returns.
 
 Key layout (``P`` = ``Settings.key_prefix``, default ``ldmserve``); the Lua preamble in
-:mod:`service.queue_scripts` derives the same names:
+:mod:`service.queue.scripts` derives the same names:
 
 ==================================  ======  ==================================================
 ``P:model:{model}:stream``          stream  one entry per job (field ``job``); group ``workers``

@@ -1,8 +1,8 @@
 """The Redis data model: submit, claim, heartbeat, progress, finish, cancel, reclaim.
 
 One stream per model read by the consumer group ``workers`` carries job ids; a hash per
-job carries the state (layout in :mod:`service.queue_keys`). Every conditional state
-change is one Lua script (:mod:`service.queue_scripts`), so a cancel, a reclaim and a
+job carries the state (layout in :mod:`service.queue.keys`). Every conditional state
+change is one Lua script (:mod:`service.queue.scripts`), so a cancel, a reclaim and a
 worker's final write can never interleave halfway.
 
 Worker loop, in short (``wid = new_worker_id()``, unique per process start)::
@@ -33,9 +33,9 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from service import queue_scripts as lua
-from service.queue_claims import StreamClaims
-from service.queue_keys import (
+from service.queue import scripts as lua
+from service.queue.claims import StreamClaims
+from service.queue.keys import (
     ANONYMOUS,
     BATCH_ROW_BOUNDS,
     LATENCY_BOUNDS,

@@ -3,7 +3,7 @@
 Why Lua and not MULTI: the changes are conditional (is the job still queued? does this
 worker still own it?), and a check followed by a write must not interleave with a cancel
 or a reclaim. Every script takes the key prefix as ``ARGV[1]`` and derives key names from
-it with the helpers in ``_PREAMBLE``, which mirror :class:`service.queue_keys.Keys`
+it with the helpers in ``_PREAMBLE``, which mirror :class:`service.queue.keys.Keys`
 (a single Redis, not Cluster: keys are computed inside the scripts).
 """
 
