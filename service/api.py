@@ -31,8 +31,8 @@ from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import render as render_metrics
 from service.metrics import snapshot as metrics_snapshot
 from service.queue import (
+    ApiQueue,
     IdempotencyMismatch,
-    JobQueue,
     JobRecord,
     OwnerQueueFull,
     QueueFull,
@@ -70,7 +70,7 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> ApiQueue:
     return request.app.state.queue
 
 
@@ -80,7 +80,7 @@ async def get_owner(request: Request) -> str:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-QueueDep = Annotated[JobQueue, Depends(get_queue)]
+QueueDep = Annotated[ApiQueue, Depends(get_queue)]
 OwnerDep = Annotated[str, Depends(get_owner)]
 
 
@@ -164,7 +164,7 @@ async def submit_job(
     )
 
 
-async def _record(queue: JobQueue, job_id: str, owner: str) -> JobRecord:
+async def _record(queue: ApiQueue, job_id: str, owner: str) -> JobRecord:
     """The caller's job; another owner's job is answered exactly like an unknown one."""
     record = await queue.get(job_id)
     if record is None or record.owner != owner:
@@ -308,13 +308,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        queue = JobQueue.connect(settings)
+        queue = ApiQueue.connect(settings)
         app.state.queue = queue
         dispatch: asyncio.Task[None] | None = None
         if settings.webhook_secret is not None:
             from service.webhook_dispatch import WebhookDispatcher  # httpx: only when needed
 
-            app.state.webhooks = WebhookDispatcher(queue.redis, settings)
+            app.state.webhooks = WebhookDispatcher(queue.store)
             dispatch = asyncio.create_task(app.state.webhooks.run())
         try:
             yield

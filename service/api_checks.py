@@ -10,7 +10,7 @@ from __future__ import annotations
 import unicodedata
 
 from service.api_errors import ApiError
-from service.queue import JobQueue
+from service.queue import ApiQueue
 from service.schemas import JobRequest
 from service.settings import Settings
 from service.webhooks import AllowList, WebhookRefused, check_url
@@ -54,7 +54,7 @@ def check_limits(body: JobRequest, s: Settings) -> None:
         raise _out_of_range("num_images", f"must be between 1 and {s.max_num_images}")
 
 
-async def resolve_model(body: JobRequest, s: Settings, queue: JobQueue) -> str:
+async def resolve_model(body: JobRequest, s: Settings, queue: ApiQueue) -> str:
     """The default model, or one a live worker serves; else 422 on ``model``."""
     if body.model is None or body.model == s.model:
         return s.model

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from service.queue.keys import JobRecord
+    from service.queue.records import JobRecord
 
 # Mirrors model.samplers.SAMPLER_NAMES (a test asserts they agree); the API may not import model.
 SAMPLER_NAMES: tuple[str, ...] = (

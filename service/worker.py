@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from model.pipeline import GenerationError, Pipeline
 from service.engine import Engine
 from service.engine_types import GenerationRequest, JobHandle, JobState, Progress
-from service.queue import Claim, JobQueue, WorkerInfo, new_worker_id
+from service.queue import Claim, WorkerInfo, WorkerQueue, new_worker_id
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Worker:
         self.model_name = model_name or settings.model
         self.worker_id = new_worker_id()
         self.engine = Engine(pipeline, settings.max_batch, on_batch=self._on_batch)
-        self.queue = JobQueue.connect(settings)
+        self.queue = WorkerQueue.connect(settings)
         self.running: dict[str, _Running] = {}
         # A job on its last attempt after crashing workers runs alone (see _claim_loop);
         # normally at most one is held here, more only while Redis is away.

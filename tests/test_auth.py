@@ -18,6 +18,7 @@ from service.api import create_app, new_job_id
 from service.auth import KeyRing, hash_key, parse_entries
 from service.settings import Settings
 from tests.apps import AppClientFactory
+from tests.queues import Queues
 
 pytestmark = pytest.mark.anyio
 Client = httpx.AsyncClient
@@ -171,9 +172,9 @@ async def test_another_key_gets_404_for_everything_of_a_job(api: tuple[Client, F
     client, app = api
     job = (await submit(client, "alice")).json()["id"]
     unknown = (await client.get(f"/v1/jobs/{'0' * 32}", headers=bearer("bob"))).json()
-    q = app.state.queue
-    (claim,) = await q.claim("w1", "demo", 1)
-    await q.finish(claim, [b"png"], [claim.params["seed"]])
+    q = Queues.over(app.state.queue.store)
+    (claim,) = await q.worker.claim("w1", "demo", 1)
+    await q.worker.finish(claim, [b"png"], [claim.params["seed"]])
     for method, path in (
         ("GET", f"/v1/jobs/{job}"),
         ("GET", f"/v1/jobs/{job}/images/0"),

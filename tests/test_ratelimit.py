@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from service.auth import hash_key
 from service.ratelimit import burst_of, retry_after_s
 from tests.apps import AppClientFactory
+from tests.queues import Queues
 
 pytestmark = pytest.mark.anyio
 Client = httpx.AsyncClient
@@ -97,18 +98,18 @@ async def test_per_key_cap_on_unfinished_jobs(make_client: Any) -> None:
     assert r.json()["error"]["code"] == "too_many_jobs"
     assert (await submit(client, "bob")).status_code == 202  # the cap is per key
 
-    q = app.state.queue
-    (claim,) = await q.claim("w1", "demo", 1)  # running still counts
+    q = Queues.over(app.state.queue.store)
+    (claim,) = await q.worker.claim("w1", "demo", 1)  # running still counts
     assert (await submit(client)).status_code == 429
-    await q.finish(claim, [b"png"])  # finished: a slot frees
+    await q.worker.finish(claim, [b"png"])  # finished: a slot frees
     job = (await submit(client)).json()["id"]
     assert (await submit(client)).status_code == 429
     await client.delete(f"/v1/jobs/{job}", headers=AUTH["alice"])  # canceled: a slot frees
     assert (await submit(client)).status_code == 202
 
     # A job lost from Redis (eviction, manual cleanup) does not hold a slot forever.
-    victim = await q.redis.srandmember(q.keys.owner_active("alice"))
-    await q.redis.delete(q.keys.job(victim.decode()))
+    victim = await q.store.redis.srandmember(q.store.keys.owner_active("alice"))
+    await q.store.redis.delete(q.store.keys.job(victim.decode()))
     assert (await submit(client)).status_code == 202
 
     text = (await client.get("/metrics", headers=AUTH["bob"])).text

@@ -1,12 +1,14 @@
-"""Redis key layout and the plain records :class:`service.queue.JobQueue` reads and returns.
+"""The Redis key layout, once: Python callers and the Lua scripts both derive names from it.
 
-Key layout (``P`` = ``Settings.key_prefix``, default ``ldmserve``); the Lua preamble in
-:mod:`service.queue.scripts` derives the same names:
+``P`` = ``Settings.key_prefix`` (default ``ldmserve``). :data:`LAYOUT` maps each key's role
+to its name below ``P:``; :class:`Keys` formats them in Python and :func:`lua_keys` emits
+the same names as a Lua table ``K`` for the scripts (:mod:`service.queue.scripts`), so a
+key is renamed in one place.
 
 ==================================  ======  ==================================================
 ``P:model:{model}:stream``          stream  one entry per job (field ``job``); group ``workers``
 ``P:model:{model}:queued``          zset    queued job ids scored by submit order (position)
-``P:job:{id}``                      hash    the job record (see :class:`JobRecord`)
+``P:job:{id}``                      hash    the job record (see :class:`~service.queue.records.JobRecord`)
 ``P:job:{id}:images``               hash    ``"0"``, ``"1"``, … → encoded image bytes (TTL)
 ``P:job:{id}:events``               pubsub  progress / status messages (JSON) for SSE
 ``P:idem:{sha256(owner\nkey)}``     string  Idempotency-Key → job id (scoped per owner)
@@ -14,7 +16,7 @@ Key layout (``P`` = ``Settings.key_prefix``, default ``ldmserve``); the Lua prea
 ``P:rate:{owner}``                  string  GCRA state of the owner's submits (service.ratelimit)
 ``P:webhooks``                      stream  webhook deliveries due now; group ``dispatchers``
 ``P:webhooks:retry``                zset    deliveries waiting for a retry, scored by due ms
-``P:worker:{worker_id}``            string  heartbeat: JSON :class:`WorkerInfo`, TTL
+``P:worker:{worker_id}``            string  heartbeat: JSON WorkerInfo, TTL ``worker_ttl_s``
 ``P:workers``                       zset    worker ids by last heartbeat (for listing)
 ``P:running``                       set     ids of running jobs (gauge)
 ``P:models``                        set     models that ever had a stream (metrics)
@@ -26,53 +28,57 @@ Key layout (``P`` = ``Settings.key_prefix``, default ``ldmserve``); the Lua prea
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import socket
-import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-GROUP = "workers"
-WEBHOOK_GROUP = "dispatchers"
+GROUP = "workers"  # the consumer group of every model stream
+WEBHOOK_GROUP = "dispatchers"  # the consumer group of P:webhooks
+RELEASED = "__released__"  # the never-beating consumer that parks handed-back entries
 ANONYMOUS = "anonymous"  # the owner of every job while auth is off (service.auth)
+
+# Histogram bucket bounds of the P:metrics hash (fields ``<name>_bucket:<le>``).
 LATENCY_BOUNDS: tuple[float, ...] = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 BATCH_ROW_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-
-def text(value: bytes | str | None) -> str | None:
-    """A Redis reply field as str (replies are bytes; None stays None)."""
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def new_worker_id() -> str:
-    """A consumer name unique to this process start: a restarted worker must not inherit
-    (and then never finish) the entries its previous life left pending."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-class QueueFull(Exception):
-    """The model's queue holds ``max_queue`` jobs; the API answers 429 + Retry-After."""
-
-
-class OwnerQueueFull(QueueFull):
-    """The key holds ``max_queued_per_key`` unfinished jobs (429 + Retry-After)."""
-
-
-class RateLimited(Exception):
-    """The key submitted faster than ``rate_limit_per_min`` allows (429 + Retry-After)."""
-
-    def __init__(self, retry_after_ms: int) -> None:
-        super().__init__(f"rate limit exceeded; retry in {retry_after_ms} ms")
-        self.retry_after_ms = retry_after_ms
+# role -> name below "P:"; "{}" is the one variable part (a job id, model, owner, ...).
+LAYOUT: dict[str, str] = {
+    "job": "job:{}",
+    "images": "job:{}:images",
+    "events": "job:{}:events",
+    "stream": "model:{}:stream",
+    "queued": "model:{}:queued",
+    "idem": "idem:{}",
+    "owner_active": "owner:{}:active",
+    "rate": "rate:{}",
+    "webhooks": "webhooks",
+    "webhooks_retry": "webhooks:retry",
+    "worker": "worker:{}",
+    "workers": "workers",
+    "running": "running",
+    "models": "models",
+    "metrics": "metrics",
+    "seq": "seq",
+}
 
 
-class IdempotencyMismatch(Exception):
-    """An Idempotency-Key was reused with a different request body."""
+def _lua_string(value: str) -> str:
+    if "'" in value or "\\" in value:
+        raise ValueError(f"not a plain Lua string: {value!r}")
+    return f"'{value}'"
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"Idempotency-Key already used for job {job_id} with another body")
-        self.job_id = job_id
+
+def lua_keys() -> str:
+    """Lua defining ``K`` from :data:`LAYOUT` (``K.job(id)``, ``K.running``) below ``P``."""
+    lines = ["local K = {}"]
+    for role, name in LAYOUT.items():
+        if "{}" in name:
+            head, tail = name.split("{}")
+            expr = f"P .. {_lua_string(':' + head)} .. v"
+            if tail:
+                expr += f" .. {_lua_string(tail)}"
+            lines.append(f"K.{role} = function(v) return {expr} end")
+        else:
+            lines.append(f"K.{role} = P .. {_lua_string(':' + name)}")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -81,161 +87,64 @@ class Keys:
 
     prefix: str
 
+    def _name(self, role: str, part: str = "") -> str:
+        return f"{self.prefix}:{LAYOUT[role].format(part)}"
+
     def job(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
+        return self._name("job", job_id)
 
     def images(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:images"
+        return self._name("images", job_id)
 
     def events(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:events"
+        return self._name("events", job_id)
 
     def stream(self, model: str) -> str:
-        return f"{self.prefix}:model:{model}:stream"
+        return self._name("stream", model)
 
     def queued(self, model: str) -> str:
-        return f"{self.prefix}:model:{model}:queued"
+        return self._name("queued", model)
 
     def idem(self, key: str, owner: str = ANONYMOUS) -> str:
-        digest = hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest()
-        return f"{self.prefix}:idem:{digest}"
+        return self._name("idem", hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest())
 
     def owner_active(self, owner: str) -> str:
-        return f"{self.prefix}:owner:{owner}:active"
+        return self._name("owner_active", owner)
 
     def rate(self, owner: str) -> str:
-        return f"{self.prefix}:rate:{owner}"
+        return self._name("rate", owner)
+
+    def worker(self, worker_id: str) -> str:
+        return self._name("worker", worker_id)
 
     @property
     def webhooks(self) -> str:
-        return f"{self.prefix}:webhooks"
+        return self._name("webhooks")
 
     @property
     def webhooks_retry(self) -> str:
-        return f"{self.prefix}:webhooks:retry"
-
-    def worker(self, worker_id: str) -> str:
-        return f"{self.prefix}:worker:{worker_id}"
+        return self._name("webhooks_retry")
 
     @property
     def workers(self) -> str:
-        return f"{self.prefix}:workers"
+        return self._name("workers")
 
     @property
     def running(self) -> str:
-        return f"{self.prefix}:running"
+        return self._name("running")
 
     @property
     def models(self) -> str:
-        return f"{self.prefix}:models"
+        return self._name("models")
 
     @property
     def metrics(self) -> str:
-        return f"{self.prefix}:metrics"
+        return self._name("metrics")
 
+    @property
+    def seq(self) -> str:
+        return self._name("seq")
 
-@dataclass(frozen=True)
-class WorkerInfo:
-    """What a worker announces in its heartbeat (for /readyz, /v1/models, metrics)."""
-
-    worker_id: str
-    model: str
-    max_batch: int
-    device: str
-    started_at: float
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__)
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> WorkerInfo:
-        return cls(**json.loads(raw))
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A worker's lease on one run of a job; pass it back to progress/finish/fail/release.
-
-    ``lease`` increases on every (re)claim and guards every write: a worker whose claim was
-    taken over holds a stale lease and its writes are refused. ``attempt`` counts runs
-    (drained runs handed back with ``release`` do not count).
-    """
-
-    job_id: str
-    worker_id: str
-    lease: int
-    attempt: int
-    params: dict[str, Any]
-    entry_id: str
-    model: str
-
-
-@dataclass(frozen=True)
-class SubmitResult:
-    """Outcome of a submit (one round trip): the job, and whether this call created it."""
-
-    job_id: str
-    created: bool
-    status: str
-    queue_position: int | None
-    params: dict[str, Any]
-
-
-def _f(raw: dict[str, str], name: str) -> float | None:
-    value = raw.get(name)
-    return float(value) if value not in (None, "") else None
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """Decoded job hash."""
-
-    id: str
-    status: str
-    model: str
-    params: dict[str, Any]
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    attempt: int = 0
-    worker: str | None = None
-    step: int | None = None
-    total: int | None = None
-    eta_s: float | None = None
-    error_code: str | None = None
-    error: str | None = None
-    image_count: int = 0
-    seeds: list[int] = field(default_factory=list)
-    format: str | None = None
-    expires_at: float | None = None
-    queue_position: int | None = None
-    owner: str = ANONYMOUS
-    webhook_url: str | None = None
-
-    @classmethod
-    def from_hash(cls, raw: dict[str, str], queue_position: int | None = None) -> JobRecord:
-        """Build from HGETALL output (decoded strings)."""
-        step, total = raw.get("step"), raw.get("total")
-        return cls(
-            id=raw["id"],
-            status=raw["status"],
-            model=raw["model"],
-            params=json.loads(raw["params"]),
-            created_at=float(raw["created_at"]),
-            started_at=_f(raw, "started_at"),
-            finished_at=_f(raw, "finished_at"),
-            attempt=int(raw.get("attempt", 0)),
-            worker=raw.get("worker"),
-            step=int(step) if step else None,
-            total=int(total) if total else None,
-            eta_s=_f(raw, "eta_s"),
-            error_code=raw.get("error_code"),
-            error=raw.get("error"),
-            image_count=int(raw.get("image_count", 0)),
-            seeds=json.loads(raw["seeds"]) if raw.get("seeds") else [],
-            format=raw.get("format"),
-            expires_at=_f(raw, "expires_at"),
-            queue_position=queue_position,
-            owner=raw.get("owner") or ANONYMOUS,
-            webhook_url=raw.get("webhook") or None,
-        )
+    def pattern(self, role: str) -> str:
+        """A SCAN/KEYS glob for every key of ``role`` (``jobs``: ``P:job:*``)."""
+        return self._name(role, "*")
