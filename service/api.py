@@ -26,7 +26,14 @@ from fastapi.responses import StreamingResponse
 from service import openapi_limits
 from service.api_checks import check_limits, check_webhook, resolve_model
 from service.api_errors import ApiError, BodyLimitMiddleware, install_error_handlers
-from service.auth import ANONYMOUS, OWNER_SCOPE_KEY, AuthMiddleware, KeyRing, is_loopback_host
+from service.auth import (
+    ANONYMOUS,
+    OWNER_SCOPE_KEY,
+    AuthMiddleware,
+    KeyRing,
+    is_loopback_host,
+    metrics_readers,
+)
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import render as render_metrics
 from service.metrics import snapshot as metrics_snapshot
@@ -341,7 +348,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Middleware added last runs first: CORS (preflights need no key), then auth (a bad key
     # is refused before the body is read or validated), then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AuthMiddleware, keys=keys, metrics_public=settings.metrics_public)
+    app.add_middleware(
+        AuthMiddleware,
+        keys=keys,
+        metrics_public=settings.metrics_public,
+        metrics_readers=metrics_readers(keys, settings.metrics_keys),
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -10,6 +10,9 @@ request reaches body parsing or validation, for every path but ``/healthz``, the
 document and docs pages, and ``/metrics`` when ``metrics_public``. The presented key is
 hashed and compared with every configured hash by :func:`hmac.compare_digest`.
 
+``/metrics`` shows every tenant's numbers, so unless ``metrics_public`` it is answered only
+for the keys named in ``metrics_keys`` (admin keys); any other valid key gets 403.
+
 Hash a key for the configuration::
 
     python -m service.auth hash <key>      # prints the sha256 hex digest ("-": key on stdin)
@@ -37,6 +40,7 @@ OWNER_SCOPE_KEY = "ldmserve.owner"
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEX = re.compile(r"[0-9a-f]{64}")
 _DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+METRICS_PATH = "/metrics"
 
 
 def hash_key(key: str) -> str:
@@ -97,6 +101,16 @@ class KeyRing:
         return found
 
 
+def metrics_readers(keys: KeyRing, metrics_keys: str) -> frozenset[str]:
+    """The key names of ``LDMSERVE_METRICS_KEYS``; a name no key has stops the process at
+    start (a typo would otherwise lock every admin out of /metrics)."""
+    names = frozenset(n.strip() for n in metrics_keys.split(",") if n.strip())
+    unknown = names - set(keys.digests)
+    if unknown:
+        raise ValueError(f"LDMSERVE_METRICS_KEYS names unknown keys: {sorted(unknown)}")
+    return names
+
+
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
     """The token of an ``Authorization: Bearer`` header (scheme case-insensitive)."""
     for name, value in headers:
@@ -124,10 +138,17 @@ class AuthMiddleware:
     With an empty key ring every request passes as :data:`ANONYMOUS`.
     """
 
-    def __init__(self, app: ASGIApp, keys: KeyRing, metrics_public: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyRing,
+        metrics_public: bool,
+        metrics_readers: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.keys = keys
         self.public = {"/healthz", *_DOCS} | ({"/metrics"} if metrics_public else set())
+        self.metrics_readers = metrics_readers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -148,6 +169,17 @@ class AuthMiddleware:
                 401, "unauthorized", message, headers={"WWW-Authenticate": challenge}
             )
             await response(scope, receive, send)
+            return
+        if (
+            owner is not None
+            and scope["path"] == METRICS_PATH
+            and METRICS_PATH not in self.public
+            and owner not in self.metrics_readers
+        ):
+            message = (
+                "/metrics shows every tenant's numbers: only the keys in LDMSERVE_METRICS_KEYS"
+            )
+            await error_response(403, "forbidden", message)(scope, receive, send)
             return
         scope[OWNER_SCOPE_KEY] = owner or ANONYMOUS
         await self.app(scope, receive, send)

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(default=None, description="One name:sha256hex per line.")
     metrics_public: bool = Field(default=False, description="Serve /metrics without a key.")
+    metrics_keys: str = Field(
+        default="",
+        description="Comma-separated key names (admin keys) that may read /metrics; others: 403.",
+    )
     rate_limit_per_min: float = Field(
         default=300.0, ge=0, description="Submits per key per minute (GCRA in Redis); 0 = off."
     )

@@ -121,7 +121,32 @@ async def test_every_endpoint_but_healthz_needs_a_key(api: tuple[Client, FastAPI
 async def test_metrics_can_be_public(make_client: Any) -> None:
     client, _ = await make_client(metrics_public=True)
     assert (await client.get("/metrics")).status_code == 200
+    assert (await client.get("/metrics", headers=bearer("bob"))).status_code == 200
     assert (await client.get("/v1/models")).status_code == 401
+
+
+async def test_metrics_only_for_admin_keys(make_client: Any) -> None:
+    """Every tenant's numbers are in /metrics: a tenant's key gets 403, an admin key 200."""
+    client, _ = await make_client(metrics_keys="alice")
+    await client.post("/v1/jobs", json={"prompt": "a"}, headers=bearer("bob"))
+    r = await client.get("/metrics", headers=bearer("bob"))
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert "ldmserve_" not in r.text
+    r = await client.get("/metrics", headers=bearer("alice"))
+    assert r.status_code == 200 and "ldmserve_jobs_submitted_total 1" in r.text.splitlines()
+    assert (await client.get("/v1/samplers", headers=bearer("bob"))).status_code == 200
+
+
+async def test_metrics_closed_to_every_key_by_default(make_client: Any) -> None:
+    client, _ = await make_client()
+    for name in KEYS:
+        assert (await client.get("/metrics", headers=bearer(name))).status_code == 403
+    assert (await client.get("/metrics")).status_code == 401
+
+
+def test_metrics_keys_must_name_configured_keys(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="carol"):
+        create_app(Settings(redis_url=redis_url, api_keys=API_KEYS, metrics_keys="alice,carol"))
 
 
 @pytest.mark.parametrize(

@@ -91,7 +91,9 @@ async def test_without_auth_everyone_shares_one_anonymous_bucket(make_client: An
 
 
 async def test_per_key_cap_on_unfinished_jobs(make_client: Any) -> None:
-    client, app = await make_client(max_queued_per_key=2, queue_full_retry_after_s=3)
+    client, app = await make_client(
+        max_queued_per_key=2, queue_full_retry_after_s=3, metrics_keys="bob"
+    )
     assert [(await submit(client)).status_code for _ in range(2)] == [202, 202]
     r = await submit(client)
     assert r.status_code == 429 and r.headers["retry-after"] == "3"
@@ -117,7 +119,7 @@ async def test_per_key_cap_on_unfinished_jobs(make_client: Any) -> None:
 
 
 async def test_rate_limited_submits_are_counted(make_client: Any) -> None:
-    client, _ = await make_client(rate_limit_per_min=1, rate_limit_burst=1)
+    client, _ = await make_client(rate_limit_per_min=1, rate_limit_burst=1, metrics_keys="alice")
     for _ in range(3):
         await submit(client)
     text = (await client.get("/metrics", headers=AUTH["alice"])).text
