@@ -34,6 +34,16 @@ class Settings(BaseSettings):
         default=60.0, ge=0, description="On SIGTERM, running jobs get this long before hand-back."
     )
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    watchdog_stall_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="A worker whose engine makes no progress this long with jobs exits (0 = off).",
+    )
+    max_job_runtime_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="A job running longer fails (runtime_exceeded); 0 = no limit.",
+    )
     worker_ttl_s: float = Field(
         default=10.0, gt=0, description="A worker without a heartbeat for this long is dead."
     )

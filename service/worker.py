@@ -29,6 +29,7 @@ from service.engine import Engine
 from service.engine_types import GenerationRequest, JobHandle, JobState, Progress
 from service.queue import Claim, WorkerInfo, WorkerQueue, new_worker_id
 from service.settings import Settings
+from service.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class Worker:
         self.worker_id = new_worker_id()
         self.engine = Engine(pipeline, settings.max_batch, on_batch=self._on_batch)
         self.queue = WorkerQueue.connect(settings)
+        self.watchdog = Watchdog(
+            settings, self.queue, self.worker_id, self._busy, self.engine.cancel
+        )
         self.running: dict[str, _Running] = {}
         # A job on its last attempt after crashing workers runs alone (see _claim_loop);
         # normally at most one is held here, more only while Redis is away.
@@ -116,12 +120,14 @@ class Worker:
 
     # ----------------------------------------------------------------- engine callbacks (thread)
     def _on_batch(self, rows: int, jobs: int) -> None:
+        self.watchdog.beat()
         self._post(lambda: self._events.batch_rows.append(rows))
 
     def _on_progress(self, handle: JobHandle, progress: Progress) -> None:
         self._post(lambda: self._events.progress.__setitem__(handle.id, progress))
 
     def _on_done(self, handle: JobHandle) -> None:
+        self.watchdog.beat()
         self._post(lambda: self._events.done.append(handle))
 
     def _post(self, fn: object) -> None:
@@ -146,6 +152,7 @@ class Worker:
         tasks = [
             asyncio.create_task(self._heartbeat_loop()),
             asyncio.create_task(self._events_loop()),
+            asyncio.create_task(self.watchdog.run()),
         ]
         try:
             await self._claim_loop()
@@ -163,6 +170,10 @@ class Worker:
                 log.warning("could not unregister: %s", exc)
             await self.queue.aclose()
             log.info("worker %s stopped", self.worker_id)
+
+    def _busy(self) -> dict[str, Claim]:
+        """The claims the engine is working on (for the watchdog)."""
+        return {j: e.claim for j, e in self.running.items() if e.handle and not e.handle.done()}
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -324,6 +335,8 @@ class Worker:
             else:
                 log.info("job %s result discarded: no longer ours", claim.job_id)
         elif handle.state is JobState.FAILED:
+            if self.watchdog.device_failed(handle.error):
+                return  # not the job's fault: this process exits and the job is reclaimed
             await self.queue.fail(claim, "generation_failed", handle.error or "generation failed")
         # CANCELED: the queue already says so (or we handed it back while draining).
         self.running.pop(handle.id, None)

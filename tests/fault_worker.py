@@ -8,6 +8,9 @@ this is in product code):
 - prompt starting with ``slow:``: every UNet call carrying that job first sleeps
   ``$FAULT_SLOW_STEP_S`` seconds (default 1.0), like a slow GPU. The sleep is on the engine
   thread, so the worker's heartbeats keep going: slow, but alive.
+
+And one for the whole process: ``$FAULT_DEVICE_BROKEN=1`` makes every UNet call raise the
+error a GPU whose context broke raises (``CUDA error: an illegal memory access``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from service.engine import Engine
 POISON = os.environ.get("FAULT_POISON_PROMPT", "poison")
 SLOW_PREFIX = "slow:"
 SLOW_STEP_S = float(os.environ.get("FAULT_SLOW_STEP_S", "1.0"))
+DEVICE_BROKEN = os.environ.get("FAULT_DEVICE_BROKEN") == "1"
 
 _submit = Engine.submit
 _unet_call = Engine._unet_call
@@ -40,6 +44,8 @@ def submit(self: Engine, request: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def unet_call(self: Engine, chunk: list[Any]) -> Any:
+    if DEVICE_BROKEN:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
     if any(s.job.request.prompt.startswith(SLOW_PREFIX) for s in chunk):
         time.sleep(SLOW_STEP_S)
     return _unet_call(self, chunk)
