@@ -5,6 +5,8 @@ duplicate results (goal 0 for both).
                                                       # poison, ttl: 1), ~4-5 min on 2 cores
     .venv/bin/python bench/faults.py --trials 3 --trials-of kill=2,poison=2,ttl=1  # ~5-9 min
     .venv/bin/python bench/faults.py --trials 5 --trials-of kill=3 --scenarios kill,api
+    .venv/bin/python bench/faults.py --scenarios redis --trials 3 --redis-config deploy/redis.conf
+                                          # Redis as shipped (appendfsync everysec)
 
 The scenarios are tests/fault_scenarios.py (the same code the fault tests assert on): a
 stack of redis-server (AOF, appendfsync always), `ldmserve api` and demo workers run through
@@ -57,6 +59,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting trials after")
     parser.add_argument("--keep", action="store_true", help="keep the logs' temp directory")
+    parser.add_argument(
+        "--redis-config", type=Path, help="run redis-server from this redis.conf (e.g. deploy/)"
+    )
     args = parser.parse_args()
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = set(names) - set(SCENARIOS)
@@ -75,7 +80,7 @@ def main() -> int:
         members = [n for n in names if SCENARIOS[n][0] == group]
         if not members:
             continue
-        stack = Stack(root / group, workers=workers, env=env)
+        stack = Stack(root / group, workers=workers, env=env, redis_config=args.redis_config)
         try:
             stack.start()
             for trial in range(max(trials[n] for n in members)):
