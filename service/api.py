@@ -24,10 +24,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 
 from service import openapi_limits
-from service.api_checks import check_limits, check_webhook, resolve_model
+from service.api_checks import check_limits, check_priority, check_webhook, resolve_model
 from service.api_errors import ApiError, BodyLimitMiddleware, install_error_handlers
 from service.auth import (
     ANONYMOUS,
+    MAX_PRIORITY_SCOPE_KEY,
     OWNER_SCOPE_KEY,
     AuthMiddleware,
     KeyRing,
@@ -91,6 +92,14 @@ QueueDep = Annotated[ApiQueue, Depends(get_queue)]
 OwnerDep = Annotated[str, Depends(get_owner)]
 
 
+async def get_max_priority(request: Request) -> str:
+    """The highest job priority the caller's key may use (set by AuthMiddleware)."""
+    return str(request.scope.get(MAX_PRIORITY_SCOPE_KEY, "normal"))
+
+
+MaxPriorityDep = Annotated[str, Depends(get_max_priority)]
+
+
 def new_job_id() -> str:
     """uuid4 hex: 122 random bits from os.urandom (unguessable; ownership still checked)."""
     return uuid.uuid4().hex
@@ -125,11 +134,13 @@ async def submit_job(
     queue: QueueDep,
     settings: SettingsDep,
     owner: OwnerDep,
+    max_priority: MaxPriorityDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> SubmitResponse:
     """Queue a generation job; answers at once with its id (poll or stream it)."""
     started = time.perf_counter()
     check_limits(body, settings)
+    check_priority(body, max_priority)
     model = await resolve_model(body, settings, queue)
     webhook_url = await check_webhook(body.webhook_url, settings)
     digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()

@@ -11,6 +11,7 @@ import unicodedata
 
 from service.api_errors import ApiError
 from service.queue import ApiQueue
+from service.queue.keys import PRIORITIES
 from service.schemas import JobRequest
 from service.settings import Settings
 from service.webhooks import AllowList, WebhookRefused, check_url
@@ -52,6 +53,13 @@ def check_limits(body: JobRequest, s: Settings) -> None:
         )
     if not 1 <= body.num_images <= s.max_num_images:
         raise _out_of_range("num_images", f"must be between 1 and {s.max_num_images}")
+
+
+def check_priority(body: JobRequest, allowed: str) -> None:
+    """403 when the job asks for a higher priority than the caller's key may use."""
+    if PRIORITIES.index(body.priority) < PRIORITIES.index(allowed):
+        message = f"priority: this key may use {allowed!r} at most"
+        raise ApiError(403, "priority_not_allowed", message, "priority")
 
 
 async def resolve_model(body: JobRequest, s: Settings, queue: ApiQueue) -> str:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.queue.keys import Priority
+
 if TYPE_CHECKING:
     from service.queue.records import JobRecord
 
@@ -67,6 +69,11 @@ class JobRequest(BaseModel):
         max_length=2048,
         description="http(s) URL POSTed a signed JSON body when the job ends (succeeded, "
         "failed or canceled); must resolve to public addresses (see README, Security).",
+    )
+    priority: Priority = Field(
+        default="normal",
+        description="Workers take higher priorities first; the highest a key may use is part "
+        "of its configuration (403 priority_not_allowed above it).",
     )
 
 

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         default=3600, ge=1, description="The job record outlives its images by this (→ 410)."
     )
     max_queue: int = Field(default=1000, ge=1, description="Queued jobs per model before 429.")
+    max_running_per_key: int = Field(
+        default=0,
+        ge=0,
+        description="Jobs one key may have running at once (fair share); 0 = no cap.",
+    )
     queue_full_retry_after_s: int = Field(default=5, ge=1)
     redis_retry_after_s: int = Field(default=2, ge=1)
     redis_timeout_s: float = Field(default=5.0, gt=0)

@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from service.api import create_app, new_job_id
-from service.auth import KeyRing, hash_key, parse_entries
+from service.auth import KeyEntry, KeyRing, hash_key, parse_entries
 from service.settings import Settings
 from tests.apps import AppClientFactory
 from tests.queues import Queues
@@ -52,12 +52,12 @@ async def submit(client: Client, who: str, **body: Any) -> httpx.Response:
 
 def test_entries_parse_and_bad_ones_are_refused(tmp_path: Path) -> None:
     digest = hash_key("k")
-    assert parse_entries(f" a:{digest} , b.c-d_1:{digest.upper()} ") == {
-        "a": bytes.fromhex(digest),
-        "b.c-d_1": bytes.fromhex(digest),
+    assert parse_entries(f" a:{digest} , b.c-d_1:{digest.upper()}:high ") == {
+        "a": KeyEntry(bytes.fromhex(digest), "normal"),
+        "b.c-d_1": KeyEntry(bytes.fromhex(digest), "high"),
     }
     for bad in ("a", f"a:{digest[:-1]}", f":{digest}", f"a b:{digest}", "a:zz" + digest[2:],
-                f"anonymous:{digest}", f"a:{digest},a:{digest}"):  # fmt: skip
+                f"anonymous:{digest}", f"a:{digest},a:{digest}", f"a:{digest}:urgent"):  # fmt: skip
         with pytest.raises(ValueError):
             parse_entries(bad)
     # The error never echoes the hash part of a malformed entry.

@@ -177,7 +177,12 @@ async def test_cancel_between_read_and_activate_skips_the_job(q: Queues) -> None
     assert await q.api.cancel(job_id) == "canceled"
     entry_id = raw[0][1][0][0].decode()
     rows = await q.store.run(
-        scripts.ACTIVATE, worker="w1", now="1", model=MODEL, rest=[entry_id, job_id]
+        scripts.ACTIVATE,
+        worker="w1",
+        now="1",
+        model=MODEL,
+        max_running=0,
+        rest=["normal", entry_id, job_id],
     )
     assert rows == []
     assert (await q.api.get(job_id)).status == "canceled"

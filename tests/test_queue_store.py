@@ -6,7 +6,7 @@ import pytest
 from redis.asyncio import Redis
 
 from service.queue import scripts
-from service.queue.keys import LAYOUT, Keys
+from service.queue.keys import LAYOUT, STREAM_ROLE, Keys
 from service.queue.scripts import Script
 from service.queue.store import QueueStore
 from service.settings import Settings
@@ -17,6 +17,9 @@ pytestmark = pytest.mark.anyio
 def _python_name(keys: Keys, role: str, part: str) -> str:
     if role == "idem":  # Keys.idem(key, owner) hashes its input; the Lua side gets the digest
         return keys.idem("k", "o").rsplit(":", 1)[0] + ":" + part
+    by_priority = {role: p for p, role in STREAM_ROLE.items()}
+    if role in by_priority:
+        return keys.stream(part, by_priority[role])
     attr = getattr(keys, role)
     return attr(part) if callable(attr) else attr
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from service.queue import scripts
 from service.queue.errors import IdempotencyMismatch, OwnerQueueFull, QueueFull, RateLimited
-from service.queue.keys import ANONYMOUS
+from service.queue.keys import ANONYMOUS, PRIORITIES
 from service.queue.records import JobRecord, SubmitResult, WorkerInfo, text
 from service.queue.store import QueueStore
 from service.ratelimit import burst_of
@@ -51,12 +51,18 @@ class ApiQueue:
         ``max_queued_per_key`` unfinished jobs of ``owner``, QueueFull past ``max_queue``
         queued jobs for the model, and IdempotencyMismatch when the owner used the key with
         a different ``digest``. A job with ``webhook_url`` gets a delivery on its final state.
+        Its priority is ``params["priority"]`` (JobRequest's transport field; default
+        ``normal``): workers take higher priorities first, and queue positions count them.
         """
         st, s = self.store, self.store.settings
+        priority = str(params.get("priority", "normal"))
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, not {priority!r}")
         kind, found, status, rank, params_json = await st.run(
             scripts.SUBMIT,
             job_id=job_id,
             model=model,
+            priority=priority,
             params_json=json.dumps(params, separators=(",", ":")),
             digest=digest,
             now=repr(time.time()),

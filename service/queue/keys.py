@@ -6,13 +6,16 @@ the same names as a Lua table ``K`` for the scripts (:mod:`service.queue.scripts
 key is renamed in one place.
 
 ==================================  ======  ==================================================
-``P:model:{model}:stream``          stream  one entry per job (field ``job``); group ``workers``
+``P:model:{model}:stream``          stream  one entry per ``normal`` job (field ``job``); group ``workers``
+``P:model:{model}:stream:high``     stream  the same for ``high`` jobs (read first)
+``P:model:{model}:stream:low``      stream  the same for ``low`` jobs (read last)
 ``P:model:{model}:queued``          zset    queued job ids scored by submit order (position)
 ``P:job:{id}``                      hash    the job record (see :class:`~service.queue.records.JobRecord`)
 ``P:job:{id}:images``               hash    ``"0"``, ``"1"``, … → encoded image bytes (TTL)
 ``P:job:{id}:events``               pubsub  progress / status messages (JSON) for SSE
 ``P:idem:{sha256(owner\nkey)}``     string  Idempotency-Key → job id (scoped per owner)
 ``P:owner:{owner}:active``          set     the owner's unfinished job ids (per-key cap)
+``P:owner:{owner}:running``         set     the owner's running job ids (running cap, fair share)
 ``P:rate:{owner}``                  string  GCRA state of the owner's submits (service.ratelimit)
 ``P:webhooks``                      stream  webhook deliveries due now; group ``dispatchers``
 ``P:webhooks:retry``                zset    deliveries waiting for a retry, scored by due ms
@@ -29,11 +32,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 GROUP = "workers"  # the consumer group of every model stream
 WEBHOOK_GROUP = "dispatchers"  # the consumer group of P:webhooks
 RELEASED = "__released__"  # the never-beating consumer that parks handed-back entries
 ANONYMOUS = "anonymous"  # the owner of every job while auth is off (service.auth)
+
+# Job priorities, highest first: workers read the streams in this order.
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[str, ...] = get_args(Priority)
+STREAM_ROLE = {"high": "stream_high", "normal": "stream", "low": "stream_low"}
 
 # Histogram bucket bounds of the P:metrics hash (fields ``<name>_bucket:<le>``).
 LATENCY_BOUNDS: tuple[float, ...] = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -45,9 +54,12 @@ LAYOUT: dict[str, str] = {
     "images": "job:{}:images",
     "events": "job:{}:events",
     "stream": "model:{}:stream",
+    "stream_high": "model:{}:stream:high",
+    "stream_low": "model:{}:stream:low",
     "queued": "model:{}:queued",
     "idem": "idem:{}",
     "owner_active": "owner:{}:active",
+    "owner_running": "owner:{}:running",
     "rate": "rate:{}",
     "webhooks": "webhooks",
     "webhooks_retry": "webhooks:retry",
@@ -69,6 +81,11 @@ def _lua_string(value: str) -> str:
 def lua_keys() -> str:
     """Lua defining ``K`` from :data:`LAYOUT` (``K.job(id)``, ``K.running``) below ``P``."""
     lines = ["local K = {}"]
+    # stream_of(model, priority): the stream of that priority (anything else: normal's).
+    lines.append("local PRIORITIES = {" + ", ".join(_lua_string(p) for p in PRIORITIES) + "}")
+    lines.append(
+        "local PRIORITY_RANK = {" + ", ".join(f"{p} = {i}" for i, p in enumerate(PRIORITIES)) + "}"
+    )
     for role, name in LAYOUT.items():
         if "{}" in name:
             head, tail = name.split("{}")
@@ -78,6 +95,12 @@ def lua_keys() -> str:
             lines.append(f"K.{role} = function(v) return {expr} end")
         else:
             lines.append(f"K.{role} = P .. {_lua_string(':' + name)}")
+    branches = " ".join(
+        f"if priority == {_lua_string(p)} then return K.{role}(model) end"
+        for p, role in STREAM_ROLE.items()
+        if role != "stream"
+    )
+    lines.append(f"local function stream_of(model, priority) {branches} return K.stream(model) end")
     return "\n".join(lines) + "\n"
 
 
@@ -99,8 +122,13 @@ class Keys:
     def events(self, job_id: str) -> str:
         return self._name("events", job_id)
 
-    def stream(self, model: str) -> str:
-        return self._name("stream", model)
+    def stream(self, model: str, priority: str = "normal") -> str:
+        """The model's stream for jobs of ``priority`` (``normal``'s keeps the old name)."""
+        return self._name(STREAM_ROLE[priority], model)
+
+    def streams(self, model: str) -> list[str]:
+        """The model's streams, highest priority first."""
+        return [self.stream(model, p) for p in PRIORITIES]
 
     def queued(self, model: str) -> str:
         return self._name("queued", model)
@@ -110,6 +138,9 @@ class Keys:
 
     def owner_active(self, owner: str) -> str:
         return self._name("owner_active", owner)
+
+    def owner_running(self, owner: str) -> str:
+        return self._name("owner_running", owner)
 
     def rate(self, owner: str) -> str:
         return self._name("rate", owner)

@@ -76,9 +76,29 @@ local function observe(name, value, bounds)
   redis.call('HINCRBY', K.metrics, name .. '_count', 1)
 end
 
-local function retire(model, entry)
-  redis.call('XACK', K.stream(model), GROUP, entry)
-  redis.call('XDEL', K.stream(model), entry)
+local function retire(model, priority, entry)
+  local stream = stream_of(model, priority)
+  redis.call('XACK', stream, GROUP, entry)
+  redis.call('XDEL', stream, entry)
+end
+
+-- Leave an entry for later: it moves to a consumer that never heart-beats, idle "forever",
+-- so the next reclaim by any live worker looks at it first (drain hand-back, running cap).
+local function park(model, priority, entry)
+  redis.call('XCLAIM', stream_of(model, priority), GROUP, RELEASED, 0, entry, 'IDLE', 1000000000000, 'JUSTID')
+end
+
+-- Whether the owner already runs `cap` jobs (0 = no cap). Ids whose job is gone or no longer
+-- running (a record lost to eviction) are dropped first, so the set heals itself.
+local function at_running_cap(owner, cap)
+  cap = tonumber(cap)
+  if cap <= 0 then return false end
+  local set = K.owner_running(owner or ANONYMOUS)
+  if redis.call('SCARD', set) < cap then return false end
+  for _, j in ipairs(redis.call('SMEMBERS', set)) do
+    if redis.call('HGET', K.job(j), 'status') ~= 'running' then redis.call('SREM', set, j) end
+  end
+  return redis.call('SCARD', set) >= cap
 end
 
 local function publish_status(id, status)
@@ -90,13 +110,14 @@ end
 -- a webhook gets its delivery queued in the same atomic step (service.webhook_dispatch).
 local function finalize(id, status, now, job_ttl)
   local job = K.job(id)
-  local v = redis.call('HMGET', job, 'model', 'entry', 'owner', 'webhook')
+  local v = redis.call('HMGET', job, 'model', 'entry', 'owner', 'webhook', 'priority')
   redis.call('HSET', job, 'status', status, 'finished_at', now, 'updated_at', now)
   redis.call('HDEL', job, 'eta_s')
   redis.call('SREM', K.running, id)
   redis.call('ZREM', K.queued(v[1]), id)
-  retire(v[1], v[2])
+  retire(v[1], v[5], v[2])
   redis.call('SREM', K.owner_active(v[3] or ANONYMOUS), id)
+  redis.call('SREM', K.owner_running(v[3] or ANONYMOUS), id)
   if v[4] and v[4] ~= '' then
     local e = redis.call('HMGET', job, 'error_code', 'error', 'image_count')
     redis.call('XADD', K.webhooks, '*', 'job', id, 'status', status, 'url', v[4],
@@ -115,9 +136,10 @@ local function start_run(id, worker, now)
   local lease = redis.call('HINCRBY', job, 'lease', 1)
   redis.call('HSET', job, 'status', 'running', 'worker', worker, 'started_at', now, 'updated_at', now)
   redis.call('HDEL', job, 'step', 'total', 'eta_s')
-  local v = redis.call('HMGET', job, 'model', 'params', 'entry')
+  local v = redis.call('HMGET', job, 'model', 'params', 'entry', 'owner')
   redis.call('ZREM', K.queued(v[1]), id)
   redis.call('SADD', K.running, id)
+  redis.call('SADD', K.owner_running(v[4] or ANONYMOUS), id)
   publish_status(id, 'running')
   return {id, tostring(lease), tostring(attempt), v[2], v[3]}
 end
@@ -140,6 +162,7 @@ SUBMIT = Script(
     params=(
         "job_id",
         "model",
+        "priority",
         "params_json",
         "digest",
         "now",
@@ -190,13 +213,16 @@ if cap > 0 and redis.call('SCARD', mine) >= cap then
 end
 if redis.call('ZCARD', K.queued(model)) >= tonumber(max_queue) then return {'full', '', '', -1, ''} end
 local seq = redis.call('INCR', K.seq)
-local entry = redis.call('XADD', K.stream(model), '*', 'job', job_id)
+-- Queue order: priority first, then submit order (positions count higher priorities too).
+local score = string.format('%d', PRIORITY_RANK[priority] * 1000000000000 + seq)
+local entry = redis.call('XADD', stream_of(model, priority), '*', 'job', job_id)
 redis.call('HSET', K.job(job_id), 'id', job_id, 'status', 'queued', 'model', model,
   'params', params_json, 'digest', digest, 'created_at', now, 'updated_at', now,
-  'entry', entry, 'seq', seq, 'attempt', 0, 'lease', 0, 'owner', owner)
+  'entry', entry, 'seq', seq, 'qscore', score, 'priority', priority, 'attempt', 0,
+  'lease', 0, 'owner', owner)
 if webhook ~= '' then redis.call('HSET', K.job(job_id), 'webhook', webhook) end
 redis.call('SADD', mine, job_id)
-redis.call('ZADD', K.queued(model), seq, job_id)
+redis.call('ZADD', K.queued(model), score, job_id)
 redis.call('SADD', K.models, model)
 redis.call('HINCRBY', K.metrics, 'jobs_submitted', 1)
 if idem_key ~= '' then redis.call('SET', idem_key, job_id, 'EX', idem_ttl) end
@@ -204,20 +230,27 @@ return describe('created', job_id)
 """,
 )
 
-# After XREADGROUP: rest = (entry_id, job_id) pairs → claim tuples of the still-queued jobs.
+# After XREADGROUP: rest = (priority, entry_id, job_id) triples → claim tuples of the
+# still-queued jobs. A job whose owner already runs max_running (0 = no cap) jobs is parked
+# for a later reclaim instead (fair share: the entries behind it are read meanwhile).
 ACTIVATE = Script(
     "activate",
-    params=("worker", "now", "model"),
+    params=("worker", "now", "model", "max_running"),
     rest="entries",
     body=r"""
 local out = {}
-for i = 1, #entries, 2 do
-  local entry, id = entries[i], entries[i + 1]
-  local st = redis.call('HGET', K.job(id), 'status')
-  if st == 'queued' then
-    table.insert(out, start_run(id, worker, now))
-  elseif st ~= 'running' then
-    retire(model, entry)  -- canceled, finished or expired meanwhile: drop the entry
+for i = 1, #entries, 3 do
+  local priority, entry, id = entries[i], entries[i + 1], entries[i + 2]
+  local v = redis.call('HMGET', K.job(id), 'status', 'owner')
+  if v[1] == 'queued' then
+    if at_running_cap(v[2], max_running) then
+      park(model, priority, entry)
+      redis.call('HINCRBY', K.metrics, 'jobs_deferred_running_cap', 1)
+    else
+      table.insert(out, start_run(id, worker, now))
+    end
+  elseif v[1] ~= 'running' then
+    retire(model, priority, entry)  -- canceled, finished or expired meanwhile: drop the entry
   end
 end
 return out
@@ -236,11 +269,13 @@ RECLAIM = Script(
         "max_attempts",
         "job_ttl",
         "scan_limit",
+        "max_running",
     ),
     body=r"""
 count, max_attempts, scan_limit = tonumber(count), tonumber(max_attempts), tonumber(scan_limit)
-local stream = K.stream(model)
-local out, alive, cursor, scanned = {}, {}, '-', 0
+local out, alive, scanned = {}, {}, 0
+for _, priority in ipairs(PRIORITIES) do
+local stream, cursor = stream_of(model, priority), '-'
 while #out < count and scanned < scan_limit do
   local pending = redis.call('XPENDING', stream, GROUP, 'IDLE', min_idle_ms, cursor, '+', 100)
   if #pending == 0 then break end
@@ -251,14 +286,18 @@ while #out < count and scanned < scan_limit do
     cursor = '(' .. entry
     if alive[owner] == nil then alive[owner] = redis.call('EXISTS', K.worker(owner)) == 1 end
     if not alive[owner] then
-      -- Heartbeats decide: only a dead (or released) owner's entry is taken over.
+      -- Heartbeats decide: only a dead (or released / parked) owner's entry is taken over.
       local got = redis.call('XCLAIM', stream, GROUP, worker, min_idle_ms, entry, 'JUSTID')
       if #got == 1 then
         local rows = redis.call('XRANGE', stream, entry, entry)
         local id = rows[1] and rows[1][2][2]
         local st = id and redis.call('HGET', K.job(id), 'status')
         if st == 'queued' then
-          table.insert(out, start_run(id, worker, now))
+          if at_running_cap(redis.call('HGET', K.job(id), 'owner'), max_running) then
+            park(model, priority, entry)  -- still at its cap: stays parked
+          else
+            table.insert(out, start_run(id, worker, now))
+          end
         elseif st == 'running' then
           local attempt = tonumber(redis.call('HGET', K.job(id), 'attempt'))
           if attempt >= max_attempts then
@@ -271,11 +310,12 @@ while #out < count and scanned < scan_limit do
             table.insert(out, start_run(id, worker, now))
           end
         else
-          retire(model, entry)
+          retire(model, priority, entry)
         end
       end
     end
   end
+end
 end
 return out
 """,
@@ -344,15 +384,14 @@ RELEASE = Script(
     body=r"""
 if not owns(job_id, worker, lease) then return 0 end
 local job = K.job(job_id)
-local v = redis.call('HMGET', job, 'model', 'entry', 'seq')
+local v = redis.call('HMGET', job, 'model', 'entry', 'seq', 'qscore', 'priority', 'owner')
 redis.call('HINCRBY', job, 'attempt', -1)  -- a drained run is not a failed attempt
 redis.call('HSET', job, 'status', 'queued', 'updated_at', now)
 redis.call('HDEL', job, 'worker', 'step', 'total', 'eta_s')
 redis.call('SREM', K.running, job_id)
-redis.call('ZADD', K.queued(v[1]), v[3], job_id)
--- Park the entry on a consumer that never heart-beats, idle "forever": the next reclaim
--- by any live worker takes it at once.
-redis.call('XCLAIM', K.stream(v[1]), GROUP, RELEASED, 0, v[2], 'IDLE', 1000000000000, 'JUSTID')
+redis.call('SREM', K.owner_running(v[6] or ANONYMOUS), job_id)
+redis.call('ZADD', K.queued(v[1]), v[4] or v[3], job_id)
+park(v[1], v[5], v[2])  -- the next reclaim by any live worker takes it at once
 publish_status(job_id, 'queued')
 return 1
 """,
@@ -378,15 +417,19 @@ PRUNE_CONSUMERS = Script(
     "prune_consumers",
     params=("model",),
     body=r"""
-local stream = K.stream(model)
 local removed = 0
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, GROUP)) do
-  local info = {}
-  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
-  if info['pending'] == 0 and info['name'] ~= RELEASED
-      and redis.call('EXISTS', K.worker(info['name'])) == 0 then
-    redis.call('XGROUP', 'DELCONSUMER', stream, GROUP, info['name'])
-    removed = removed + 1
+for _, priority in ipairs(PRIORITIES) do
+  local stream = stream_of(model, priority)
+  if redis.call('EXISTS', stream) == 1 then
+    for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, GROUP)) do
+      local info = {}
+      for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+      if info['pending'] == 0 and info['name'] ~= RELEASED
+          and redis.call('EXISTS', K.worker(info['name'])) == 0 then
+        redis.call('XGROUP', 'DELCONSUMER', stream, GROUP, info['name'])
+        removed = removed + 1
+      end
+    end
   end
 end
 return removed

@@ -1,9 +1,11 @@
 """The worker's side of the queue: registry, claim, reclaim, progress, finish, fail, release.
 
-One stream per model read by the consumer group ``workers`` carries job ids; claiming moves
-them into this worker's pending list and the job hashes to ``running`` in one script
-(``ACTIVATE``); reclaiming takes over only entries of workers whose heartbeat expired
-(``RECLAIM``). Every write after a claim is guarded by the claim's lease.
+Three streams per model (one per priority), read by the consumer group ``workers``, carry
+job ids; a worker reads them highest priority first. Claiming moves entries into this
+worker's pending list and the job hashes to ``running`` in one script (``ACTIVATE``);
+reclaiming takes over only entries of workers whose heartbeat expired (``RECLAIM``), and
+entries parked for later (handed back on drain, or deferred because their owner already
+runs ``max_running_per_key`` jobs). Every write after a claim is guarded by the lease.
 
 Worker loop, in short (``wid = new_worker_id()``, unique per process start)::
 
@@ -31,7 +33,7 @@ from typing import Any, TypeVar
 from redis.exceptions import ResponseError
 
 from service.queue import scripts
-from service.queue.keys import BATCH_ROW_BOUNDS, GROUP, LATENCY_BOUNDS
+from service.queue.keys import BATCH_ROW_BOUNDS, GROUP, LATENCY_BOUNDS, PRIORITIES
 from service.queue.records import Claim, WorkerInfo, text
 from service.queue.store import QueueStore
 from service.settings import Settings
@@ -82,13 +84,14 @@ class WorkerQueue:
     # ------------------------------------------------------------------ consumer group
 
     async def ensure_group(self, model: str) -> None:
-        """Create the model's stream and consumer group (from the start: no entry skipped)."""
-        stream = self.store.keys.stream(model)
-        try:
-            await self.store.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the model's streams and their consumer group (from the start: no entry
+        skipped)."""
+        for stream in self.store.keys.streams(model):
+            try:
+                await self.store.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
         self._groups.add(model)
 
     async def _with_group(self, model: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -133,31 +136,49 @@ class WorkerQueue:
     async def claim(
         self, worker_id: str, model: str, count: int, block_ms: int | None = None
     ) -> list[Claim]:
-        """Take up to ``count`` new jobs (the worker's free batch capacity).
+        """Take up to ``count`` new jobs (the worker's free batch capacity), higher
+        priorities first.
 
-        ``block_ms`` > 0 waits that long for new entries on a pooled connection of its own;
-        keep it below ``redis_timeout_s`` (the socket timeout) or the wait times out.
-        Entries whose job was canceled meanwhile are acked and skipped, so fewer than
-        ``count`` may come back.
+        ``block_ms`` > 0 waits that long for new entries (when no stream has one) on a
+        pooled connection of its own; keep it below ``redis_timeout_s`` (the socket
+        timeout) or the wait times out. A wake-up takes at most one entry per stream.
+        Entries whose job was canceled meanwhile are acked and skipped, and those whose
+        owner is at ``max_running_per_key`` are parked, so fewer than ``count`` may come back.
         """
         if count <= 0:
             return []
-        stream = self.store.keys.stream(model)
-
-        async def read() -> Any:
-            return await self.store.redis.xreadgroup(
-                GROUP, worker_id, {stream: ">"}, count=count, block=block_ms or None
-            )
-
-        response = await self._with_group(model, read)
+        keys, redis = self.store.keys, self.store.redis
+        priority_of = {keys.stream(model, p).encode(): p for p in PRIORITIES}
         entries: list[str] = []
-        for _name, items in response or []:
-            for entry_id, fields in items:
-                entries += [text(entry_id) or "", text(fields.get(b"job")) or ""]
+
+        def collect(response: Any) -> None:
+            for name, items in response or []:
+                for entry_id, fields in items:
+                    job = text(fields.get(b"job")) or ""
+                    entries.extend([priority_of[name], text(entry_id) or "", job])
+
+        for priority in PRIORITIES:
+            left = count - len(entries) // 3
+            if left <= 0:
+                break
+            stream = keys.stream(model, priority)
+            collect(await self._with_group(
+                model, lambda s=stream, n=left: redis.xreadgroup(GROUP, worker_id, {s: ">"}, count=n)
+            ))  # fmt: skip
+        if not entries and block_ms:
+            every = {s: ">" for s in keys.streams(model)}
+            collect(await self._with_group(
+                model, lambda: redis.xreadgroup(GROUP, worker_id, every, count=1, block=block_ms)
+            ))  # fmt: skip
         if not entries:
             return []
         rows = await self.store.run(
-            scripts.ACTIVATE, worker=worker_id, now=repr(time.time()), model=model, rest=entries
+            scripts.ACTIVATE,
+            worker=worker_id,
+            now=repr(time.time()),
+            model=model,
+            max_running=self.store.settings.max_running_per_key,
+            rest=entries,
         )
         return self._claims(worker_id, model, rows)
 
@@ -185,6 +206,7 @@ class WorkerQueue:
                 max_attempts=s.max_attempts,
                 job_ttl=self.store.job_ttl,
                 scan_limit=max(1000, 10 * count),
+                max_running=s.max_running_per_key,
             )
 
         rows = await self._with_group(model, run)
