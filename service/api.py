@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 
 from service import openapi_limits
 from service.api_checks import check_limits, check_priority, check_webhook, resolve_model
@@ -219,6 +219,9 @@ async def get_image(
         raise ApiError(409, "no_images", f"job {record.status}; it has no images")
     if index >= record.image_count:
         raise ApiError(404, "image_not_found", f"job has {record.image_count} image(s)", "index")
+    url = await queue.image_url(job_id, index)
+    if url is not None:  # result_redirect with an s3:// store
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
     data = await queue.image(job_id, index)
     if data is None:
         raise ApiError(410, "expired", "the job's images expired")

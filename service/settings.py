@@ -52,6 +52,18 @@ class Settings(BaseSettings):
     reclaim_after_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1)
     result_ttl_s: int = Field(default=3600, ge=1)
+    result_store: str = Field(
+        default="redis",
+        pattern=r"^(redis|file:///.*|s3://[^/]+(/.*)?)$",
+        description="Where images live: redis | file:///path (shared volume) | s3://bucket/prefix.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint for a non-AWS store (MinIO, SeaweedFS, ...)."
+    )
+    result_redirect: bool = Field(
+        default=False,
+        description="With an s3:// store, answer image GETs with a 307 to a presigned URL.",
+    )
     job_ttl_grace_s: int = Field(
         default=3600, ge=1, description="The job record outlives its images by this (→ 410)."
     )

@@ -222,6 +222,7 @@ class Worker:
                 if time.monotonic() - last_prune > prune_every:
                     last_prune = time.monotonic()
                     await self.queue.prune_consumers(self.model_name)
+                    await self.queue.expire_results()
             except (RedisError, OSError) as exc:
                 log.warning("claiming failed (Redis away?): %s; retrying", exc)
                 await self._sleep(1.0)

@@ -106,7 +106,38 @@ class ApiQueue:
 
     async def image(self, job_id: str, index: int) -> bytes | None:
         """Encoded bytes of one result image, None once expired."""
-        return await self.store.redis.hget(self.store.keys.images(job_id), str(index))
+        name = await self._result_name(job_id, index)
+        if name is None:
+            return await self.store.redis.hget(self.store.keys.images(job_id), str(index))
+        if not name or self.store.results is None:
+            return None
+        return await self.store.results.get(name)
+
+    async def image_url(self, job_id: str, index: int) -> str | None:
+        """A presigned URL for one result image when ``result_redirect`` is on and the store
+        makes them (else None: serve :meth:`image`'s bytes)."""
+        results, s = self.store.results, self.store.settings
+        if results is None or not s.result_redirect:
+            return None
+        name = await self._result_name(job_id, index)
+        if not name:
+            return None
+        expires_at = await self.store.redis.hget(self.store.keys.job(job_id), "expires_at")
+        ttl = int(float(expires_at or 0) - time.time())
+        return results.presigned_url(name, ttl) if ttl > 0 else None
+
+    async def _result_name(self, job_id: str, index: int) -> str | None:
+        """The object name of image ``index`` in the result store; None when the job keeps
+        its images in Redis, "" when they expired (or there is no such image)."""
+        refs, expires_at = await self.store.redis.hmget(
+            self.store.keys.job(job_id), "results", "expires_at"
+        )
+        if refs is None:
+            return None
+        names = json.loads(refs)
+        if float(expires_at or 0) <= time.time() or not 0 <= index < len(names):
+            return ""
+        return str(names[index])
 
     async def cancel(self, job_id: str, owner: str | None = None) -> str:
         """Cancel a queued or running job (of ``owner``, when given).

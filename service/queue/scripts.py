@@ -335,7 +335,8 @@ return 1
 """,
 )
 
-# rest = the encoded images → 1, or 0 (nothing written) when the lease is stale.
+# rest = the encoded images (refs_json = '': stored in Redis) or nothing (refs_json = their
+# names in the result store) → 1, or 0 (nothing written) when the lease is stale.
 FINISH = Script(
     "finish",
     params=(
@@ -348,19 +349,27 @@ FINISH = Script(
         "seeds_json",
         "latency_bounds",
         "format",
+        "refs_json",
     ),
     rest="images",
     body=r"""
 if not owns(job_id, worker, lease) then return 0 end
 local key = K.images(job_id)
 redis.call('DEL', key)
-for i, image in ipairs(images) do redis.call('HSET', key, tostring(i - 1), image) end
-if #images > 0 then redis.call('EXPIRE', key, result_ttl) end
-redis.call('HSET', K.job(job_id), 'image_count', #images, 'seeds', seeds_json, 'format', format,
+local count = #images
+if refs_json ~= '' then
+  -- Images already in the result store (service.results): keep only their names.
+  count = #cjson.decode(refs_json)
+  redis.call('HSET', K.job(job_id), 'results', refs_json)
+else
+  for i, image in ipairs(images) do redis.call('HSET', key, tostring(i - 1), image) end
+  if count > 0 then redis.call('EXPIRE', key, result_ttl) end
+end
+redis.call('HSET', K.job(job_id), 'image_count', count, 'seeds', seeds_json, 'format', format,
   'expires_at', tostring(tonumber(now) + tonumber(result_ttl)))
 local created = tonumber(redis.call('HGET', K.job(job_id), 'created_at'))
 observe('job_latency_seconds', tonumber(now) - created, latency_bounds)
-redis.call('HINCRBY', K.metrics, 'images_generated', #images)
+redis.call('HINCRBY', K.metrics, 'images_generated', count)
 finalize(job_id, 'succeeded', now, job_ttl)
 return 1
 """,

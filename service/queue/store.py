@@ -19,16 +19,23 @@ from redis.commands.core import AsyncScript
 
 from service.queue.keys import Keys
 from service.queue.scripts import Script
+from service.results import ResultStore, open_result_store
 from service.settings import Settings
 
 
 class QueueStore:
-    """Connection, keys and scripts shared by the API side and the worker side."""
+    """Connection, keys, scripts and the result store shared by the API and worker sides.
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    ``results`` is None when images live in Redis (``result_store = redis``).
+    """
+
+    def __init__(
+        self, redis: Redis, settings: Settings, results: ResultStore | None = None
+    ) -> None:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
+        self.results = results
         self._scripts: dict[str, AsyncScript] = {}
 
     @classmethod
@@ -46,7 +53,7 @@ class QueueStore:
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
             health_check_interval=30,
         )
-        return cls(client, settings)
+        return cls(client, settings, open_result_store(settings))
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -25,6 +25,7 @@ consumer records.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -36,6 +37,7 @@ from service.queue import scripts
 from service.queue.keys import BATCH_ROW_BOUNDS, GROUP, LATENCY_BOUNDS, PRIORITIES
 from service.queue.records import Claim, WorkerInfo, text
 from service.queue.store import QueueStore
+from service.results.base import CONTENT_TYPES, object_name
 from service.settings import Settings
 
 ProgressUpdate = tuple[Claim, int, int, float | None]
@@ -272,6 +274,8 @@ class WorkerQueue:
         if seeds is None:
             first = int(claim.params.get("seed", 0))
             seeds = [first + i for i in range(len(images))]
+        fmt = str(claim.params.get("output_format", "png"))
+        refs = await self._put_results(claim, images, fmt)
         done = await self.store.run(
             scripts.FINISH,
             job_id=claim.job_id,
@@ -282,10 +286,35 @@ class WorkerQueue:
             job_ttl=self.store.job_ttl,
             seeds_json=json.dumps(list(seeds)),
             latency_bounds=_csv(LATENCY_BOUNDS),
-            format=str(claim.params.get("output_format", "png")),
-            rest=list(images),
+            format=fmt,
+            refs_json="" if refs is None else json.dumps(refs),
+            rest=list(images) if refs is None else [],
         )
+        if not done and refs:
+            await self.store.results.delete(refs)  # type: ignore[union-attr]
         return bool(done)
+
+    async def _put_results(
+        self, claim: Claim, images: Sequence[bytes], fmt: str
+    ) -> list[str] | None:
+        """Write the images to the result store first (None: they go into Redis). Names
+        carry the lease, so a stale run never overwrites the current one's objects."""
+        results = self.store.results
+        if results is None:
+            return None
+        refs = [object_name(claim.job_id, claim.lease, i, fmt) for i in range(len(images))]
+        content_type = CONTENT_TYPES.get(fmt, "application/octet-stream")
+        await asyncio.gather(
+            *(results.put(n, d, content_type) for n, d in zip(refs, images, strict=True))
+        )
+        return refs
+
+    async def expire_results(self) -> int:
+        """Delete result objects older than ``result_ttl_s`` (plus a minute, so a job whose
+        record says it still has images never loses them first); call it now and then."""
+        if self.store.results is None:
+            return 0  # Redis expires them itself
+        return await self.store.results.sweep(self.store.settings.result_ttl_s + 60)
 
     async def fail(self, claim: Claim, code: str, message: str) -> bool:
         """Mark the job failed for good (no retry); guarded like :meth:`finish`."""
