@@ -358,7 +358,7 @@ def test_dockerfile_runs_as_non_root_with_pinned_cuda_torch() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"]), "pin torch exactly"
     text = DOCKERFILE.read_text()
     assert '"torch==${TORCH_VERSION}"' in text
-    assert "pip install --no-cache-dir ." in text and "[test]" not in text
+    assert 'pip install --no-cache-dir ".[s3]"' in text and "[test]" not in text
 
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:
