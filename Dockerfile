@@ -40,8 +40,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
-# Runtime dependencies only (no test extra); torch is already satisfied above.
-RUN pip install --no-cache-dir . \
+# Runtime dependencies (no test extra) and boto3 for s3:// result stores; torch is already
+# satisfied above. (DL3013: this is the local project with an extra, pinned by pyproject.toml.)
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[s3]" \
     && python -c "import service.settings, model"
 
 FROM ${BASE_IMAGE} AS runtime

@@ -5,6 +5,10 @@ duplicate results (goal 0 for both).
                                                       # poison, ttl: 1), ~4-5 min on 2 cores
     .venv/bin/python bench/faults.py --trials 3 --trials-of kill=2,poison=2,ttl=1  # ~5-9 min
     .venv/bin/python bench/faults.py --trials 5 --trials-of kill=3 --scenarios kill,api
+    .venv/bin/python bench/faults.py --scenarios redis --trials 3 --redis-config deploy/redis.conf
+                                          # Redis as shipped (appendfsync everysec)
+    .venv/bin/python bench/faults.py --scenarios kill,api --result-store s3   # or file
+                                          # results in object storage (SeaweedFS) / a directory
 
 The scenarios are tests/fault_scenarios.py (the same code the fault tests assert on): a
 stack of redis-server (AOF, appendfsync always), `ldmserve api` and demo workers run through
@@ -26,6 +30,7 @@ from typing import Any
 from common import emit_json, load_average, table
 
 from tests import fault_scenarios as fs
+from tests.object_store import BUCKET, SeaweedS3
 from tests.processes import Stack
 
 WORKER_ENV = {"LDMSERVE_DRAIN_TIMEOUT_S": "1", "FAULT_SLOW_STEP_S": "0.3"}
@@ -57,6 +62,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting trials after")
     parser.add_argument("--keep", action="store_true", help="keep the logs' temp directory")
+    parser.add_argument(
+        "--redis-config", type=Path, help="run redis-server from this redis.conf (e.g. deploy/)"
+    )
+    parser.add_argument(
+        "--result-store", choices=["redis", "file", "s3"], default="redis",
+        help="where workers put images: Redis, a directory, or a SeaweedFS S3 server",
+    )  # fmt: skip
     args = parser.parse_args()
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = set(names) - set(SCENARIOS)
@@ -71,11 +83,53 @@ def main() -> int:
     print(f"load average {load_average()}; logs in {root}")
     start = time.monotonic()
     totals: dict[str, dict[str, Any]] = {}
+    store_env, s3 = result_store_env(args.result_store, root)
+    try:
+        run_groups(args, names, trials, root, start, totals, store_env)
+    finally:
+        if s3 is not None:
+            s3.stop()
+    headers = ["fault scenario", "trials", "jobs accepted", "jobs completed", "jobs lost",
+               "duplicate results", "other problems"]  # fmt: skip
+    rows = [[r["scenario"], r["trials"], r["accepted"], r["completed"], r["lost"],
+             r["duplicates"], r["problems"]] for r in totals.values()]  # fmt: skip
+    print(table(headers, rows))
+    print(f"results in {args.result_store}; {time.monotonic() - start:.0f}s in all; "
+          f"load average {load_average()}")  # fmt: skip
+    emit_json("faults", {"rows": list(totals.values()), "result_store": args.result_store})
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    bad = any(r["lost"] or r["duplicates"] or r["problems"] for r in totals.values())
+    return 1 if bad else 0
+
+
+def result_store_env(kind: str, root: Path) -> tuple[dict[str, str], SeaweedS3 | None]:
+    """The LDMSERVE_/AWS_ variables for the chosen store (and the S3 server, started)."""
+    if kind == "file":
+        return {"LDMSERVE_RESULT_STORE": f"file://{(root / 'results').resolve()}"}, None
+    if kind == "s3":
+        s3 = SeaweedS3(root / "seaweedfs").start()
+        env = {**s3.env, "LDMSERVE_RESULT_STORE": f"s3://{BUCKET}/faults",
+               "LDMSERVE_S3_ENDPOINT_URL": s3.endpoint_url}  # fmt: skip
+        return env, s3
+    return {}, None
+
+
+def run_groups(
+    args: argparse.Namespace,
+    names: list[str],
+    trials: dict[str, int],
+    root: Path,
+    start: float,
+    totals: dict[str, dict[str, Any]],
+    store_env: dict[str, str],
+) -> None:
     for group, (workers, env) in GROUPS.items():
         members = [n for n in names if SCENARIOS[n][0] == group]
         if not members:
             continue
-        stack = Stack(root / group, workers=workers, env=env)
+        stack = Stack(root / group, workers=workers, env={**env, **store_env},
+                      redis_config=args.redis_config)  # fmt: skip
         try:
             stack.start()
             for trial in range(max(trials[n] for n in members)):
@@ -99,17 +153,6 @@ def main() -> int:
                     sys.stdout.flush()
         finally:
             stack.close()
-    headers = ["fault scenario", "trials", "jobs accepted", "jobs completed", "jobs lost",
-               "duplicate results", "other problems"]  # fmt: skip
-    rows = [[r["scenario"], r["trials"], r["accepted"], r["completed"], r["lost"],
-             r["duplicates"], r["problems"]] for r in totals.values()]  # fmt: skip
-    print(table(headers, rows))
-    print(f"{time.monotonic() - start:.0f}s in all; load average {load_average()}")
-    emit_json("faults", {"rows": list(totals.values())})
-    if not args.keep:
-        shutil.rmtree(root, ignore_errors=True)
-    bad = any(r["lost"] or r["duplicates"] or r["problems"] for r in totals.values())
-    return 1 if bad else 0
 
 
 if __name__ == "__main__":

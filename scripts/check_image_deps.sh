@@ -3,7 +3,7 @@
 #
 # Why: machines without a Docker engine (CI here) cannot build the image, yet most of what can
 # break in it is the Python side: the pinned torch must exist for the image's Python and be
-# built for the base image's CUDA, `pip install .` from only the files the Dockerfile copies
+# built for the base image's CUDA, `pip install ".[s3]"` from only the files the Dockerfile copies
 # must give a working `ldmserve`, and the entrypoint's commands must run. This script repeats
 # those steps in a throw-away venv made with the base image's Python version (3.10 on
 # ubuntu22.04), then runs `ldmserve up` from it (CPU; the CUDA torch wheel runs without a GPU),
@@ -29,7 +29,7 @@ pip=("$work/venv/bin/python" -m pip install -q --no-cache-dir)
 "${pip[@]}" "torch==$torch_version"
 mkdir "$work/src"
 cp -r pyproject.toml README.md model service "$work/src/"
-(cd "$work/src" && "${pip[@]}" . && "$work/venv/bin/python" -c "import service.settings, model")
+(cd "$work/src" && "${pip[@]}" ".[s3]" && "$work/venv/bin/python" -c "import service.settings, model")
 cuda_got=$("$work/venv/bin/python" -c "import torch; print(torch.version.cuda or 'none')")
 echo "installed torch $("$work/venv/bin/python" -c 'import torch; print(torch.__version__)') built for CUDA $cuda_got"
 [[ $cuda_got == "$cuda_want"* ]] || { echo "torch is built for CUDA $cuda_got, the base image is $cuda_want" >&2; exit 1; }

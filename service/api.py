@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from service import job_index, openapi_limits, playground
 from service.api_errors import (
@@ -28,7 +28,15 @@ from service.api_errors import (
     BodyLimitMiddleware,
     install_error_handlers,
 )
-from service.auth import ANONYMOUS, OWNER_SCOPE_KEY, AuthMiddleware, KeyRing, is_loopback_host
+from service.auth import (
+    ANONYMOUS,
+    MAX_PRIORITY_SCOPE_KEY,
+    OWNER_SCOPE_KEY,
+    AuthMiddleware,
+    KeyRing,
+    is_loopback_host,
+    metrics_readers,
+)
 from service.compat import a1111 as a1111_compat
 from service.compat import openai as openai_compat
 from service.contract import DEFAULT_SAMPLER, IMAGE_FIELDS, SAMPLER_NAMES
@@ -36,7 +44,7 @@ from service.job_wait import wait_for_job
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import render as render_metrics
 from service.metrics import snapshot as metrics_snapshot
-from service.queue import JobQueue, JobRecord
+from service.queue import ApiQueue, JobRecord
 from service.schemas import (
     CONTENT_TYPES,
     TERMINAL_STATUSES,
@@ -71,7 +79,7 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> ApiQueue:
     return request.app.state.queue
 
 
@@ -81,8 +89,16 @@ async def get_owner(request: Request) -> str:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-QueueDep = Annotated[JobQueue, Depends(get_queue)]
+QueueDep = Annotated[ApiQueue, Depends(get_queue)]
 OwnerDep = Annotated[str, Depends(get_owner)]
+
+
+async def get_max_priority(request: Request) -> str:
+    """The highest job priority the caller's key may use (set by AuthMiddleware)."""
+    return str(request.scope.get(MAX_PRIORITY_SCOPE_KEY, "normal"))
+
+
+MaxPriorityDep = Annotated[str, Depends(get_max_priority)]
 
 
 def _ms(started: float) -> float:
@@ -140,6 +156,7 @@ async def submit_job(
     queue: QueueDep,
     settings: SettingsDep,
     owner: OwnerDep,
+    max_priority: MaxPriorityDep,
     _: Annotated[None, Depends(image_body_limit)],
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
     prefer: Annotated[str | None, Header(max_length=1024)] = None,
@@ -149,8 +166,9 @@ async def submit_job(
     With ``Prefer: wait=N`` the answer waits up to N seconds (at most
     ``LDMSERVE_MAX_PREFER_WAIT_S``): 200 with the finished job if it ended by then."""
     result = await submit(
-        body, queue=queue, settings=settings, owner=owner, idempotency_key=idempotency_key
-    )
+        body, queue=queue, settings=settings, owner=owner, idempotency_key=idempotency_key,
+        max_priority=max_priority,
+    )  # fmt: skip
     base = f"/v1/jobs/{result.job_id}"
     headers = {"Location": base}
     if not result.created:
@@ -186,7 +204,7 @@ async def list_jobs(
     )
 
 
-async def _record(queue: JobQueue, job_id: str, owner: str) -> JobRecord:
+async def _record(queue: ApiQueue, job_id: str, owner: str) -> JobRecord:
     """The caller's job; another owner's job is answered exactly like an unknown one."""
     record = await queue.get(job_id)
     if record is None or record.owner != owner:
@@ -223,6 +241,9 @@ async def get_image(
         raise ApiError(409, "no_images", f"job {record.status}; it has no images")
     if index >= record.image_count:
         raise ApiError(404, "image_not_found", f"job has {record.image_count} image(s)", "index")
+    url = await queue.image_url(job_id, index)
+    if url is not None:  # result_redirect with an s3:// store
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
     data = await queue.image(job_id, index)
     if data is None:
         raise ApiError(410, "expired", "the job's images expired")
@@ -331,13 +352,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        queue = JobQueue.connect(settings)
+        queue = ApiQueue.connect(settings)
         app.state.queue = queue
         dispatch: asyncio.Task[None] | None = None
         if settings.webhook_secret is not None:
             from service.webhook_dispatch import WebhookDispatcher  # httpx: only when needed
 
-            app.state.webhooks = WebhookDispatcher(queue.redis, settings)
+            app.state.webhooks = WebhookDispatcher(queue.store)
             dispatch = asyncio.create_task(app.state.webhooks.run())
         try:
             yield
@@ -374,7 +395,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for path in ("/v1/jobs", "/v1/images/edits", "/sdapi/v1/img2img")
         },
     )
-    app.add_middleware(AuthMiddleware, keys=keys, metrics_public=settings.metrics_public)
+    app.add_middleware(
+        AuthMiddleware,
+        keys=keys,
+        metrics_public=settings.metrics_public,
+        metrics_readers=metrics_readers(keys, settings.metrics_keys),
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

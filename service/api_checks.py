@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from service.api_errors import ApiError
 from service.contract import ContractError, check_capabilities
 from service.image_input import decode_image
-from service.queue import JobQueue
+from service.queue import ApiQueue
+from service.queue.keys import PRIORITIES
 from service.schemas import JobRequest
 from service.settings import Settings
 from service.webhooks import AllowList, WebhookRefused, check_url
@@ -106,7 +107,19 @@ def check_against_model(
     return width, height
 
 
-async def resolve_model(body: JobRequest, s: Settings, queue: JobQueue) -> str:
+def priority_allowed(priority: str, allowed: str) -> bool:
+    """Whether ``priority`` is at or below ``allowed`` (PRIORITIES runs highest first)."""
+    return PRIORITIES.index(priority) >= PRIORITIES.index(allowed)
+
+
+def check_priority(body: JobRequest, allowed: str) -> None:
+    """403 when the job asks for a higher priority than the caller's key may use."""
+    if not priority_allowed(body.priority, allowed):
+        message = f"priority: this key may use {allowed!r} at most"
+        raise ApiError(403, "priority_not_allowed", message, "priority")
+
+
+async def resolve_model(body: JobRequest, s: Settings, queue: ApiQueue) -> str:
     """The default model, or one a live worker serves; else 422 on ``model``."""
     if body.model is None or body.model == s.model:
         return s.model

@@ -20,6 +20,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.results.base import ResultStoreError
+
 log = logging.getLogger(__name__)
 
 # Redis answers that mean "the store cannot take this now", not "our bug": retry later.
@@ -132,6 +134,20 @@ def _redis_refused(retry_after_s: int) -> Any:
     return handler
 
 
+def _results_down(retry_after_s: int) -> Any:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("result store unavailable during %s %s: %s", request.method,
+                    request.url.path, exc)  # fmt: skip
+        return error_response(
+            503,
+            "result_store_unavailable",
+            "the result store is unreachable; retry shortly",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+    return handler
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
@@ -145,6 +161,7 @@ def install_error_handlers(app: FastAPI, redis_retry_after_s: int) -> None:
     app.add_exception_handler(RedisConnectionError, _redis_down(redis_retry_after_s))
     app.add_exception_handler(RedisTimeoutError, _redis_down(redis_retry_after_s))
     app.add_exception_handler(RedisResponseError, _redis_refused(redis_retry_after_s))
+    app.add_exception_handler(ResultStoreError, _results_down(redis_retry_after_s))
     app.add_exception_handler(Exception, _unexpected)
 
 

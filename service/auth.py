@@ -1,14 +1,19 @@
 """API keys: ``Authorization: Bearer <key>``, stored only as SHA-256 hashes.
 
-Keys are configured as ``name:sha256hex`` entries, in ``LDMSERVE_API_KEYS`` (comma-separated)
-and/or ``LDMSERVE_API_KEYS_FILE`` (one per line, ``#`` comments). The *name* is the owner of
-the jobs the key creates; the key itself is never stored. With no entry at all, auth is off
-and every caller is the one owner :data:`ANONYMOUS`.
+Keys are configured as ``name:sha256hex[:priority]`` entries, in ``LDMSERVE_API_KEYS``
+(comma-separated) and/or ``LDMSERVE_API_KEYS_FILE`` (one per line, ``#`` comments). The
+*name* is the owner of the jobs the key creates; the key itself is never stored. The
+optional *priority* (``high``, ``normal``, ``low``; default ``normal``) is the highest job
+priority the key may ask for. With no entry at all, auth is off and every caller is the one
+owner :data:`ANONYMOUS`, who may use every priority.
 
 When auth is on, :class:`AuthMiddleware` (outermost but for CORS) answers 401 before the
 request reaches body parsing or validation, for every path but ``/healthz``, the OpenAPI
 document and docs pages, and ``/metrics`` when ``metrics_public``. The presented key is
 hashed and compared with every configured hash by :func:`hmac.compare_digest`.
+
+``/metrics`` shows every tenant's numbers, so unless ``metrics_public`` it is answered only
+for the keys named in ``metrics_keys`` (admin keys); any other valid key gets 403.
 
 Hash a key for the configuration::
 
@@ -31,12 +36,16 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api_errors import error_response
+from service.queue.keys import PRIORITIES
 
 ANONYMOUS = "anonymous"
 OWNER_SCOPE_KEY = "ldmserve.owner"
+MAX_PRIORITY_SCOPE_KEY = "ldmserve.max_priority"
+DEFAULT_MAX_PRIORITY = "normal"  # for a key whose entry names none
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEX = re.compile(r"[0-9a-f]{64}")
 _DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+METRICS_PATH = "/metrics"
 
 
 def hash_key(key: str) -> str:
@@ -44,26 +53,38 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def parse_entries(text: str, separator: str = ",") -> dict[str, bytes]:
-    """``name:sha256hex`` entries → {name: digest}; ValueError names a bad entry."""
-    out: dict[str, bytes] = {}
+@dataclass(frozen=True)
+class KeyEntry:
+    """One configured key: its SHA-256 digest and the highest priority it may use."""
+
+    digest: bytes
+    max_priority: str = DEFAULT_MAX_PRIORITY
+
+
+def parse_entries(text: str, separator: str = ",") -> dict[str, KeyEntry]:
+    """``name:sha256hex[:priority]`` entries → {name: entry}; ValueError names a bad one."""
+    out: dict[str, KeyEntry] = {}
     for raw in text.split(separator):
         entry = raw.split("#", 1)[0].strip() if separator == "\n" else raw.strip()
         if not entry:
             continue
-        name, sep, digest = entry.partition(":")
+        name, sep, rest = entry.partition(":")
+        digest, _, priority = rest.partition(":")
         name, digest = name.strip(), digest.strip().lower()
+        priority = priority.strip() or DEFAULT_MAX_PRIORITY
         if not sep or not _NAME.fullmatch(name) or not _HEX.fullmatch(digest):
             shown = name if _NAME.fullmatch(name) else "?"
             raise ValueError(
-                f"API key entry for {shown!r} is not name:sha256hex "
+                f"API key entry for {shown!r} is not name:sha256hex[:priority] "
                 "(name: letters, digits, _ . -; the hash: 64 lowercase hex digits)"
             )
+        if priority not in PRIORITIES:
+            raise ValueError(f"API key entry for {name!r}: priority must be one of {PRIORITIES}")
         if name == ANONYMOUS:
             raise ValueError(f"{ANONYMOUS!r} is reserved for the no-auth owner")
         if name in out:
             raise ValueError(f"API key name {name!r} appears twice")
-        out[name] = bytes.fromhex(digest)
+        out[name] = KeyEntry(bytes.fromhex(digest), priority)
     return out
 
 
@@ -71,30 +92,45 @@ def parse_entries(text: str, separator: str = ",") -> dict[str, bytes]:
 class KeyRing:
     """The configured key hashes; empty means auth is off."""
 
-    digests: Mapping[str, bytes]
+    entries: Mapping[str, KeyEntry]
 
     @classmethod
     def from_settings(cls, api_keys: str, api_keys_file: Path | None) -> KeyRing:
         entries = parse_entries(api_keys)
         if api_keys_file is not None:
-            for name, digest in parse_entries(api_keys_file.read_text(), "\n").items():
+            for name, entry in parse_entries(api_keys_file.read_text(), "\n").items():
                 if name in entries:
                     raise ValueError(f"API key name {name!r} appears twice")
-                entries[name] = digest
+                entries[name] = entry
         return cls(entries)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.digests)
+        return bool(self.entries)
+
+    def max_priority(self, name: str) -> str:
+        """The highest priority ``name`` may use (every one while auth is off)."""
+        entry = self.entries.get(name)
+        return entry.max_priority if entry is not None else PRIORITIES[0]
 
     def identify(self, key: str) -> str | None:
         """The name of the key, or None. Every hash is compared (no early exit)."""
         presented = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         found = None
-        for name, digest in self.digests.items():
-            if hmac.compare_digest(presented, digest):
+        for name, entry in self.entries.items():
+            if hmac.compare_digest(presented, entry.digest):
                 found = name
         return found
+
+
+def metrics_readers(keys: KeyRing, metrics_keys: str) -> frozenset[str]:
+    """The key names of ``LDMSERVE_METRICS_KEYS``; a name no key has stops the process at
+    start (a typo would otherwise lock every admin out of /metrics)."""
+    names = frozenset(n.strip() for n in metrics_keys.split(",") if n.strip())
+    unknown = names - set(keys.entries)
+    if unknown:
+        raise ValueError(f"LDMSERVE_METRICS_KEYS names unknown keys: {sorted(unknown)}")
+    return names
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -124,11 +160,18 @@ class AuthMiddleware:
     With an empty key ring every request passes as :data:`ANONYMOUS`.
     """
 
-    def __init__(self, app: ASGIApp, keys: KeyRing, metrics_public: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyRing,
+        metrics_public: bool,
+        metrics_readers: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.keys = keys
         # "/" is the playground: a static page that asks for the key itself.
         self.public = {"/", "/healthz", *_DOCS} | ({"/metrics"} if metrics_public else set())
+        self.metrics_readers = metrics_readers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,6 +179,7 @@ class AuthMiddleware:
             return
         if not self.keys.enabled:
             scope[OWNER_SCOPE_KEY] = ANONYMOUS
+            scope[MAX_PRIORITY_SCOPE_KEY] = PRIORITIES[0]
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope["headers"])
@@ -150,7 +194,21 @@ class AuthMiddleware:
             )
             await response(scope, receive, send)
             return
+        if (
+            owner is not None
+            and scope["path"] == METRICS_PATH
+            and METRICS_PATH not in self.public
+            and owner not in self.metrics_readers
+        ):
+            message = (
+                "/metrics shows every tenant's numbers: only the keys in LDMSERVE_METRICS_KEYS"
+            )
+            await error_response(403, "forbidden", message)(scope, receive, send)
+            return
         scope[OWNER_SCOPE_KEY] = owner or ANONYMOUS
+        scope[MAX_PRIORITY_SCOPE_KEY] = (
+            self.keys.max_priority(owner) if owner is not None else DEFAULT_MAX_PRIORITY
+        )
         await self.app(scope, receive, send)
 
 

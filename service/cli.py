@@ -210,14 +210,13 @@ def cmd_health(role: str, settings: Settings) -> int:
     client = redis.Redis.from_url(
         settings.redis_url or "redis://127.0.0.1:6379/0", socket_timeout=3
     )
+    from service.queue.keys import Keys
+
+    keys = Keys(settings.key_prefix)
     mine = f"{socket.gethostname()}-"  # worker ids are <hostname>-<pid>-<random>
     try:
-        ids = [w.decode() for w in client.zrange(f"{settings.key_prefix}:workers", 0, -1)]
-        live = [
-            w
-            for w in ids
-            if w.startswith(mine) and client.exists(f"{settings.key_prefix}:worker:{w}")
-        ]
+        ids = [w.decode() for w in client.zrange(keys.workers, 0, -1)]
+        live = [w for w in ids if w.startswith(mine) and client.exists(keys.worker(w))]
         return 0 if live else 1
     except redis.RedisError:
         return 1

@@ -12,19 +12,19 @@ import time
 
 import anyio
 
-from service.queue import JobQueue, JobRecord
+from service.queue import ApiQueue, JobRecord
 from service.schemas import TERMINAL_STATUSES
 
 
 async def wait_for_job(
-    queue: JobQueue, job_id: str, timeout_s: float, poll_s: float = 5.0
+    queue: ApiQueue, job_id: str, timeout_s: float, poll_s: float = 5.0
 ) -> JobRecord | None:
     """The job's record once it ended, or its latest record when ``timeout_s`` passed
     (None if it is unknown or expired)."""
     deadline = time.monotonic() + timeout_s
-    pubsub = queue.redis.pubsub()
+    pubsub = queue.store.redis.pubsub()
     try:
-        await pubsub.subscribe(queue.keys.events(job_id))
+        await pubsub.subscribe(queue.store.keys.events(job_id))
         while True:
             record = await queue.get(job_id)
             left = deadline - time.monotonic()

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from service.queue_keys import BATCH_ROW_BOUNDS, LATENCY_BOUNDS
+from service.queue.keys import BATCH_ROW_BOUNDS, LATENCY_BOUNDS
 
 if TYPE_CHECKING:
-    from service.queue import JobQueue
+    from service.queue import ApiQueue
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -56,12 +56,12 @@ class _Writer:
         self.sample(f"{name}_count", counters.get(f"{key}_count"))
 
 
-async def snapshot(queue: JobQueue) -> dict[str, Any]:
+async def snapshot(queue: ApiQueue) -> dict[str, Any]:
     """Raw numbers for /metrics in few round trips: counters hash, per-model queue depth
     and stream length, running set size, live workers."""
     models = await queue.models()
-    keys = queue.keys
-    async with queue.redis.pipeline(transaction=False) as pipe:
+    keys = queue.store.keys
+    async with queue.store.redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.metrics)
         pipe.scard(keys.running)
         pipe.xlen(keys.webhooks)
@@ -114,7 +114,7 @@ def render(snapshot: Mapping[str, Any]) -> str:
     w.sample("ldmserve_images_total", counters.get("images_generated"))
     w.histogram(
         "ldmserve_unet_batch_rows",
-        "Rows per UNet call, as reported by workers (JobQueue.record_batch).",
+        "Rows per UNet call, as reported by workers (WorkerQueue.record_batch).",
         counters,
         BATCH_ROW_BOUNDS,
     )

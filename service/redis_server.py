@@ -40,6 +40,19 @@ def find_redis_server() -> Path:
     )
 
 
+_LOCATION = {"dir", "bind", "port", "protected-mode", "daemonize", "logfile"}
+
+
+def config_value(config: Path, name: str) -> str | None:
+    """The value of directive ``name`` in a redis.conf (the last one wins, as in Redis)."""
+    value = None
+    for line in config.read_text().splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0].lower() == name:
+            value = parts[1].strip().strip('"')
+    return value
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free right now on ``host`` (for tests and throwaway servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -48,7 +61,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    """A redis-server child process with append-only persistence in ``data_dir``."""
+    """A redis-server child process with append-only persistence in ``data_dir``.
+
+    With ``config`` (a redis.conf, e.g. deploy/redis.conf) persistence and memory settings
+    come from that file; only where it listens and keeps its files is set here.
+    """
 
     def __init__(
         self,
@@ -57,12 +74,16 @@ class RedisServer:
         host: str = "127.0.0.1",
         binary: Path | None = None,
         appendfsync: str = "everysec",
+        config: Path | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.binary = binary or find_redis_server()
         self.appendfsync = appendfsync
+        self.config = config
+        if config is not None:
+            self.appendfsync = config_value(config, "appendfsync") or "everysec"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -72,18 +93,19 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         """Start the server and return once it answers PING."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            str(self.binary),
+        where = [
             "--port", str(self.port),
             "--bind", self.host,
             "--dir", str(self.data_dir.resolve()),
-            "--appendonly", "yes",
-            "--appendfsync", self.appendfsync,
-            "--save", "",
             "--protected-mode", "yes",
             "--daemonize", "no",
             "--logfile", str((self.data_dir / "redis.log").resolve()),
         ]  # fmt: skip
+        if self.config is not None:
+            args = [str(self.binary), str(self._relocated_config()), *where]
+        else:
+            persistence = ["--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", ""]
+            args = [str(self.binary), *where, *persistence]
         log.info("starting %s on %s:%d (data in %s)", self.binary, self.host, self.port,
                  self.data_dir)  # fmt: skip
         self.process = subprocess.Popen(
@@ -113,6 +135,19 @@ class RedisServer:
                 time.sleep(0.02)
         finally:
             client.close()
+
+    def _relocated_config(self) -> Path:
+        """``config`` without its location directives (``dir /data`` is applied while the
+        file is read, before a command-line ``--dir`` could override it), in data_dir."""
+        assert self.config is not None
+        kept = [
+            line
+            for line in self.config.read_text().splitlines()
+            if not line.split(None, 1) or line.split(None, 1)[0].lower() not in _LOCATION
+        ]
+        path = self.data_dir / "redis.conf"
+        path.write_text("\n".join(kept) + "\n")
+        return path.resolve()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (redis flushes the AOF and exits), then SIGKILL if it hangs."""

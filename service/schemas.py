@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 
 from service.contract import GenerationParams
+from service.queue.keys import Priority
 
 if TYPE_CHECKING:
-    from service.queue_keys import JobRecord
+    from service.queue.records import JobRecord
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -44,6 +45,11 @@ class JobRequest(GenerationParams):
         max_length=2048,
         description="http(s) URL POSTed a signed JSON body when the job ends (succeeded, "
         "failed or canceled); must resolve to public addresses (see README, Security).",
+    )
+    priority: Priority = Field(
+        default="normal",
+        description="Workers take higher priorities first; the highest a key may use is part "
+        "of its configuration (403 priority_not_allowed above it).",
     )
 
 

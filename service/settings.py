@@ -34,6 +34,16 @@ class Settings(BaseSettings):
         default=60.0, ge=0, description="On SIGTERM, running jobs get this long before hand-back."
     )
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    watchdog_stall_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="A worker whose engine makes no progress this long with jobs exits (0 = off).",
+    )
+    max_job_runtime_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="A job running longer fails (runtime_exceeded); 0 = no limit.",
+    )
     worker_ttl_s: float = Field(
         default=10.0, gt=0, description="A worker without a heartbeat for this long is dead."
     )
@@ -42,10 +52,27 @@ class Settings(BaseSettings):
     reclaim_after_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1)
     result_ttl_s: int = Field(default=3600, ge=1)
+    result_store: str = Field(
+        default="redis",
+        pattern=r"^(redis|file:///.*|s3://[^/]+(/.*)?)$",
+        description="Where images live: redis | file:///path (shared volume) | s3://bucket/prefix.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint for a non-AWS store (MinIO, SeaweedFS, ...)."
+    )
+    result_redirect: bool = Field(
+        default=False,
+        description="With an s3:// store, answer image GETs with a 307 to a presigned URL.",
+    )
     job_ttl_grace_s: int = Field(
         default=3600, ge=1, description="The job record outlives its images by this (→ 410)."
     )
     max_queue: int = Field(default=1000, ge=1, description="Queued jobs per model before 429.")
+    max_running_per_key: int = Field(
+        default=0,
+        ge=0,
+        description="Jobs one key may have running at once (fair share); 0 = no cap.",
+    )
     queue_full_retry_after_s: int = Field(default=5, ge=1)
     redis_retry_after_s: int = Field(default=2, ge=1)
     redis_timeout_s: float = Field(default=5.0, gt=0)
@@ -116,6 +143,10 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(default=None, description="One name:sha256hex per line.")
     metrics_public: bool = Field(default=False, description="Serve /metrics without a key.")
+    metrics_keys: str = Field(
+        default="",
+        description="Comma-separated key names (admin keys) that may read /metrics; others: 403.",
+    )
     rate_limit_per_min: float = Field(
         default=300.0, ge=0, description="Submits per key per minute (GCRA in Redis); 0 = off."
     )

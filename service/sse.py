@@ -26,7 +26,7 @@ import anyio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.queue import JobQueue
+from service.queue import ApiQueue
 from service.schemas import TERMINAL_STATUSES, JobView
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,12 @@ def format_event(event: str, data: Any) -> str:
 
 
 async def job_events(
-    queue: JobQueue, job_id: str, poll_s: float, keepalive_s: float
+    queue: ApiQueue, job_id: str, poll_s: float, keepalive_s: float
 ) -> AsyncIterator[str]:
     """Yield SSE frames for ``job_id`` until it reaches a final status."""
-    pubsub = queue.redis.pubsub()
+    pubsub = queue.store.redis.pubsub()
     try:
-        await pubsub.subscribe(queue.keys.events(job_id))
+        await pubsub.subscribe(queue.store.keys.events(job_id))
         record = await queue.get(job_id)
         if record is None:
             yield format_event("error", {"code": "job_not_found", "message": "job not found"})

@@ -22,16 +22,18 @@ from pydantic import ValidationError
 from service.api_checks import (
     check_against_model,
     check_limits,
+    check_priority,
     check_webhook,
     png_bytes,
+    priority_allowed,
     read_inputs,
     resolve_model,
 )
 from service.api_errors import ApiError
 from service.contract import IMAGE_FIELDS, MAX_SEED
 from service.queue import (
+    ApiQueue,
     IdempotencyMismatch,
-    JobQueue,
     OwnerQueueFull,
     QueueFull,
     RateLimited,
@@ -63,10 +65,11 @@ def native_request(fields: Mapping[str, Any]) -> JobRequest:
 async def submit(
     body: JobRequest,
     *,
-    queue: JobQueue,
+    queue: ApiQueue,
     settings: Settings,
     owner: str,
     idempotency_key: str | None = None,
+    max_priority: str = "normal",
 ) -> SubmitResult:
     """Check and queue one job for ``owner``; raises ApiError (413, 422, 429) on refusal.
 
@@ -74,7 +77,12 @@ async def submit(
     images, and what the target model's workers published they can run — so a 202 never
     becomes a failure that could have been a 422."""
     started = time.perf_counter()
+    if "priority" not in body.model_fields_set and not priority_allowed(
+        body.priority, max_priority
+    ):
+        body = body.model_copy(update={"priority": max_priority})  # a key held below normal
     check_limits(body, settings)
+    check_priority(body, max_priority)
     model = await resolve_model(body, settings, queue)
     has_inputs = body.image is not None or body.mask is not None
     images = await run_in_threadpool(read_inputs, body, settings) if has_inputs else {}

@@ -1,6 +1,6 @@
 """The webhook dispatcher: an asyncio task in each API process (started by the lifespan).
 
-Deliveries are queued by the queue's finalize step (:mod:`service.queue_scripts`) in the
+Deliveries are queued by the queue's finalize step (:mod:`service.queue.scripts`) in the
 stream ``P:webhooks``, atomically with the job's final state, so a worker never waits on a
 receiver. Every API replica reads that stream in the consumer group ``dispatchers``:
 
@@ -11,7 +11,8 @@ receiver. Every API replica reads that stream in the consumer group ``dispatcher
    ``webhook_timeout_s`` for the whole exchange, the response body never read;
 3. a 2xx answer ends it (``XACK`` + ``XDEL``); otherwise the entry moves, in one script,
    to the zset ``P:webhooks:retry`` scored by its due time — ``webhook_backoff_s *
-   2**(attempt-1)`` ±20% — and :data:`PROMOTE` moves due ones back to the stream; after
+   2**(attempt-1)`` ±20% — and ``WEBHOOK_PROMOTE`` (:mod:`service.queue.scripts`) moves
+   due ones back to the stream; after
    ``webhook_max_attempts`` attempts it is dropped and counted as failed;
 4. ``XAUTOCLAIM`` takes over deliveries idle for ``webhook_claim_idle_s`` (their
    dispatcher died mid-delivery).
@@ -31,11 +32,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import httpx
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from service.queue_keys import WEBHOOK_GROUP, Keys, new_worker_id
-from service.settings import Settings
+from service.queue import scripts
+from service.queue.keys import WEBHOOK_GROUP
+from service.queue.records import new_worker_id
+from service.queue.store import QueueStore
 from service.webhooks import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -50,34 +52,6 @@ from service.webhooks import (
 log = logging.getLogger(__name__)
 CONCURRENCY = 16
 POLL_S = 0.25
-
-# ARGV: prefix, entry_id, due_ms, member_json: the entry leaves the stream for the retry zset.
-RETRY = r"""
-local P = ARGV[1]
-redis.call('XACK', P .. ':webhooks', 'dispatchers', ARGV[2])
-redis.call('XDEL', P .. ':webhooks', ARGV[2])
-redis.call('ZADD', P .. ':webhooks:retry', ARGV[3], ARGV[4])
-redis.call('HINCRBY', P .. ':metrics', 'webhooks_retried', 1)
-return 1
-"""
-
-# ARGV: prefix, now_ms, limit: due retries go back to the stream (fields from the JSON).
-PROMOTE = r"""
-redis.replicate_commands()
-local P = ARGV[1]
-local retry, stream = P .. ':webhooks:retry', P .. ':webhooks'
-local due = redis.call('ZRANGEBYSCORE', retry, '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, member in ipairs(due) do
-  redis.call('ZREM', retry, member)
-  local args = {}
-  for k, v in pairs(cjson.decode(member)) do
-    table.insert(args, k)
-    table.insert(args, tostring(v))
-  end
-  redis.call('XADD', stream, '*', unpack(args))
-end
-return #due
-"""
 
 
 def _decode(fields: Mapping[Any, Any]) -> dict[str, str]:
@@ -98,17 +72,17 @@ def _host_header(target: Target) -> str:
 class WebhookDispatcher:
     """Delivers the queued webhooks of one deployment (run one per API process)."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, store: QueueStore) -> None:
+        settings = store.settings
         if settings.webhook_secret is None:
             raise ValueError("webhooks need LDMSERVE_WEBHOOK_SECRET")
-        self.redis = redis
+        self.store = store
+        self.redis = store.redis
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+        self.keys = store.keys
         self.secret = settings.webhook_secret.get_secret_value().encode()
         self.allow = AllowList.parse(settings.webhook_allow)
         self.consumer = "dispatcher-" + new_worker_id()
-        self._retry = redis.register_script(RETRY)
-        self._promote = redis.register_script(PROMOTE)
         self._client = httpx.AsyncClient(
             timeout=settings.webhook_timeout_s,
             follow_redirects=False,
@@ -178,7 +152,7 @@ class WebhookDispatcher:
         """One round: promote due retries, take over stale ones, read new ones. Returns
         the number of deliveries started."""
         await self._ensure_group()
-        await self._promote(args=[self.keys.prefix, int(time.time() * 1000), 100])
+        await self.store.run(scripts.WEBHOOK_PROMOTE, now_ms=int(time.time() * 1000), limit=100)
         entries: list[tuple[str, dict[str, str] | None]] = []
         now = time.monotonic()
         if now >= self._next_autoclaim:
@@ -240,7 +214,9 @@ class WebhookDispatcher:
                 delay *= random.uniform(0.8, 1.2)
                 due_ms = int((time.time() + delay) * 1000)
                 member = json.dumps({**fields, "attempt": str(attempt + 1)}, sort_keys=True)
-                await self._retry(args=[self.keys.prefix, entry_id, due_ms, member])
+                await self.store.run(
+                    scripts.WEBHOOK_RETRY, entry_id=entry_id, due_ms=due_ms, member=member
+                )
         except RedisError as exc:  # the entry stays pending; XAUTOCLAIM retries it later
             log.warning("webhook entry %s: Redis error: %s", entry_id, exc)
         finally:

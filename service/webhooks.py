@@ -77,10 +77,29 @@ class AllowList:
         return any(address in network for network in self.networks)
 
 
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d (RFC 4291 2.5.5.1)
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries traffic to, if it is a transition form:
+    IPv4-mapped, NAT64 (64:ff9b::/96: a DNS64 network's gateway connects to the IPv4
+    inside), 6to4 (2002::/16) and IPv4-compatible (::a.b.c.d). Python's ``is_global``
+    judges these by their IPv6 prefix, which would let 64:ff9b::7f00:1 reach 127.0.0.1."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in NAT64 or (address in IPV4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.sixtofour
+
+
 def address_is_public(address: IPAddress) -> bool:
-    """True for globally routable unicast addresses only."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """True for globally routable unicast addresses only (an IPv6 transition address is
+    judged by the IPv4 address inside it)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = embedded_ipv4(address)
+        if inner is not None:
+            address = inner
     return address.is_global and not address.is_multicast
 
 

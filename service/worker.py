@@ -33,8 +33,9 @@ from service.engine import Engine
 from service.engine_types import GenerationRequest, JobHandle, JobState, Progress, StepOutput
 from service.image_input import decode_image
 from service.infotext import image_infotexts
-from service.queue import Claim, JobQueue, WorkerInfo, new_worker_id
+from service.queue import Claim, WorkerInfo, WorkerQueue, new_worker_id
 from service.settings import Settings
+from service.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 _MODES: dict[str, Literal["RGB", "L"]] = {"image": "RGB", "mask": "L"}
@@ -110,7 +111,10 @@ class Worker:
         self.model_name = model_name or settings.model
         self.worker_id = new_worker_id()
         self.engine = Engine(pipeline, settings.max_batch)
-        self.queue = JobQueue.connect(settings)
+        self.queue = WorkerQueue.connect(settings)
+        self.watchdog = Watchdog(
+            settings, self.queue, self.worker_id, self._busy, self.engine.cancel
+        )
         self.running: dict[str, _Running] = {}
         # A job on its last attempt after crashing workers runs alone (see _claim_loop);
         # normally at most one is held here, more only while Redis is away.
@@ -155,6 +159,8 @@ class Worker:
             ev.progress[handle.id] = progress
         ev.done.extend(out.ended)
         ev.batch_rows.extend(rows for rows, _ in out.calls)
+        if out.calls or out.ended:
+            self.watchdog.beat()  # the engine made progress (a stalled step never returns)
         if out.worked:
             self._wake.set()
 
@@ -172,14 +178,16 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop()),
             asyncio.create_task(self._events_loop()),
         ]
+        watchdog = asyncio.create_task(self.watchdog.run())  # no Redis wait: cancel works
         try:
             await self._claim_loop()
             await self._drain()
         finally:
+            watchdog.cancel()
             self._closed.set()
             self._work.set()
             self._wake.set()
-            await asyncio.gather(engine, *tasks, return_exceptions=True)
+            await asyncio.gather(engine, *tasks, watchdog, return_exceptions=True)
             await self._flush_events()
             self._stepper.shutdown(wait=True)
             self._encoder.shutdown(wait=True)
@@ -189,6 +197,10 @@ class Worker:
                 log.warning("could not unregister: %s", exc)
             await self.queue.aclose()
             log.info("worker %s stopped", self.worker_id)
+
+    def _busy(self) -> dict[str, Claim]:
+        """The claims the engine is working on (for the watchdog)."""
+        return {j: e.claim for j, e in self.running.items() if e.handle and not e.handle.done()}
 
     async def _heartbeat_loop(self) -> None:
         while not self._closed.is_set():
@@ -238,6 +250,7 @@ class Worker:
                 if time.monotonic() - last_prune > prune_every:
                     last_prune = time.monotonic()
                     await self.queue.prune_consumers(self.model_name)
+                    await self.queue.expire_results()
             except (RedisError, OSError) as exc:
                 log.warning("claiming failed (Redis away?): %s; retrying", exc)
                 await self._sleep(1.0)
@@ -364,6 +377,8 @@ class Worker:
             else:
                 log.info("job %s result discarded: no longer ours", claim.job_id)
         elif handle.state is JobState.FAILED:
+            if self.watchdog.device_failed(handle.error):
+                return  # not the job's fault: this process exits and the job is reclaimed
             await self.queue.fail(claim, "generation_failed", handle.error or "generation failed")
         # CANCELED: the queue already says so (or we handed it back while draining).
         self.running.pop(handle.id, None)

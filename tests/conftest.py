@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from service.redis_server import RedisServer
 from tests.apps import AppClientFactory, open_app_client
+from tests.object_store import SeaweedS3
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3-compatible server (SeaweedFS) with one bucket; its credentials are put in
+    the standard AWS variables for the session (the S3 result store reads them there)."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in server.env.items():
+            env.setenv(name, value)
+        try:
+            server.start()
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from service.queue.keys import GROUP
 from tests.fault_tools import (
     TERMINAL,
     Api,
@@ -41,6 +42,7 @@ from tests.fault_tools import (
     wait_running,
 )
 from tests.processes import Stack
+from tests.queues import DEFAULT_KEYS
 
 # ---------------------------------------------------------------------------- scenarios
 
@@ -377,7 +379,7 @@ def ttl_and_memory(stack: Stack, seed: int, n: int = 200) -> FaultResult:
             s.start()
         max_len = 0
         while any(s.is_alive() for s in submitters):
-            max_len = max(max_len, int(client.xlen("ldmserve:model:demo:stream")))
+            max_len = max(max_len, int(client.xlen(DEFAULT_KEYS.stream("demo"))))
             time.sleep(0.2)
         jobs = {j: b for s in submitters for j, b in s.accepted.items()}
         result.problems += [e for s in submitters for e in s.errors]
@@ -388,11 +390,17 @@ def ttl_and_memory(stack: Stack, seed: int, n: int = 200) -> FaultResult:
         result.lost += len(jobs) - len(done)
         logged = succeeded_in_logs(stack)
         result.duplicates += sum(max(0, logged[j] - 1) for j in jobs)
-        stream_len = int(client.xlen("ldmserve:model:demo:stream"))
-        pending = client.xpending("ldmserve:model:demo:stream", "workers")["pending"]
-        no_ttl = [k for k in client.scan_iter("ldmserve:job:*", count=1000) if client.ttl(k) == -1]
+        stream_len = int(client.xlen(DEFAULT_KEYS.stream("demo")))
+        pending = client.xpending(DEFAULT_KEYS.stream("demo"), GROUP)["pending"]
+        no_ttl = [
+            k
+            for k in client.scan_iter(DEFAULT_KEYS.pattern("job"), count=1000)
+            if client.ttl(k) == -1
+        ]
         no_ttl += [
-            k for k in client.scan_iter("ldmserve:idem:*", count=1000) if client.ttl(k) == -1
+            k
+            for k in client.scan_iter(DEFAULT_KEYS.pattern("idem"), count=1000)
+            if client.ttl(k) == -1
         ]
         left = wait_keys_gone(client, result_ttl + grace + 30)
         after = int(client.info("memory")["used_memory"])

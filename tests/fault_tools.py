@@ -22,6 +22,7 @@ import redis
 from PIL import Image
 
 from tests.processes import Stack
+from tests.queues import DEFAULT_KEYS
 
 TERMINAL = ("succeeded", "failed", "canceled")
 _LIBRARY: dict[str, Any] = {}
@@ -223,7 +224,7 @@ def redis_client(stack: Stack) -> redis.Redis:
 def jobs_succeeded_metric(stack: Stack) -> int:
     client = redis_client(stack)
     try:
-        return int(client.hget("ldmserve:metrics", "jobs_succeeded") or 0)
+        return int(client.hget(DEFAULT_KEYS.metrics, "jobs_succeeded") or 0)
     finally:
         client.close()
 
@@ -245,7 +246,7 @@ def job_worker(stack: Stack, job_id: str) -> str | None:
     """The worker id a job's record names (the API does not show it)."""
     client = redis_client(stack)
     try:
-        raw = client.hget(f"ldmserve:job:{job_id}", "worker")
+        raw = client.hget(DEFAULT_KEYS.job(job_id), "worker")
     finally:
         client.close()
     return raw.decode() if raw else None
@@ -310,7 +311,7 @@ class Submitter(threading.Thread):
 def metric(stack: Stack, name: str) -> int:
     client = redis_client(stack)
     try:
-        return int(float(client.hget("ldmserve:metrics", name) or 0))
+        return int(float(client.hget(DEFAULT_KEYS.metrics, name) or 0))
     finally:
         client.close()
 
@@ -319,7 +320,9 @@ def wait_keys_gone(client: redis.Redis, timeout: float) -> int:
     """Wait until no job or idempotency key is left (KEYS expires lazily); returns the count."""
     deadline = time.monotonic() + timeout
     while True:
-        left = len(client.keys("ldmserve:job:*")) + len(client.keys("ldmserve:idem:*"))
+        left = len(client.keys(DEFAULT_KEYS.pattern("job"))) + len(
+            client.keys(DEFAULT_KEYS.pattern("idem"))
+        )
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)

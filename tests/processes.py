@@ -128,13 +128,14 @@ class Stack:
         *,
         workers: int = 2,
         appendfsync: str = "always",
+        redis_config: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
         from service.redis_server import RedisServer
 
         self.root = root
         self.n_workers = workers
-        self.redis = RedisServer(root / "redis", appendfsync=appendfsync)
+        self.redis = RedisServer(root / "redis", appendfsync=appendfsync, config=redis_config)
         self.api_port = free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
         self.extra_env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}

@@ -20,9 +20,10 @@ import pytest
 from fastapi import FastAPI
 
 from service.contract import SAMPLER_NAMES, SamplerName
-from service.queue import JobQueue, WorkerInfo
+from service.queue import WorkerInfo
 from service.redis_server import RedisServer, free_port
 from tests.apps import AppClientFactory, open_app_client, post_job
+from tests.queues import Queues
 
 pytestmark = pytest.mark.anyio
 Client = httpx.AsyncClient
@@ -41,15 +42,15 @@ async def api(make_client: Any) -> tuple[Client, FastAPI]:
     return await make_client()
 
 
-def queue_of(app: FastAPI) -> JobQueue:
-    return app.state.queue
+def queue_of(app: FastAPI) -> Queues:
+    return Queues.over(app.state.queue.store)
 
 
 async def run_to_success(app: FastAPI, images: int = 1) -> str:
     q = queue_of(app)
-    (claim,) = await q.claim("w1", "demo", 1)
+    (claim,) = await q.worker.claim("w1", "demo", 1)
     seed = claim.params["seed"]
-    await q.finish(claim, [b"\x89PNG-%d" % i for i in range(images)], [seed + i for i in range(images)])  # fmt: skip
+    await q.worker.finish(claim, [b"\x89PNG-%d" % i for i in range(images)], [seed + i for i in range(images)])  # fmt: skip
     return claim.job_id
 
 
@@ -72,13 +73,13 @@ async def test_submit_then_poll_through_every_status(api: tuple[Client, FastAPI]
     assert params["sampler"] == "ddim" and params["model"] == "demo" and params["seed"] == 7
 
     q = queue_of(app)
-    (claim,) = await q.claim("w1", "demo", 1)
-    await q.progress(claim, 5, 30, 2.5)
+    (claim,) = await q.worker.claim("w1", "demo", 1)
+    await q.worker.progress(claim, 5, 30, 2.5)
     view = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert view["status"] == "running" and view["queue_position"] is None
     assert view["progress"] == {"step": 5, "total": 30, "eta_s": 2.5} and view["started_at"]
 
-    await q.finish(claim, [b"img-a", b"img-b"], [7, 8])
+    await q.worker.finish(claim, [b"img-a", b"img-b"], [7, 8])
     view = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert view["status"] == "succeeded" and view["finished_at"] and view["progress"] is None
     assert [(i["index"], i["seed"], i["content_type"]) for i in view["images"]] == [
@@ -109,8 +110,8 @@ async def test_failed_job_shows_its_error(api: tuple[Client, FastAPI]) -> None:
     client, app = api
     job_id = (await post_job(client)).json()["id"]
     q = queue_of(app)
-    (claim,) = await q.claim("w1", "demo", 1)
-    await q.fail(claim, "worker_error", "CUDA out of memory")
+    (claim,) = await q.worker.claim("w1", "demo", 1)
+    await q.worker.fail(claim, "worker_error", "CUDA out of memory")
     view = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert view["status"] == "failed"
     assert view["error"] == {"code": "worker_error", "message": "CUDA out of memory"}
@@ -129,7 +130,7 @@ async def test_images_404_409_410(make_client: Any) -> None:
     assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready"
     await run_to_success(app)
     assert (await client.get(f"/v1/jobs/{job_id}/images/0")).status_code == 200
-    await queue_of(app).redis.pexpire(queue_of(app).keys.images(job_id), 1)
+    await queue_of(app).store.redis.pexpire(queue_of(app).store.keys.images(job_id), 1)
     await asyncio.sleep(0.01)
     r = await client.get(f"/v1/jobs/{job_id}/images/0")
     assert r.status_code == 410 and r.json()["error"]["code"] == "expired"
@@ -163,14 +164,14 @@ async def test_cancel_queued_and_running(api: tuple[Client, FastAPI]) -> None:
     running_id = (await post_job(client)).json()["id"]
     queued_id = (await post_job(client)).json()["id"]
     q = queue_of(app)
-    (claim,) = await q.claim("w1", "demo", 1)
+    (claim,) = await q.worker.claim("w1", "demo", 1)
 
     r = await client.delete(f"/v1/jobs/{queued_id}")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
     r = await client.delete(f"/v1/jobs/{running_id}")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
-    assert await q.canceled([claim.job_id]) == {running_id}
-    assert not await q.progress(claim, 1, 30, None)  # the worker drops it
+    assert await q.worker.canceled([claim.job_id]) == {running_id}
+    assert not await q.worker.progress(claim, 1, 30, None)  # the worker drops it
     assert (await client.delete(f"/v1/jobs/{running_id}")).status_code == 200
     assert (await client.delete(f"/v1/jobs/{'0' * 32}")).status_code == 404
     r = await client.get(f"/v1/jobs/{queued_id}/images/0")
@@ -197,13 +198,13 @@ async def test_sse_streams_progress_then_the_final_state(api: tuple[Client, Fast
     q = queue_of(app)
 
     async def drive() -> None:
-        channel = q.keys.events(job_id)
-        while (await q.redis.pubsub_numsub(channel))[0][1] == 0:
+        channel = q.store.keys.events(job_id)
+        while (await q.store.redis.pubsub_numsub(channel))[0][1] == 0:
             await asyncio.sleep(0.01)
-        (claim,) = await q.claim("w1", "demo", 1)
+        (claim,) = await q.worker.claim("w1", "demo", 1)
         for step in (1, 2, 3):
-            await q.progress(claim, step, 3, 0.1 * (3 - step))
-        await q.finish(claim, [b"png"], [claim.params["seed"]])
+            await q.worker.progress(claim, step, 3, 0.1 * (3 - step))
+        await q.worker.finish(claim, [b"png"], [claim.params["seed"]])
 
     response, _ = await asyncio.gather(client.get(f"/v1/jobs/{job_id}/events"), drive())
     assert response.status_code == 200
@@ -256,8 +257,8 @@ async def test_models_samplers_health_ready(api: tuple[Client, FastAPI]) -> None
     ]
 
     q = queue_of(app)
-    await q.heartbeat(WorkerInfo("w1", "demo", 16, "cuda:0", time.time()))
-    await q.heartbeat(WorkerInfo("w2", "sd15", 8, "cuda:1", time.time()))
+    await q.worker.heartbeat(WorkerInfo("w1", "demo", 16, "cuda:0", time.time()))
+    await q.worker.heartbeat(WorkerInfo("w2", "sd15", 8, "cuda:1", time.time()))
     r = await client.get("/readyz")
     assert r.status_code == 200 and r.json()["workers"] == 2
     models = {m["id"]: m for m in (await client.get("/v1/models")).json()["models"]}
@@ -273,18 +274,18 @@ async def test_models_samplers_health_ready(api: tuple[Client, FastAPI]) -> None
     # A model a live worker serves is accepted; its job goes to that model's stream.
     r = await post_job(client, model="sd15")
     assert r.status_code == 202
-    (claim,) = await q.claim("w2", "sd15", 4)
+    (claim,) = await q.worker.claim("w2", "sd15", 4)
     assert claim.job_id == r.json()["id"]
 
 
 async def test_metrics_exposes_the_named_series(api: tuple[Client, FastAPI]) -> None:
     client, app = api
     q = queue_of(app)
-    await q.heartbeat(WorkerInfo("w1", "demo", 16, "cpu", time.time()))
+    await q.worker.heartbeat(WorkerInfo("w1", "demo", 16, "cpu", time.time()))
     await post_job(client)
     await post_job(client, num_images=2)
     await run_to_success(app)
-    await q.record_batch([2, 4])
+    await q.worker.record_batch([2, 4])
     r = await client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
@@ -374,7 +375,7 @@ def test_api_imports_no_torch_and_starts_fast() -> None:
 
 async def test_redis_out_of_memory_is_503(api: tuple[Client, FastAPI]) -> None:
     client, app = api
-    redis = queue_of(app).redis
+    redis = queue_of(app).store.redis
     await redis.config_set("maxmemory", 1)
     try:
         r = await post_job(client)

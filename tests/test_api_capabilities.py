@@ -16,9 +16,9 @@ from httpx import AsyncClient
 from PIL import Image
 
 from model.demo import build_demo
-from service.queue import JobQueue, WorkerInfo
-from service.queue_keys import Keys
+from service.queue import ApiQueue, WorkerInfo
 from tests.apps import AppClientFactory, post_job
+from tests.queues import Queues
 from tests.test_pipeline_image_modes import hard_mask, source_image
 
 pytestmark = pytest.mark.anyio
@@ -37,14 +37,13 @@ async def with_caps(
     make: AppClientFactory, caps: Any = DEMO_CAPS, **settings: Any
 ) -> tuple[AsyncClient, FastAPI]:
     client, app = await make(**settings)
-    queue: JobQueue = app.state.queue
     info = WorkerInfo("w1", "demo", 16, "cpu", time.time(), capabilities=caps.to_dict())
-    await queue.heartbeat(info)
+    await Queues.over(app.state.queue.store).worker.heartbeat(info)
     return client, app
 
 
 async def queued_jobs(app: FastAPI) -> int:
-    queue: JobQueue = app.state.queue
+    queue: ApiQueue = app.state.queue
     return await queue.queue_depth("demo")
 
 
@@ -55,7 +54,7 @@ async def test_models_publish_capabilities(app_client_factory: AppClientFactory)
     assert caps["modes"] == ["txt2img", "img2img", "inpaint"] and caps["latent_factor"] == 8
     assert caps["native_size"] == 256 and caps["max_steps"]["lcm"] == 50
     # kept when the worker is gone, so submit checks still apply while none is up
-    await app.state.queue.unregister("w1")
+    await Queues.over(app.state.queue.store).worker.unregister("w1")
     (model,) = (await client.get("/v1/models")).json()["models"]
     assert model["workers"] == 0 and model["capabilities"]["family"] == "demo"
 
@@ -110,7 +109,7 @@ async def test_refusals_name_the_field_and_queue_nothing(
     error = r.json()["error"]
     assert (error["code"], error["field"]) == (code, field), error
     assert await queued_jobs(app) == 0, "a refused request must never reach the queue"
-    keys = await app.state.queue.redis.keys("*:job:*")
+    keys = await app.state.queue.store.redis.keys("*:job:*")
     assert keys == []
 
 
@@ -127,7 +126,7 @@ async def test_sizes_resolved_at_submit(app_client_factory: AppClientFactory) ->
 
 async def test_input_images_are_stored_beside_the_job(app_client_factory: AppClientFactory) -> None:
     client, app = await with_caps(app_client_factory)
-    redis, keys = app.state.queue.redis, Keys(app.state.settings.key_prefix)
+    redis, keys = app.state.queue.store.redis, app.state.queue.store.keys
     image, mask = source_image(64, 64), hard_mask(64, 64)
     r = await post_job(client, image=b64(image, "JPEG"), mask=b64(mask), strength=0.6)
     assert r.status_code == 202, r.text

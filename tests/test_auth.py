@@ -15,9 +15,10 @@ import pytest
 from fastapi import FastAPI
 
 from service.api import create_app, new_job_id
-from service.auth import KeyRing, hash_key, parse_entries
+from service.auth import KeyEntry, KeyRing, hash_key, parse_entries
 from service.settings import Settings
 from tests.apps import AppClientFactory
+from tests.queues import Queues
 
 pytestmark = pytest.mark.anyio
 Client = httpx.AsyncClient
@@ -51,12 +52,12 @@ async def submit(client: Client, who: str, **body: Any) -> httpx.Response:
 
 def test_entries_parse_and_bad_ones_are_refused(tmp_path: Path) -> None:
     digest = hash_key("k")
-    assert parse_entries(f" a:{digest} , b.c-d_1:{digest.upper()} ") == {
-        "a": bytes.fromhex(digest),
-        "b.c-d_1": bytes.fromhex(digest),
+    assert parse_entries(f" a:{digest} , b.c-d_1:{digest.upper()}:high ") == {
+        "a": KeyEntry(bytes.fromhex(digest), "normal"),
+        "b.c-d_1": KeyEntry(bytes.fromhex(digest), "high"),
     }
     for bad in ("a", f"a:{digest[:-1]}", f":{digest}", f"a b:{digest}", "a:zz" + digest[2:],
-                f"anonymous:{digest}", f"a:{digest},a:{digest}"):  # fmt: skip
+                f"anonymous:{digest}", f"a:{digest},a:{digest}", f"a:{digest}:urgent"):  # fmt: skip
         with pytest.raises(ValueError):
             parse_entries(bad)
     # The error never echoes the hash part of a malformed entry.
@@ -120,7 +121,32 @@ async def test_every_endpoint_but_healthz_needs_a_key(api: tuple[Client, FastAPI
 async def test_metrics_can_be_public(make_client: Any) -> None:
     client, _ = await make_client(metrics_public=True)
     assert (await client.get("/metrics")).status_code == 200
+    assert (await client.get("/metrics", headers=bearer("bob"))).status_code == 200
     assert (await client.get("/v1/models")).status_code == 401
+
+
+async def test_metrics_only_for_admin_keys(make_client: Any) -> None:
+    """Every tenant's numbers are in /metrics: a tenant's key gets 403, an admin key 200."""
+    client, _ = await make_client(metrics_keys="alice")
+    await client.post("/v1/jobs", json={"prompt": "a"}, headers=bearer("bob"))
+    r = await client.get("/metrics", headers=bearer("bob"))
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert "ldmserve_" not in r.text
+    r = await client.get("/metrics", headers=bearer("alice"))
+    assert r.status_code == 200 and "ldmserve_jobs_submitted_total 1" in r.text.splitlines()
+    assert (await client.get("/v1/samplers", headers=bearer("bob"))).status_code == 200
+
+
+async def test_metrics_closed_to_every_key_by_default(make_client: Any) -> None:
+    client, _ = await make_client()
+    for name in KEYS:
+        assert (await client.get("/metrics", headers=bearer(name))).status_code == 403
+    assert (await client.get("/metrics")).status_code == 401
+
+
+def test_metrics_keys_must_name_configured_keys(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="carol"):
+        create_app(Settings(redis_url=redis_url, api_keys=API_KEYS, metrics_keys="alice,carol"))
 
 
 @pytest.mark.parametrize(
@@ -171,9 +197,9 @@ async def test_another_key_gets_404_for_everything_of_a_job(api: tuple[Client, F
     client, app = api
     job = (await submit(client, "alice")).json()["id"]
     unknown = (await client.get(f"/v1/jobs/{'0' * 32}", headers=bearer("bob"))).json()
-    q = app.state.queue
-    (claim,) = await q.claim("w1", "demo", 1)
-    await q.finish(claim, [b"png"], [claim.params["seed"]])
+    q = Queues.over(app.state.queue.store)
+    (claim,) = await q.worker.claim("w1", "demo", 1)
+    await q.worker.finish(claim, [b"png"], [claim.params["seed"]])
     for method, path in (
         ("GET", f"/v1/jobs/{job}"),
         ("GET", f"/v1/jobs/{job}/images/0"),

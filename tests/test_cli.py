@@ -176,14 +176,14 @@ def test_health_worker_sees_only_this_hosts_live_heartbeat(redis_url: str) -> No
     import asyncio
     import socket
 
-    from service.queue import JobQueue, WorkerInfo
+    from service.queue import WorkerInfo, WorkerQueue
     from service.settings import Settings
 
     env = {**_env(), "LDMSERVE_REDIS_URL": redis_url}
     assert subprocess.run([LDMSERVE, "health", "worker"], env=env, timeout=30).returncode == 1
 
     async def beat(worker_id: str) -> None:
-        queue = JobQueue.connect(Settings(redis_url=redis_url))
+        queue = WorkerQueue.connect(Settings(redis_url=redis_url))
         await queue.heartbeat(WorkerInfo(worker_id, "demo", 8, "cpu", 0.0))
         await queue.aclose()
 

@@ -3,7 +3,7 @@
 Parses Dockerfile, deploy/docker-compose.yml and deploy/k8s/*.yaml and checks them against
 ``service.cli.build_parser()`` (every command line is a real subcommand with real flags),
 ``service.settings.Settings`` (every ``LDMSERVE_*`` name is a field and every value loads),
-``service.queue_keys`` (the KEDA stream is the one jobs are queued on) and each other (ports,
+``service.queue.keys`` (the KEDA stream is the one jobs are queued on) and each other (ports,
 GPU requests, Redis persistence, grace periods longer than the worker's drain timeout). Also runs
 scripts/lint_deploy.sh (hadolint + yamllint), which must be installed (test extra).
 """
@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from service.queue_keys import Keys
+from service.queue.keys import Keys
 from service.settings import Settings
 from tests.deploy_files import (
     API_PORT,
@@ -257,27 +257,32 @@ def test_keda_scales_workers_on_the_job_stream(k8s, configmap) -> None:
     find_doc(k8s, "Deployment", "ldmserve-worker")
     assert scaled["spec"]["minReplicaCount"] in (0, 1)
     assert scaled["spec"]["maxReplicaCount"] >= max(1, scaled["spec"]["minReplicaCount"])
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis-streams"
-    meta = trigger["metadata"]
+    triggers = scaled["spec"]["triggers"]
+    assert {t["type"] for t in triggers} == {"redis-streams"}
+    streams = [t["metadata"]["stream"] for t in triggers]
 
     defaults = Settings.model_fields
     prefix = configmap.get("LDMSERVE_KEY_PREFIX", defaults["key_prefix"].default)
     model = configmap.get("LDMSERVE_MODEL", defaults["model"].default)
-    assert meta["stream"] == Keys(prefix).stream(model)
-    # The shipped files use the default prefix and model, so the stream is the default one.
-    assert meta["stream"] == Keys(defaults["key_prefix"].default).stream(defaults["model"].default)
-    # XLEN mode (entries are deleted when a job ends, so the length is the live jobs).
-    assert "consumerGroup" not in meta and int(meta["streamLength"]) >= 1
+    assert sorted(streams) == sorted(Keys(prefix).streams(model))  # one per priority
+    # The shipped files use the default prefix and model, so the streams are the default ones.
+    default_keys = Keys(defaults["key_prefix"].default)
+    assert sorted(streams) == sorted(default_keys.streams(defaults["model"].default))
+    for trigger in triggers:
+        meta = trigger["metadata"]
+        # XLEN mode (entries are deleted when a job ends, so the length is the live jobs).
+        assert "consumerGroup" not in meta and int(meta["streamLength"]) >= 1
 
     # KEDA's operator lives in another namespace: the address must be the Service's full name.
     namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
-    host, port = meta["address"].rsplit(":", 1)
     redis_service = find_doc(k8s, "Service", "redis")
-    assert host in (f"redis.{namespace}.svc.cluster.local", f"redis.{namespace}.svc")
-    assert int(port) in [p["port"] for p in redis_service["spec"]["ports"]]
     db = urlparse(configmap["LDMSERVE_REDIS_URL"]).path.strip("/") or "0"
-    assert meta.get("databaseIndex", "0") == db
+    for trigger in triggers:
+        meta = trigger["metadata"]
+        host, port = meta["address"].rsplit(":", 1)
+        assert host in (f"redis.{namespace}.svc.cluster.local", f"redis.{namespace}.svc")
+        assert int(port) in [p["port"] for p in redis_service["spec"]["ports"]]
+        assert meta.get("databaseIndex", "0") == db
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -353,7 +358,7 @@ def test_dockerfile_runs_as_non_root_with_pinned_cuda_torch() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"]), "pin torch exactly"
     text = DOCKERFILE.read_text()
     assert '"torch==${TORCH_VERSION}"' in text
-    assert "pip install --no-cache-dir ." in text and "[test]" not in text
+    assert 'pip install --no-cache-dir ".[s3]"' in text and "[test]" not in text
 
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:

@@ -12,7 +12,10 @@ second. A crash of only the redis-server process usually loses nothing under
 the disk is slow and the previous background fsync has not finished, Redis postpones that
 write for up to 2 s, and a process crash then loses what it held. ``no`` leaves flushing to
 the OS (~30 s on Linux). The deployment (deploy/redis.conf) chooses; ``always`` costs one
-fsync per write. These tests use ``always``, the no-loss setting, and SIGKILL.
+fsync per write. These tests use ``always``, the no-loss setting, and SIGKILL; the Redis
+restart is repeated with a redis-server started from deploy/redis.conf itself (``everysec``),
+where a process crash must lose nothing either (a machine crash, which it could, is not
+something a test can do).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests import fault_scenarios as fs
+from tests.deploy_files import REDIS_CONF
 from tests.processes import Stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -49,6 +53,20 @@ def test_redis_killed_and_restarted_under_load(stack: Stack) -> None:
     /readyz 503, /healthz 200. It restarts on the same port and data dir after 3 s; API and
     worker (same pids) reconnect by themselves and every accepted job succeeds once."""
     fs.redis_restart(stack, seed=12, n=12).assert_nothing_lost()
+
+
+def test_redis_restart_with_the_shipped_config(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same Redis SIGKILL + restart, with redis-server run from deploy/redis.conf (its
+    appendfsync, everysec; only the address and data dir changed): nothing accepted is lost."""
+    root: Path = tmp_path_factory.mktemp("faults-shipped-redis")
+    s = Stack(root, workers=1, redis_config=REDIS_CONF, env={"FAULT_SLOW_STEP_S": "0.2"})
+    try:
+        s.start()
+        assert s.redis.appendfsync == "everysec"
+        result = fs.redis_restart(s, seed=14, n=12)
+    finally:
+        s.close()
+    result.assert_nothing_lost()
 
 
 def test_results_expire_to_410_and_memory_stays_bounded(

@@ -17,22 +17,22 @@ from PIL import Image
 
 from service.api import prefer_wait_s
 from service.infotext import image_infotexts, infotext
-from service.queue import JobQueue
 from service.settings import Settings
 from tests.apps import AppClientFactory, post_job
+from tests.queues import Queues
 from tests.conftest import LIVE_KEYS
 
 pytestmark = pytest.mark.anyio
 
 
-def queue_of(app: FastAPI) -> JobQueue:
-    return app.state.queue
+def queue_of(app: FastAPI) -> Queues:
+    return Queues.over(app.state.queue.store)
 
 
 async def finish_next(app: FastAPI, delay_s: float = 0.0) -> str:
     """Claim the next demo job and finish it (after ``delay_s``) with fake image bytes."""
     await asyncio.sleep(delay_s)
-    q = queue_of(app)
+    q = queue_of(app).worker
     (claim,) = await q.claim("w1", "demo", 1, block_ms=3000)
     await q.finish(claim, [b"\x89PNG-0"], [claim.params["seed"]])
     return claim.job_id
@@ -117,9 +117,9 @@ async def test_list_own_jobs_newest_first_with_cursor_and_status(
 async def test_expired_jobs_leave_the_list(app_client_factory: AppClientFactory) -> None:
     client, app = await app_client_factory()
     ids = [(await post_job(client)).json()["id"] for _ in range(2)]
-    await queue_of(app).redis.delete(queue_of(app).keys.job(ids[0]))
+    await queue_of(app).store.redis.delete(queue_of(app).store.keys.job(ids[0]))
     assert (await _ids(client))[0] == [ids[1]]
-    assert await queue_of(app).redis.zcard(queue_of(app).keys.owner_jobs("anonymous")) == 1
+    assert await queue_of(app).store.redis.zcard(queue_of(app).store.keys.owner_jobs("anonymous")) == 1
 
 
 def test_infotext_is_a1111s_format() -> None:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from service.auth import hash_key
 from service.ratelimit import burst_of, retry_after_s
 from tests.apps import AppClientFactory
+from tests.queues import Queues
 
 pytestmark = pytest.mark.anyio
 Client = httpx.AsyncClient
@@ -90,25 +91,27 @@ async def test_without_auth_everyone_shares_one_anonymous_bucket(make_client: An
 
 
 async def test_per_key_cap_on_unfinished_jobs(make_client: Any) -> None:
-    client, app = await make_client(max_queued_per_key=2, queue_full_retry_after_s=3)
+    client, app = await make_client(
+        max_queued_per_key=2, queue_full_retry_after_s=3, metrics_keys="bob"
+    )
     assert [(await submit(client)).status_code for _ in range(2)] == [202, 202]
     r = await submit(client)
     assert r.status_code == 429 and r.headers["retry-after"] == "3"
     assert r.json()["error"]["code"] == "too_many_jobs"
     assert (await submit(client, "bob")).status_code == 202  # the cap is per key
 
-    q = app.state.queue
-    (claim,) = await q.claim("w1", "demo", 1)  # running still counts
+    q = Queues.over(app.state.queue.store)
+    (claim,) = await q.worker.claim("w1", "demo", 1)  # running still counts
     assert (await submit(client)).status_code == 429
-    await q.finish(claim, [b"png"])  # finished: a slot frees
+    await q.worker.finish(claim, [b"png"])  # finished: a slot frees
     job = (await submit(client)).json()["id"]
     assert (await submit(client)).status_code == 429
     await client.delete(f"/v1/jobs/{job}", headers=AUTH["alice"])  # canceled: a slot frees
     assert (await submit(client)).status_code == 202
 
     # A job lost from Redis (eviction, manual cleanup) does not hold a slot forever.
-    victim = await q.redis.srandmember(q.keys.owner_active("alice"))
-    await q.redis.delete(q.keys.job(victim.decode()))
+    victim = await q.store.redis.srandmember(q.store.keys.owner_active("alice"))
+    await q.store.redis.delete(q.store.keys.job(victim.decode()))
     assert (await submit(client)).status_code == 202
 
     text = (await client.get("/metrics", headers=AUTH["bob"])).text
@@ -116,7 +119,7 @@ async def test_per_key_cap_on_unfinished_jobs(make_client: Any) -> None:
 
 
 async def test_rate_limited_submits_are_counted(make_client: Any) -> None:
-    client, _ = await make_client(rate_limit_per_min=1, rate_limit_burst=1)
+    client, _ = await make_client(rate_limit_per_min=1, rate_limit_burst=1, metrics_keys="alice")
     for _ in range(3):
         await submit(client)
     text = (await client.get("/metrics", headers=AUTH["alice"])).text

@@ -33,8 +33,9 @@ from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.api import create_app
-from service.queue_keys import Keys, WorkerInfo
+from service.queue.records import WorkerInfo
 from service.settings import Settings
+from tests.queues import DEFAULT_KEYS
 
 MAX_EXAMPLES = int(os.environ.get("LDMSERVE_ST_EXAMPLES", "50"))
 log = logging.getLogger(__name__)
@@ -60,8 +61,8 @@ def test_no_5xx_and_responses_conform(redis_url: str) -> None:
     info = WorkerInfo("st-worker", "demo", 8, "cpu", time.time())
     client = redis.Redis.from_url(redis_url)
     try:
-        client.set(Keys("ldmserve").worker(info.worker_id), info.to_json(), px=600_000)
-        client.zadd(Keys("ldmserve").workers, {info.worker_id: time.time()})
+        client.set(DEFAULT_KEYS.worker(info.worker_id), info.to_json(), px=600_000)
+        client.zadd(DEFAULT_KEYS.workers, {info.worker_id: time.time()})
     finally:
         client.close()
     app = create_app(Settings(redis_url=redis_url))

@@ -39,6 +39,9 @@ REFUSED_URLS = [
     "http://[fd12:3456::1]/",
     "http://[::ffff:127.0.0.1]/",
     "http://[::ffff:169.254.169.254]/",
+    "http://[64:ff9b::a9fe:a9fe]/",
+    "http://[2002:7f00:1::]/",
+    "http://[::127.0.0.1]/",
     "http://[ff02::1]/",
     "http://localhost:9/hook",
     "http://LOCALHOST./",
@@ -89,6 +92,17 @@ async def test_public_and_allowed_urls() -> None:
         ("240.0.0.1", False),
         ("198.18.0.1", False),
         ("239.255.255.250", False),
+        # IPv6 transition forms are judged by the IPv4 address inside them.
+        ("64:ff9b::7f00:1", False),  # NAT64 → 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 → 169.254.169.254
+        ("64:ff9b::a00:1", False),  # NAT64 → 10.0.0.1
+        ("64:ff9b::808:808", True),  # NAT64 → 8.8.8.8
+        ("2002:7f00:1::", False),  # 6to4 → 127.0.0.1
+        ("2002:c0a8:101::1", False),  # 6to4 → 192.168.1.1
+        ("2002:808:808::1", True),  # 6to4 → 8.8.8.8
+        ("::127.0.0.1", False),  # IPv4-compatible
+        ("::a9fe:a9fe", False),
+        ("::8.8.8.8", True),
     ],
 )
 def test_address_policy(address: str, public: bool) -> None:

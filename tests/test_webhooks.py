@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from redis.exceptions import ResponseError
 
 import service.webhooks as webhooks
+from service.queue import QueueStore
 from service.settings import Settings
 from service.webhook_dispatch import WebhookDispatcher
 from service.webhooks import (
@@ -32,6 +33,7 @@ from service.webhooks import (
     verify_signature,
 )
 from tests.apps import AppClientFactory
+from tests.queues import Queues
 
 pytestmark = pytest.mark.anyio
 Client = httpx.AsyncClient
@@ -144,9 +146,9 @@ async def test_success_is_delivered_signed_after_retries(
     client, app = await make_client()
     job = (await client.post("/v1/jobs", json={"prompt": "a", "num_images": 2,
                                                "webhook_url": receiver.url})).json()["id"]  # fmt: skip
-    q = app.state.queue
-    (claim,) = await q.claim("w1", "demo", 1)
-    await q.finish(claim, [b"a", b"b"])
+    q = Queues.over(app.state.queue.store)
+    (claim,) = await q.worker.claim("w1", "demo", 1)
+    await q.worker.finish(claim, [b"a", b"b"])
     await wait_for(lambda: len(receiver.requests) >= 3)
     for (path, headers, body), attempt in zip(receiver.requests, ("1", "2", "3"), strict=True):
         assert path == "/hook" and verify_signature(SECRET.encode(), headers, body)
@@ -170,9 +172,9 @@ async def test_failure_and_cancel_are_delivered(make_client: Any, receiver: Rece
     failed = (await client.post("/v1/jobs", json=body)).json()["id"]
     canceled = (await client.post("/v1/jobs", json=body)).json()["id"]
     plain = (await client.post("/v1/jobs", json={"prompt": "a"})).json()["id"]
-    q = app.state.queue
-    (claim,) = await q.claim("w1", "demo", 1)
-    await q.fail(claim, "generation_failed", "CUDA out of memory")
+    q = Queues.over(app.state.queue.store)
+    (claim,) = await q.worker.claim("w1", "demo", 1)
+    await q.worker.fail(claim, "generation_failed", "CUDA out of memory")
     await client.delete(f"/v1/jobs/{canceled}")
     await client.delete(f"/v1/jobs/{plain}")
     await wait_for(lambda: len(receiver.requests) >= 2)
@@ -187,8 +189,8 @@ async def test_attempts_are_bounded(make_client: Any, receiver: Receiver) -> Non
     receiver.fail_first = 100
     client, app = await make_client(webhook_max_attempts=3)
     await client.post("/v1/jobs", json={"prompt": "a", "webhook_url": receiver.url})
-    (claim,) = await app.state.queue.claim("w1", "demo", 1)
-    await app.state.queue.finish(claim, [b"a"])
+    (claim,) = await Queues.over(app.state.queue.store).worker.claim("w1", "demo", 1)
+    await Queues.over(app.state.queue.store).worker.finish(claim, [b"a"])
     await wait_for(lambda: len(receiver.requests) >= 3)
     await asyncio.sleep(0.5)
     assert len(receiver.requests) == 3
@@ -201,8 +203,8 @@ async def test_redirects_are_not_followed(make_client: Any, receiver: Receiver) 
     receiver.headers_out = {"Location": "http://169.254.169.254/latest/meta-data/"}
     client, app = await make_client(webhook_max_attempts=1)
     await client.post("/v1/jobs", json={"prompt": "a", "webhook_url": receiver.url})
-    (claim,) = await app.state.queue.claim("w1", "demo", 1)
-    await app.state.queue.finish(claim, [b"a"])
+    (claim,) = await Queues.over(app.state.queue.store).worker.claim("w1", "demo", 1)
+    await Queues.over(app.state.queue.store).worker.finish(claim, [b"a"])
     await wait_for(lambda: len(receiver.requests) >= 1)
     await asyncio.sleep(0.3)
     assert len(receiver.requests) == 1
@@ -219,7 +221,9 @@ async def test_delivery_rechecks_the_policy(redis_url: str, receiver: Receiver) 
     from redis.asyncio import Redis
 
     redis = Redis.from_url(redis_url)
-    dispatcher = WebhookDispatcher(redis, Settings(webhook_secret=SECRET))  # no allow-list
+    dispatcher = WebhookDispatcher(
+        QueueStore(redis, Settings(webhook_secret=SECRET))
+    )  # no allow-list
     try:
         assert not await dispatcher.deliver(_fields(receiver.url))
         assert receiver.requests == []
@@ -244,7 +248,7 @@ async def test_delivery_connects_to_the_checked_address(
     monkeypatch.setattr(webhooks, "resolve", fake_resolve)
     redis = Redis.from_url(redis_url)
     settings = Settings(webhook_secret=SECRET, webhook_allow="127.0.0.1/32")
-    dispatcher = WebhookDispatcher(redis, settings)
+    dispatcher = WebhookDispatcher(QueueStore(redis, settings))
     try:
         fields = _fields(f"http://hooks.example.invalid:{receiver.port}/hook")
         assert await dispatcher.deliver(fields)
@@ -261,17 +265,17 @@ async def test_a_dead_dispatchers_delivery_is_taken_over(
     make_client: Any, receiver: Receiver
 ) -> None:
     _, app = await make_client(webhook_timeout_s=0.2, webhook_claim_idle_s=0.5)
-    q = app.state.queue
-    stream = q.keys.webhooks
+    q = Queues.over(app.state.queue.store)
+    stream = q.store.keys.webhooks
     # A dispatcher that read the entry and died before delivering it.
     with contextlib.suppress(ResponseError):  # BUSYGROUP: the live dispatcher made it
-        await q.redis.xgroup_create(stream, "dispatchers", id="0", mkstream=True)
-    await q.redis.xadd(stream, _fields(receiver.url, "e" * 32))
-    await q.redis.xreadgroup("dispatchers", "dead-one", {stream: ">"}, count=10)
+        await q.store.redis.xgroup_create(stream, "dispatchers", id="0", mkstream=True)
+    await q.store.redis.xadd(stream, _fields(receiver.url, "e" * 32))
+    await q.store.redis.xreadgroup("dispatchers", "dead-one", {stream: ">"}, count=10)
     await wait_for(lambda: len(receiver.requests) >= 1, timeout_s=10)
     assert receiver.bodies()[0]["id"] == "e" * 32
     await asyncio.sleep(0.2)
-    assert await q.redis.xlen(stream) == 0 and len(receiver.requests) == 1
+    assert await q.store.redis.xlen(stream) == 0 and len(receiver.requests) == 1
 
 
 async def test_two_replicas_share_deliveries_without_duplicates(
@@ -285,9 +289,9 @@ async def test_two_replicas_share_deliveries_without_duplicates(
         ]
         for _ in range(10)
     ]
-    q = app.state.queue
-    for claim in await q.claim("w1", "demo", 10):
-        await q.finish(claim, [b"a"])
+    q = Queues.over(app.state.queue.store)
+    for claim in await q.worker.claim("w1", "demo", 10):
+        await q.worker.finish(claim, [b"a"])
     await wait_for(lambda: len(receiver.requests) >= 10)
     await asyncio.sleep(0.3)
     assert sorted(b["id"] for b in receiver.bodies()) == sorted(ids)
@@ -298,21 +302,23 @@ async def test_every_final_transition_queues_exactly_one_delivery(redis_url: str
     included; a refused (stale) finish queues nothing."""
     from redis.asyncio import Redis
 
-    from service.queue import JobQueue
-
     redis = Redis.from_url(redis_url)
-    q = JobQueue(redis, Settings(max_attempts=1, reclaim_after_s=0, worker_ttl_s=0.3,
+    q = Queues.on(redis, Settings(max_attempts=1, reclaim_after_s=0, worker_ttl_s=0.3,
                                  heartbeat_interval_s=0.1))  # fmt: skip
     try:
         hook = "http://93.184.216.34/hook"
-        job = (await q.submit({"seed": 1}, model="demo", job_id="a" * 32, webhook_url=hook)).job_id
-        await q.submit({"seed": 1}, model="demo", job_id="b" * 32)  # no webhook
-        (stale, _plain) = await q.claim("dead-worker", "demo", 2)  # never heart-beats
-        (gave_up,) = [c for c in await q.reclaim("w2", "demo", 2) if c.job_id == job] or [None]
+        job = (
+            await q.api.submit({"seed": 1}, model="demo", job_id="a" * 32, webhook_url=hook)
+        ).job_id
+        await q.api.submit({"seed": 1}, model="demo", job_id="b" * 32)  # no webhook
+        (stale, _plain) = await q.worker.claim("dead-worker", "demo", 2)  # never heart-beats
+        (gave_up,) = [c for c in await q.worker.reclaim("w2", "demo", 2) if c.job_id == job] or [
+            None
+        ]
         assert gave_up is None  # max_attempts=1: the job failed instead of running again
-        assert (await q.get(job)).status == "failed"
-        assert not await q.finish(stale, [b"late"])  # stale lease: refused, nothing queued
-        entries = await redis.xrange(q.keys.webhooks)
+        assert (await q.api.get(job)).status == "failed"
+        assert not await q.worker.finish(stale, [b"late"])  # stale lease: refused, nothing queued
+        entries = await redis.xrange(q.store.keys.webhooks)
         assert len(entries) == 1
         fields = {k.decode(): v.decode() for k, v in entries[0][1].items()}
         assert fields["job"] == job and fields["status"] == "failed" and fields["url"] == hook

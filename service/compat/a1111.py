@@ -26,7 +26,7 @@ from service.api_errors import ApiError
 from service.compat.jobs import Caller, caller, images_of, route_class, run_job
 from service.compat.masks import a1111_mask
 from service.infotext import A1111_SAMPLERS, VERSION, image_infotexts
-from service.queue_keys import text
+from service.queue.records import text
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def _text(body: dict[str, Any], name: str) -> str:
 
 async def _default_model(c: Caller) -> str | None:
     """The caller's ``sd_model_checkpoint`` choice (POST /options), if any."""
-    return text(await c.queue.redis.get(c.queue.keys.owner_a1111(c.owner)))
+    return text(await c.queue.store.redis.get(c.queue.store.keys.owner_a1111(c.owner)))
 
 
 async def _served(c: Caller) -> list[str]:
@@ -317,7 +317,9 @@ async def _generate(
 ) -> JSONResponse:
     """Run the native job and answer A1111's ``{images, parameters, info}``."""
     try:
-        outcome = await run_job(fields, queue=c.queue, settings=c.settings, owner=c.owner)
+        outcome = await run_job(
+            fields, queue=c.queue, settings=c.settings, owner=c.owner, max_priority=c.max_priority
+        )
     except ApiError as exc:
         raise _from_native(exc) from None
     record, job_id = outcome.record, outcome.job_id
@@ -401,11 +403,11 @@ async def set_options(request: Request) -> None:
     if name not in served:
         raise A1111Error(422, "unknown_model", f"model {name!r} is not served here "
                          f"(served: {', '.join(served)})")  # fmt: skip
-    key = c.queue.keys.owner_a1111(c.owner)
+    key = c.queue.store.keys.owner_a1111(c.owner)
     if name == c.settings.model:
-        await c.queue.redis.delete(key)
+        await c.queue.store.redis.delete(key)
     else:
-        await c.queue.redis.set(key, name)
+        await c.queue.store.redis.set(key, name)
     return None
 
 

@@ -11,9 +11,9 @@ from fastapi.routing import APIRoute
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.auth import ANONYMOUS, OWNER_SCOPE_KEY
+from service.auth import ANONYMOUS, MAX_PRIORITY_SCOPE_KEY, OWNER_SCOPE_KEY
 from service.job_wait import wait_for_job
-from service.queue import JobQueue, JobRecord
+from service.queue import ApiQueue, JobRecord
 from service.schemas import TERMINAL_STATUSES
 from service.settings import Settings
 from service.submission import native_request, submit
@@ -34,10 +34,11 @@ class Outcome:
 async def start_job(
     fields: Mapping[str, Any],
     *,
-    queue: JobQueue,
+    queue: ApiQueue,
     settings: Settings,
     owner: str,
     idempotency_key: str | None = None,
+    max_priority: str = "normal",
 ) -> str:
     """Submit ``fields`` (native names) for ``owner``; the job id. Raises ApiError."""
     result = await submit(
@@ -46,6 +47,7 @@ async def start_job(
         settings=settings,
         owner=owner,
         idempotency_key=idempotency_key,
+        max_priority=max_priority,
     )
     return result.job_id
 
@@ -53,20 +55,22 @@ async def start_job(
 async def run_job(
     fields: Mapping[str, Any],
     *,
-    queue: JobQueue,
+    queue: ApiQueue,
     settings: Settings,
     owner: str,
     idempotency_key: str | None = None,
+    max_priority: str = "normal",
 ) -> Outcome:
     """:func:`start_job`, then wait up to ``compat_wait_s`` for the job to end."""
     job_id = await start_job(
-        fields, queue=queue, settings=settings, owner=owner, idempotency_key=idempotency_key
-    )
+        fields, queue=queue, settings=settings, owner=owner, idempotency_key=idempotency_key,
+        max_priority=max_priority,
+    )  # fmt: skip
     record = await wait_for_job(queue, job_id, settings.compat_wait_s, settings.sse_poll_s)
     return Outcome(job_id, record)
 
 
-async def images_of(queue: JobQueue, record: JobRecord) -> list[bytes] | None:
+async def images_of(queue: ApiQueue, record: JobRecord) -> list[bytes] | None:
     """Every encoded image of a succeeded job, None once they expired."""
     out = []
     for i in range(record.image_count):
@@ -82,16 +86,18 @@ class Caller:
     """What a compat route needs from the app and the request (the native dependencies
     live in service.api, which includes these routers: read the same state here)."""
 
-    queue: JobQueue
+    queue: ApiQueue
     settings: Settings
     owner: str
+    max_priority: str = "normal"  # the highest job priority the caller's key may use
 
 
 def caller(request: Request) -> Caller:
     """The app's queue and settings and the caller's key name (``anonymous`` without auth)."""
     state = request.app.state
     owner = str(request.scope.get(OWNER_SCOPE_KEY, ANONYMOUS))
-    return Caller(state.queue, state.settings, owner)
+    top = str(request.scope.get(MAX_PRIORITY_SCOPE_KEY, "normal"))
+    return Caller(state.queue, state.settings, owner, top)
 
 
 def route_class(unavailable: Callable[[int], Exception]) -> type[APIRoute]:

@@ -279,16 +279,18 @@ async def _answer(
     try:
         if body.get("stream"):
             job_id = await start_job(
-                fields, queue=c.queue, settings=c.settings, owner=c.owner, idempotency_key=idem
-            )
+                fields, queue=c.queue, settings=c.settings, owner=c.owner, idempotency_key=idem,
+                max_priority=c.max_priority,
+            )  # fmt: skip
             return StreamingResponse(
                 _stream(request, c, job_id, fields["prompt"]),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Ldmserve-Job": job_id},
             )
         outcome = await run_job(
-            fields, queue=c.queue, settings=c.settings, owner=c.owner, idempotency_key=idem
-        )
+            fields, queue=c.queue, settings=c.settings, owner=c.owner, idempotency_key=idem,
+            max_priority=c.max_priority,
+        )  # fmt: skip
     except ApiError as exc:
         raise _from_native(exc) from None
     error = _job_error(outcome, c.settings.compat_wait_s)
