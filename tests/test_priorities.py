@@ -160,8 +160,12 @@ async def test_a_keys_priority_ceiling_is_enforced(app_client_factory: AppClient
     r = await client.post("/v1/jobs", json={"prompt": "a", "priority": "urgent"},
                           headers=bearer("ops"))  # fmt: skip
     assert r.status_code == 422
+    # No priority asked: the default (normal) is above batch's ceiling, so the job runs at the
+    # ceiling instead of being refused (compat clients such as OpenAI's SDK send none).
     r = await client.post("/v1/jobs", json={"prompt": "a"}, headers=bearer("batch"))
-    assert r.status_code == 403  # the default is normal, above batch's ceiling
+    assert r.status_code == 202, r.text
+    view = (await client.get(r.headers["location"], headers=bearer("batch"))).json()
+    assert view["parameters"]["priority"] == "low"
 
 
 async def test_priority_is_a_job_parameter(app_client_factory: AppClientFactory) -> None:
