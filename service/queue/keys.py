@@ -104,11 +104,25 @@ def lua_keys() -> str:
     return "\n".join(lines) + "\n"
 
 
+def key_prefix(prefix: str, cluster: bool) -> str:
+    """The prefix as written into key names. On Redis Cluster it is a hash tag
+    (``{ldmserve}``): every key then lives in one slot, so each script's keys share a slot
+    and scripts may compute key names inside (the price: one shard holds all of ldmserve)."""
+    return f"{{{prefix}}}" if cluster else prefix
+
+
 @dataclass(frozen=True)
 class Keys:
-    """Names of every key for one prefix, so nothing else formats key strings."""
+    """Names of every key for one prefix, so nothing else formats key strings.
+
+    ``prefix`` is the written form (:func:`key_prefix`); :meth:`for_settings` builds it.
+    """
 
     prefix: str
+
+    @classmethod
+    def for_settings(cls, key_prefix_setting: str, cluster: bool = False) -> Keys:
+        return cls(key_prefix(key_prefix_setting, cluster))
 
     def _name(self, role: str, part: str = "") -> str:
         return f"{self.prefix}:{LAYOUT[role].format(part)}"
