@@ -27,6 +27,8 @@ CASES = {
     "gpu": ["bench/gpu.py", "--device", "cpu", "--tiny", "--quick"],
     # redis-server + `ldmserve api` + one demo worker on loopback; ~20 s (two model loads)
     "service": ["bench/service.py", "--quick"],
+    # redis-server + the queue's two sides in-process; seconds
+    "capacity": ["bench/capacity.py", "--quick"],
 }
 
 
