@@ -120,3 +120,28 @@ def parse_json_line(stdout: str) -> dict[str, Any]:
         if line.startswith(JSON_TAG + " "):
             return json.loads(line[len(JSON_TAG) + 1 :])
     raise ValueError("no BENCH_JSON line in the output")
+
+
+class EngineDriver:
+    """Steps a service.engine.Engine on a thread until stopped, as a worker's engine loop does,
+    keeping the UNet row count of every call (benchmarks submit jobs while it runs)."""
+
+    def __init__(self, engine: Any) -> None:
+        import threading
+
+        self.engine = engine
+        self.rows: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            out = self.engine.step()
+            self.rows.extend(rows for rows, _ in out.calls)
+            if not out.worked:
+                self._stop.wait(0.002)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

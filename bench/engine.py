@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import common  # noqa: F401  (puts the repo root on sys.path)
 import numpy as np
 import torch
-from common import emit_json, load_average, set_threads, table
+from common import EngineDriver, emit_json, load_average, set_threads, table
 from engine_parts import (
     Job,
     Outcome,
@@ -78,24 +77,23 @@ def serve_serial(ref: Any, jobs: list[Job]) -> Outcome:
 
 def run_static_batch(pipe: Any, batch: list[Job]) -> np.ndarray:
     """One group of identical settings, run to the end together (our Pipeline pieces)."""
-    from model import samplers
+    from model.denoise import denoise_step
 
     head = batch[0]
-    shape = pipe.latent_shape(head.width, head.height)
-    traj = samplers.plan(head.sampler, head.steps, pipe.schedule)
-    trajs = [traj] * len(batch)
-    states = [
-        samplers.start(traj, torch.Generator("cpu").manual_seed(j.seed), shape, pipe.device)
-        for j in batch
-    ]
     cond = pipe.encode_prompts([j.prompt for j in batch])
-    uncond = pipe.encode_prompts([""] * len(batch))
-    guidance = torch.tensor([j.guidance for j in batch])
-    while states[0].k < traj.n_evals:
-        x_in, t = samplers.model_input(trajs, states)
-        out = pipe.guided_output(x_in, t, cond, uncond, guidance)
-        states = samplers.advance(trajs, states, out)
-    return pipe.decode_latents(torch.cat([s.x for s in states]))
+    uncond = pipe.encode_prompts([""])
+    rows = [
+        row
+        for i, j in enumerate(batch)
+        for row in pipe.begin(
+            cond[i : i + 1], uncond, width=head.width, height=head.height, steps=head.steps,
+            guidance_scale=j.guidance, sampler=head.sampler, seed=j.seed, num_images=1,
+        ).rows
+    ]  # fmt: skip
+    while not rows[0].finished:
+        for row, state in zip(rows, denoise_step(pipe.unet_forward, rows), strict=True):
+            row.state = state
+    return pipe.decode_latents(torch.cat([r.state.x for r in rows]))
 
 
 def serve_static(pipe: Any, jobs: list[Job], max_images: int, window: float) -> Outcome:
@@ -135,18 +133,15 @@ def serve_engine(pipe: Any, jobs: list[Job], max_rows: int) -> Outcome:
     from service.engine_types import GenerationRequest
 
     res = Outcome()
-    lock = threading.Lock()
-    engine = Engine(
-        pipe, max_batch=max_rows, on_batch=lambda rows, _jobs: res.batches.append(rows // 2)
-    )
+    engine = Engine(pipe, max_batch=max_rows)
     handles = []
     t0 = time.monotonic()
-    engine.start()
+    driver = EngineDriver(engine)
     try:
         for job in jobs:
             sleep_until(t0, job.arrival)
-            req = GenerationRequest(
-                id=job.id,
+            req = GenerationRequest.of(
+                job.id,
                 prompt=job.prompt,
                 width=job.width,
                 height=job.height,
@@ -160,13 +155,13 @@ def serve_engine(pipe: Any, jobs: list[Job], max_rows: int) -> Outcome:
             if not h.wait(timeout=3600):
                 raise RuntimeError(f"{h.id} did not finish")
     finally:
-        engine.stop()
-    with lock:
-        for h in handles:
-            if h.error or not h.images:
-                raise RuntimeError(f"{h.id} failed: {h.error}")
-            res.finish[h.id] = h.finished_at - t0
-            res.images[h.id] = h.images[0]
+        driver.stop()
+    res.batches.extend(rows // 2 for rows in driver.rows)
+    for h in handles:
+        if h.error or not h.images:
+            raise RuntimeError(f"{h.id} failed: {h.error}")
+        res.finish[h.id] = h.finished_at - t0
+        res.images[h.id] = h.images[0]
     return res
 
 

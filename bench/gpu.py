@@ -159,8 +159,8 @@ def engine_images_per_s(
         t0 = time.perf_counter()
         handles = [
             engine.submit(
-                GenerationRequest(
-                    id=f"j{i}",
+                GenerationRequest.of(
+                    f"j{i}",
                     prompt=f"a photo of a lighthouse, variant {i}",
                     width=size,
                     height=size,
@@ -172,13 +172,11 @@ def engine_images_per_s(
             )
             for i in range(n_jobs)
         ]
-        while engine.step():
-            pass
-        engine.flush_callbacks(timeout=600)
+        engine.run_until_idle()
         sync(device)
         elapsed = time.perf_counter() - t0
     finally:
-        engine.stop()
+        engine.close_admission()
     failed = [h for h in handles if h.error or len(h.images) != 1]
     if failed:
         raise RuntimeError(f"{len(failed)} engine jobs failed: {failed[0].error}")

@@ -46,7 +46,7 @@ from typing import Any
 
 import common  # noqa: F401  (puts the repo root on sys.path)
 import numpy as np
-from common import emit_json, load_average, median, set_threads, table
+from common import EngineDriver, emit_json, load_average, median, set_threads, table
 from service_parts import (
     SAMPLERS,
     Job,
@@ -69,17 +69,16 @@ class EngineRunner:
     def __init__(self, pipe: Any, max_batch: int) -> None:
         from service.engine import Engine
 
-        self.rows: list[int] = []
-        self.engine = Engine(pipe, max_batch=max_batch, on_batch=lambda r, _j: self.rows.append(r))
-        self.engine.start()
+        self.engine = Engine(pipe, max_batch=max_batch)
+        self.driver = EngineDriver(self.engine)
 
     def run(self, jobs: list[Job], timeout: float) -> tuple[float, list[np.ndarray], list[int]]:
         from service.engine_types import GenerationRequest
 
-        self.rows = []
+        self.driver.rows.clear()
         t0 = time.monotonic()
         handles = [
-            self.engine.submit(GenerationRequest(id=f"a{i}", **j.request_fields()))
+            self.engine.submit(GenerationRequest.of(f"a{i}", **j.request_fields()))
             for i, j in enumerate(jobs)
         ]
         deadline = t0 + timeout
@@ -90,10 +89,10 @@ class EngineRunner:
         for h in handles:
             if h.error or not h.images:
                 raise RuntimeError(f"engine job {h.id} failed: {h.error}")
-        return elapsed, [h.images[0] for h in handles], list(self.rows)
+        return elapsed, [h.images[0] for h in handles], list(self.driver.rows)
 
     def stop(self) -> None:
-        self.engine.stop()
+        self.driver.stop()
 
 
 # ---------------------------------------------------------------- main

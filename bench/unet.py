@@ -24,6 +24,8 @@ import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
 from common import SD15_UNET, emit_json, interleaved, load_average, median, set_threads, table
 
+from model.conditioning import Conditioning
+
 SD15: dict[str, Any] = {
     **SD15_UNET,
     "sample_size": 64,
@@ -120,7 +122,7 @@ def main() -> None:
 
         def run_ours(x: torch.Tensor = x, t: torch.Tensor = t, ctx: torch.Tensor = ctx) -> Any:
             with torch.inference_mode():
-                return ours(x, t, ctx)
+                return ours(x, t, Conditioning(ctx))
 
         def run_ref(x: torch.Tensor = x, t: torch.Tensor = t, ctx: torch.Tensor = ctx) -> Any:
             with torch.inference_mode():

@@ -161,7 +161,11 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pi
     log.info(
         "loaded %s (UNet %s, %s) on %s/%s", source, unet_cfg.channel_mult, prediction, device, dtype
     )
-    return Pipeline(unet=unet, vae=vae, text=text, schedule=schedule, name=path.name)
+    # SD 2.x 768-v was trained at 768 px, every other SD 1.x / 2.x single file at 512.
+    native = 768 if prediction == "v_prediction" else 512
+    return Pipeline(
+        unet=unet, vae=vae, text=text, schedule=schedule, name=path.name, native_size=native
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -183,9 +187,8 @@ def load_diffusers_folder(
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     unet_dir = folder / "unet"
-    unet_cfg = unet_config_from_diffusers(
-        _read_json(unet_dir / "config.json"), source=str(unet_dir)
-    )
+    unet_json = _read_json(unet_dir / "config.json")
+    unet_cfg = unet_config_from_diffusers(unet_json, source=str(unet_dir))
     weights = WeightFile(find_weights(unet_dir, "diffusion_pytorch_model"))
     nhwc = prefers_channels_last(device)  # read conv weights NHWC once (see Pipeline)
     raw = weights.read(list(weights.shapes()), device=device, dtype=dtype, channels_last=nhwc)
@@ -204,4 +207,13 @@ def load_diffusers_folder(
     sched_cfg = _read_json(sched_path) if sched_path.is_file() else None
     schedule = NoiseSchedule.from_config(sched_cfg)
     log.info("loaded diffusers folder %s on %s/%s", folder, device, dtype)
-    return Pipeline(unet=unet, vae=vae, text=text, schedule=schedule, name=name or folder.name)
+    side = unet_json.get("sample_size") or 64  # latent side; a few configs give [h, w]
+    native = int(side[0] if isinstance(side, list) else side) * vae.downsampling_factor
+    return Pipeline(
+        unet=unet,
+        vae=vae,
+        text=text,
+        schedule=schedule,
+        name=name or folder.name,
+        native_size=native,
+    )

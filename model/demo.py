@@ -47,4 +47,6 @@ def build_demo(device: torch.device | str = "cpu", dtype: torch.dtype = torch.fl
         text=text,
         schedule=NoiseSchedule.from_config(SD15_SCHEDULER_CONFIG),
         name="demo",
+        native_size=256,
+        family="demo",
     )

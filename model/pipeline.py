@@ -1,30 +1,55 @@
-"""The LDM pipeline: encode prompts, batched denoising steps, decode — and generate() for library use.
+"""The LDM pipeline: encode prompts and images, batched denoising steps, decode — and generate().
 
-The engine drives the pieces (`encode_prompts`, `unet_forward`, `decode_latents`) itself to
-batch many jobs; `generate()` is the one-job loop over the same pieces, so a job served by
-the engine and a `generate()` call with the same parameters give the same image.
+The engine drives the pieces (`encode_prompts`, `begin`, `model.denoise.denoise_step`,
+`finish`) itself to batch many jobs; `generate()` is the one-job loop over the same pieces, so
+a job served by the engine and a `generate()` call with the same parameters give the same image.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from model import samplers
+from model.capabilities import Capabilities, describe
+from model.conditioning import Conditioning
+from model.denoise import Blend, Row, denoise_step
 from model.text import TextEncoder
 from model.unet import UNetModel, prefers_channels_last
-from model.vae import AutoencoderKL
+from model.vae import AutoencoderKL, LatentDistribution
 
 log = logging.getLogger(__name__)
+
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipeline defaults
 
 
 class GenerationError(ValueError):
     """A generation request the pipeline cannot run; the message says which parameter and why."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class JobStart:
+    """A job ready to denoise: one row per image, and what `finish` needs afterwards."""
+
+    rows: list[Row]
+    source: np.ndarray | None = None  # (H, W, 3) uint8: kept pixels when keep_unmasked
+    keep: np.ndarray | None = None  # (H, W, 1) bool: pixels to keep from `source`
+
+
+def _pil_rgb(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The image at the output size, resized as diffusers' VaeImageProcessor does (Lanczos)."""
+    image = image.convert("RGB")
+    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
 
 
 @dataclass
@@ -37,6 +62,9 @@ class Pipeline:
     schedule: samplers.NoiseSchedule
     name: str = "model"
     decode_chunk: int = 4  # images decoded per VAE call: bounds activation memory at 512x512+
+    native_size: int = 512  # the side the model was trained at (a request without a size)
+    family: str | None = None  # None: told from the text context width (sd1 / sd2)
+    _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if prefers_channels_last(self.device):  # loaders read conv weights NHWC already
@@ -58,40 +86,182 @@ class Pipeline:
     def vae_scale_factor(self) -> int:
         return self.vae.downsampling_factor
 
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def concat_inpainting(self) -> bool:
+        """An inpainting UNet: latents + mask + masked-image latents as its input channels."""
+        return self.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this model can run; the service publishes it and checks requests against it."""
+        if self._capabilities is None:
+            self._capabilities = describe(self)
+        return self._capabilities
+
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(1, C, H/f, W/f) of one image, after checking the size divides by f."""
         f = self.vae_scale_factor
-        for field, value in (("width", width), ("height", height)):
+        for name, value in (("width", width), ("height", height)):
             if value <= 0 or value % f:
-                raise GenerationError(f"{field} must be a positive multiple of {f}, got {value}")
+                raise GenerationError(
+                    f"{name} must be a positive multiple of {f}, got {value}", name
+                )
         return (1, self.latent_channels, height // f, width // f)
 
+    def output_size(
+        self, width: int | None, height: int | None, image: Image.Image | None
+    ) -> tuple[int, int]:
+        """The requested size, else the input image's rounded down to the latent factor,
+        else the model's native size."""
+        f = self.vae_scale_factor
+        if image is not None:
+            w0, h0 = (s - s % f for s in image.size)
+        else:
+            w0 = h0 = self.native_size
+        return (width or w0, height or h0)
+
+    # ----------------------------------------------------------------- checks
+    def check(
+        self,
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        sampler: str,
+        num_images: int,
+        image: Image.Image | None,
+        mask: Image.Image | None,
+        strength: float | None,
+    ) -> tuple[str, float | None]:
+        """(mode, strength) of a request, or GenerationError naming the parameter."""
+        self.latent_shape(width, height)
+        if num_images < 1:
+            raise GenerationError(f"num_images must be at least 1, got {num_images}", "num_images")
+        if mask is not None and image is None:
+            raise GenerationError("a mask needs an image to inpaint", "mask")
+        mode = "txt2img" if image is None else "img2img" if mask is None else "inpaint"
+        if mode not in self.capabilities.modes:
+            raise GenerationError(
+                f"{self.name} cannot run {mode}; it runs {', '.join(self.capabilities.modes)}",
+                "mask" if mode == "img2img" else "image",
+            )
+        if mask is not None and image is not None and mask.size != image.size:
+            raise GenerationError(
+                f"mask is {mask.size[0]}x{mask.size[1]} but image is "
+                f"{image.size[0]}x{image.size[1]}; they must be the same size",
+                "mask",
+            )
+        if mode == "txt2img" and strength is not None:
+            raise GenerationError("strength needs an image (img2img or inpainting)", "strength")
+        strength = DEFAULT_STRENGTH.get(mode) if strength is None else strength
+        try:
+            start = samplers.start_step(steps, strength) if mode != "txt2img" else 0
+            samplers.plan(sampler, steps, self.schedule, start)
+        except ValueError as exc:
+            name = (
+                "strength"
+                if "strength" in str(exc)
+                else "sampler"
+                if "sampler" in str(exc)
+                else "steps"
+            )
+            raise GenerationError(str(exc), name) from None
+        return mode, strength
+
+    # ----------------------------------------------------------------- pieces
     @torch.inference_mode()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text embeddings (N, 77, D) in the UNet's dtype."""
         return self.text.encode(list(prompts)).to(self.device, self.dtype)
 
     @torch.inference_mode()
-    def unet_forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One UNet call; float32 latents in, float32 model output out."""
-        return self.unet(x.to(self.device), t.to(self.device), context).float()
+        return self.unet(
+            x.to(self.device), t.to(self.device), cond.to(self.device, self.dtype)
+        ).float()
 
     @torch.inference_mode()
-    def guided_output(
+    def encode_image(self, pixels: torch.Tensor) -> LatentDistribution:
+        """VAE posterior of (1, 3, H, W) pixels in [-1, 1], in float32 (unscaled)."""
+        mean, logvar = self.vae.encode(pixels.to(self.device, self.vae_dtype))
+        return LatentDistribution(mean.float(), logvar.float())
+
+    @torch.inference_mode()
+    def begin(
         self,
-        x: torch.Tensor,
-        t: torch.Tensor,
         cond: torch.Tensor,
         uncond: torch.Tensor | None,
-        guidance: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """UNet output with classifier-free guidance as one batched call (uncond rows first)."""
-        if uncond is None or guidance is None:
-            return self.unet_forward(x, t, cond)
-        out = self.unet_forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
-        out_uncond, out_cond = out.chunk(2)
-        g = guidance.to(out.device, out.dtype)[:, None, None, None]
-        return out_uncond + g * (out_cond - out_uncond)
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        guidance_scale: float,
+        sampler: str,
+        seed: int,
+        num_images: int,
+        image: Image.Image | None = None,
+        mask: Image.Image | None = None,
+        strength: float | None = None,
+        keep_unmasked: bool = False,
+    ) -> JobStart:
+        """Rows for one job's images (prompt embeddings (1, N, D) given), following the noise
+        convention: image i draws from Generator("cpu").manual_seed(seed + i), in the order the
+        diffusers pipeline of the mode draws (source posterior, noise, masked-image posterior)."""
+        mode, strength = self.check(
+            width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
+            image=image, mask=mask, strength=strength,
+        )  # fmt: skip
+        shape = self.latent_shape(width, height)
+        start = samplers.start_step(steps, strength) if mode != "txt2img" else 0
+        traj = samplers.plan(sampler, steps, self.schedule, start)
+        sf = self.vae.scaling_factor
+        source = _pil_rgb(image, width, height) if image is not None else None
+        pixels = None
+        if source is not None:
+            arr = np.asarray(source, dtype=np.float32) / 255.0  # (H, W, 3)
+            pixels = torch.from_numpy(arr).permute(2, 0, 1)[None] * 2 - 1  # (1, 3, H, W)
+        pure_noise = mode == "txt2img" or (mode == "inpaint" and strength == 1.0)
+        blend = mode == "inpaint" and not self.concat_inpainting
+        posterior = (
+            self.encode_image(pixels) if pixels is not None and (not pure_noise or blend) else None
+        )
+        mask_px = masked = mask_lat = None
+        if mode == "inpaint":
+            gray = mask.convert("L")  # type: ignore[union-attr]
+            if gray.size != (width, height):
+                gray = gray.resize((width, height), Image.LANCZOS)
+            mask_px = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0)[None, None]
+            mask_px = (mask_px >= 0.5).float()  # binarised as diffusers' mask processor does
+            masked = self.encode_image(pixels * (mask_px < 0.5))  # type: ignore[operator]
+            mask_lat = F.interpolate(mask_px, size=shape[2:]).to(self.device)  # nearest
+        guided = guidance_scale > 1.0  # as diffusers: no unconditional pass at or below 1
+        rows = []
+        for i in range(num_images):
+            gen = torch.Generator("cpu").manual_seed(seed + i)
+            clean = posterior.sample(gen) * sf if posterior is not None else None
+            noise = torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
+            if pure_noise:
+                state = samplers.from_noise(traj, noise, gen)
+            else:
+                state = samplers.start_noised(traj, clean, noise, gen)  # type: ignore[arg-type]
+            concat = None
+            if masked is not None:
+                masked_lat = masked.sample(gen) * sf
+                if self.concat_inpainting:
+                    concat = torch.cat([mask_lat, masked_lat], dim=1)  # type: ignore[list-item]
+            c = Conditioning(cond, concat=concat)
+            u = c.with_text(uncond) if guided and uncond is not None else None
+            b = Blend(mask_lat, clean, noise) if blend else None  # type: ignore[arg-type]
+            rows.append(Row(traj, state, c, u, float(guidance_scale), b))
+        if keep_unmasked and mask_px is not None and source is not None:
+            keep = (mask_px[0, 0] < 0.5).numpy()[:, :, None]
+            return JobStart(rows, np.asarray(source, dtype=np.uint8), keep)
+        return JobStart(rows)
 
     @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
@@ -104,51 +274,48 @@ class Pipeline:
             chunks.append((images * 255).round().astype(np.uint8))
         return np.concatenate(chunks)
 
-    @property
-    def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+    @staticmethod
+    def finish(job: JobStart, pixels: np.ndarray) -> np.ndarray:
+        """Decoded images (n, H, W, 3) of a job; the source pixels kept where asked."""
+        if job.source is None or job.keep is None:
+            return pixels
+        return np.where(job.keep[None], job.source[None], pixels)
 
+    # ----------------------------------------------------------------- one job
     def generate(
         self,
         prompt: str,
         negative_prompt: str = "",
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         steps: int = 30,
         guidance_scale: float = 7.5,
         sampler: str = "euler_a",
         seed: int = 0,
         num_images: int = 1,
+        image: Image.Image | None = None,
+        mask: Image.Image | None = None,
+        strength: float | None = None,
+        keep_unmasked: bool = False,
     ) -> list[Image.Image]:
-        """Text-to-image for one prompt; image i uses the generator seeded with seed + i."""
-        shape = self.latent_shape(width, height)
-        if steps < 1:
-            raise GenerationError(f"steps must be at least 1, got {steps}")
-        if num_images < 1:
-            raise GenerationError(f"num_images must be at least 1, got {num_images}")
-        if self.unet.config.in_channels != self.latent_channels:
-            raise GenerationError(
-                f"{self.name}: a {self.unet.config.in_channels}-channel (inpainting) UNet needs an "
-                "image and a mask; text-to-image is not supported for it"
-            )
-        try:
-            traj = samplers.plan(sampler, steps, self.schedule)
-        except ValueError as exc:
-            raise GenerationError(str(exc)) from None
-        states = [
-            samplers.start(traj, torch.Generator("cpu").manual_seed(seed + i), shape, self.device)
-            for i in range(num_images)
-        ]
-        trajs = [traj] * num_images
-        guided = guidance_scale > 1.0  # as diffusers: no unconditional pass at or below 1
-        cond = self.encode_prompts([prompt]).expand(num_images, -1, -1)
-        uncond = (
-            self.encode_prompts([negative_prompt]).expand(num_images, -1, -1) if guided else None
-        )
-        guidance = torch.full((num_images,), float(guidance_scale)) if guided else None
-        while states[0].k < traj.n_evals:
-            x_in, t = samplers.model_input(trajs, states)
-            out = self.guided_output(x_in, t, cond, uncond, guidance)
-            states = samplers.advance(trajs, states, out)
-        pixels = self.decode_latents(torch.cat([s.x for s in states]))
+        """Text-to-image, img2img (image) or inpainting (image + mask, white = repaint) for one
+        prompt; image i uses the generator seeded with seed + i."""
+        width, height = self.output_size(width, height, image)
+        self.check(
+            width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
+            image=image, mask=mask, strength=strength,
+        )  # fmt: skip
+        guided = guidance_scale > 1.0
+        cond = self.encode_prompts([prompt])
+        uncond = self.encode_prompts([negative_prompt]) if guided else None
+        job = self.begin(
+            cond, uncond, width=width, height=height, steps=steps,
+            guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,
+            image=image, mask=mask, strength=strength, keep_unmasked=keep_unmasked,
+        )  # fmt: skip
+        rows = job.rows
+        while not rows[0].finished:
+            for row, state in zip(rows, denoise_step(self.unet_forward, rows), strict=True):
+                row.state = state
+        pixels = self.finish(job, self.decode_latents(torch.cat([r.state.x for r in rows])))
         return [Image.fromarray(p) for p in pixels]

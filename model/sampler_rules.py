@@ -1,8 +1,12 @@
 """Each sampler's rule: a planner (coefficient table per UNet evaluation) and a batched update.
 
-A planner turns (steps, schedule) into the table that reproduces one diffusers scheduler's
-trajectory; an update applies one evaluation to a group of rows of that sampler, each row
-with its own coefficient column. :mod:`model.samplers` wraps these into its public API
+A planner turns (steps, schedule, start) into the table that reproduces one diffusers
+scheduler's trajectory from step `start` on (img2img's shortened schedule: `get_timesteps` +
+`set_begin_index`); an update applies one evaluation to a group of rows of that sampler, each
+row with its own coefficient column. Every table also says, per evaluation, how the state it
+expects mixes clean latents and noise (`noise`: x = a·x0 + b·ε, what each scheduler's
+`add_noise` computes there), so a trajectory can start from noised image latents and the
+inpainting blend can re-noise the kept area. :mod:`model.samplers` wraps these into its public API
 (plan, start, model_input, advance); this module holds only the maths.
 """
 
@@ -32,6 +36,30 @@ class Table:
     in_scale: Sequence[float] | None = None  # None: unscaled input
     init_sigma: float = 1.0
     draws: Sequence[bool] | None = None  # None: never draws noise
+    noise: Sequence[tuple[float, float]] = ()  # (a, b) per evaluation: state = a·x0 + b·ε
+
+    def tail(self, first: int) -> Table:
+        """The evaluations from `first` on, for samplers without history across steps."""
+        return Table(
+            self.timesteps[first:],
+            self.coefs[first:],
+            None if self.in_scale is None else self.in_scale[first:],
+            self.init_sigma,
+            None if self.draws is None else self.draws[first:],
+            self.noise[first:],
+        )
+
+
+def _vp(sched: NoiseSchedule, t: int) -> tuple[float, float]:
+    """DDPM-style add_noise at timestep t: (sqrt(ᾱ_t), sqrt(1 - ᾱ_t))."""
+    a = sched.alphas_cumprod[int(t)]
+    return math.sqrt(a), math.sqrt(1 - a)
+
+
+def _dpm_ab(s: float) -> tuple[float, float]:
+    """DPM-Solver's add_noise at sigma s: (alpha_t, sigma_t) = (1, s) / sqrt(s² + 1)."""
+    a = 1 / math.sqrt(s * s + 1)
+    return a, s * a
 
 
 def _x0_vp(a: float, v: bool) -> tuple[float, float]:
@@ -45,7 +73,7 @@ def _x0_ve(s: float, v: bool) -> tuple[float, float]:
     return (1 / (s * s + 1), -s / math.sqrt(s * s + 1)) if v else (1.0, -s)
 
 
-def _plan_ddim(steps: int, sched: NoiseSchedule) -> Table:
+def _plan_ddim(steps: int, sched: NoiseSchedule, start: int) -> Table:
     """DDIMScheduler, eta = 0."""
     ts = spaced_timesteps(
         sched.spacing("leading"), steps, sched.num_train_timesteps, sched.steps_offset, integer=True
@@ -55,7 +83,8 @@ def _plan_ddim(steps: int, sched: NoiseSchedule) -> Table:
         a, ap = sched.alphas_cumprod[t], sched.alpha_at(t - ratio, default_one=True)
         ex, eo = (math.sqrt(1 - a), math.sqrt(a)) if sched.v_prediction else (0.0, 1.0)
         rows.append((*_x0_vp(a, sched.v_prediction), ex, eo, math.sqrt(ap), math.sqrt(1 - ap)))
-    return Table(ts.tolist(), rows)
+    noise = [_vp(sched, t) for t in ts.tolist()]
+    return Table(ts.tolist(), rows, noise=noise).tail(start)
 
 
 def _step_ddim(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
@@ -66,12 +95,15 @@ def _step_ddim(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> U
     return a_prev * x0 + s_prev * eps, mem
 
 
-def _plan_euler(steps: int, sched: NoiseSchedule) -> Table:
+def _plan_euler(steps: int, sched: NoiseSchedule, start: int) -> Table:
     """EulerDiscreteScheduler (s_churn = 0)."""
     ts, sig, init = ve_grid(sched, steps)
     s, sn = sig[:-1].tolist(), sig[1:].tolist()
     rows = [(*_x0_ve(a, sched.v_prediction), a, b - a) for a, b in zip(s, sn, strict=True)]
-    return Table(ts.tolist(), rows, [math.sqrt(a * a + 1) for a in s], init)
+    noise = [(1.0, a) for a in s]
+    return Table(ts.tolist(), rows, [math.sqrt(a * a + 1) for a in s], init, noise=noise).tail(
+        start
+    )
 
 
 def _step_euler(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
@@ -81,7 +113,7 @@ def _step_euler(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> 
     return x + d * dt, mem
 
 
-def _plan_euler_a(steps: int, sched: NoiseSchedule) -> Table:
+def _plan_euler_a(steps: int, sched: NoiseSchedule, start: int) -> Table:
     """EulerAncestralDiscreteScheduler: noise is drawn at every step, the last one included."""
     ts, sig, init = ve_grid(sched, steps)
     rows = []
@@ -95,7 +127,8 @@ def _plan_euler_a(steps: int, sched: NoiseSchedule) -> Table:
         [math.sqrt(a * a + 1) for a in sig[:-1].tolist()],
         init,
         [True] * len(rows),
-    )
+        [(1.0, a) for a in sig[:-1].tolist()],
+    ).tail(start)
 
 
 def _step_euler_a(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
@@ -105,7 +138,7 @@ def _step_euler_a(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -
     return x + d * dt + noise * sigma_up, mem
 
 
-def _plan_heun(steps: int, sched: NoiseSchedule) -> Table:
+def _plan_heun(steps: int, sched: NoiseSchedule, start: int) -> Table:
     """HeunDiscreteScheduler: Euler predictor then trapezoid corrector; the last step is Euler."""
     ts, sig, init = ve_grid(sched, steps)
     hs = [sig[0], *np.repeat(sig[1:-1], 2), sig[-1]]  # (2 * steps,) sigma per stage
@@ -117,8 +150,12 @@ def _plan_heun(steps: int, sched: NoiseSchedule) -> Table:
         s_in = s if first else sn
         rows.append((*_x0_ve(s_in, sched.v_prediction), s_in, sn - s, float(first)))
     return Table(
-        [float(t) for t in hts], rows, [math.sqrt(float(s) ** 2 + 1) for s in hs[:-1]], init
-    )
+        [float(t) for t in hts],
+        rows,
+        [math.sqrt(float(s) ** 2 + 1) for s in hs[:-1]],
+        init,
+        noise=[(1.0, float(s)) for s in hs[:-1]],
+    ).tail(2 * start)  # two evaluations per step: begin_index = start * order
 
 
 def _step_heun(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
@@ -130,8 +167,11 @@ def _step_heun(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> U
     return base + slope * dt, {"x_prev": x, "d_prev": d}
 
 
-def _plan_dpm(steps: int, sched: NoiseSchedule, karras: bool) -> Table:
-    """DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint): 1st order first and last."""
+def _plan_dpm(steps: int, sched: NoiseSchedule, start: int, karras: bool) -> Table:
+    """DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint): 1st order first and last.
+
+    From `start` on, as with set_begin_index: no history yet, so that step is first order.
+    """
     ts, sig = dpm_grid(sched, steps, karras)
 
     def alpha_sigma_lambda(s: float) -> tuple[float, float, float]:
@@ -139,16 +179,17 @@ def _plan_dpm(steps: int, sched: NoiseSchedule, karras: bool) -> Table:
         return a, s * a, (math.log(a) - math.log(s * a)) if s > 0 else math.inf
 
     rows = []
-    for i in range(len(ts)):
+    for i in range(start, len(ts)):
         a0, s0, l0 = alpha_sigma_lambda(sig[i])
         at, st, lt = alpha_sigma_lambda(sig[i + 1])
         w = -at * math.expm1(l0 - lt) if st > 0 else 1.0  # weight of x0 in the 1st-order step
-        second = 0 < i < len(ts) - 1  # else 1st order: warm-up and lower_order_final
+        second = start < i < len(ts) - 1  # else 1st order: warm-up and lower_order_final
         r = (l0 - alpha_sigma_lambda(sig[i - 1])[2]) / (lt - l0) if second else math.inf
         rows.append(
             (*_x0_vp(a0 * a0, sched.v_prediction), st / s0, w * (1 + 0.5 / r), -w * 0.5 / r)
         )
-    return Table([float(t) for t in ts], rows)
+    noise = [_dpm_ab(s) for s in sig[start:-1]]
+    return Table([float(t) for t in ts[start:]], rows, noise=noise)
 
 
 def _step_dpmpp_2m(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
@@ -158,7 +199,7 @@ def _step_dpmpp_2m(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) 
     return cx * x + c0 * x0 + c1 * mem["x0_prev"], {"x0_prev": x0}
 
 
-def _plan_lcm(steps: int, sched: NoiseSchedule) -> Table:
+def _plan_lcm(steps: int, sched: NoiseSchedule, start: int) -> Table:
     """LCMScheduler: a subset of the distillation grid; fresh noise after every step but the last."""
     orig = sched.original_inference_steps
     if steps > orig:
@@ -175,7 +216,9 @@ def _plan_lcm(steps: int, sched: NoiseSchedule) -> Table:
         c_skip, c_out = 0.25 / (st * st + 0.25), st / math.sqrt(st * st + 0.25)  # sigma_data = 0.5
         keep, fresh = (1.0, 0.0) if last else (math.sqrt(ap), math.sqrt(1 - ap))
         rows.append((*_x0_vp(a, sched.v_prediction), c_out, c_skip, keep, fresh))
-    return Table([float(t) for t in ts], rows, draws=[i < len(ts) - 1 for i in range(len(ts))])
+    draws = [i < len(ts) - 1 for i in range(len(ts))]
+    noise = [_vp(sched, t) for t in ts]
+    return Table([float(t) for t in ts], rows, draws=draws, noise=noise).tail(start)
 
 
 def _step_lcm(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
@@ -196,11 +239,16 @@ _PLMS_WEIGHTS = (
 )
 
 
-def _plan_pndm(steps: int, sched: NoiseSchedule) -> Table:
-    """PNDMScheduler with skip_prk_steps: a 2-evaluation pseudo-Heun start, then PLMS."""
+def _plan_pndm(steps: int, sched: NoiseSchedule, start: int) -> Table:
+    """PNDMScheduler with skip_prk_steps: a 2-evaluation pseudo-Heun start, then PLMS.
+
+    From `start` on, PNDM (which has no begin index) runs its counter from 0 over the
+    remaining timesteps `timesteps[start:]`, warm-up included, exactly as diffusers does.
+    """
     n = sched.num_train_timesteps
     desc = spaced_timesteps(sched.spacing("leading"), steps, n, sched.steps_offset, integer=True)
     ts = [int(desc[0]), *desc[1:2].tolist(), *desc[1:].tolist()]  # 2nd timestep evaluated twice
+    ts = ts[start:]
     ratio, rows = n // steps, []
     for c, t in enumerate(ts):
         t_from, t_to = (t + ratio, t) if c == 1 else (t, t - ratio)
@@ -209,7 +257,7 @@ def _plan_pndm(steps: int, sched: NoiseSchedule) -> Table:
         ex, eo = (math.sqrt(1 - a), math.sqrt(a)) if sched.v_prediction else (0.0, 1.0)
         gain = (ap - a) / (a * math.sqrt(1 - ap) + math.sqrt(a * (1 - a) * ap))
         rows.append((float(c != 1), *w, float(c != 1), ex, eo, math.sqrt(ap / a), gain))
-    return Table([float(t) for t in ts], rows)
+    return Table([float(t) for t in ts], rows, noise=[_vp(sched, t) for t in ts])
 
 
 def _step_pndm(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
@@ -229,7 +277,8 @@ def _step_pndm(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> U
 
 
 Step = Callable[[Tensor, Tensor, Memory, Cols, Tensor], Update]
-SAMPLER_RULES: dict[str, tuple[Callable[[int, NoiseSchedule], Table], Step, tuple[str, ...]]] = {
+Planner = Callable[[int, NoiseSchedule, int], Table]  # (steps, schedule, start step)
+SAMPLER_RULES: dict[str, tuple[Planner, Step, tuple[str, ...]]] = {
     "ddim": (_plan_ddim, _step_ddim, ()),
     "euler": (_plan_euler, _step_euler, ()),
     "euler_a": (_plan_euler_a, _step_euler_a, ()),

@@ -12,6 +12,7 @@ stream in `generator` (copied before every draw, so `advance` never mutates its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,9 +33,12 @@ __all__ = [
     "SampleState",
     "Trajectory",
     "advance",
+    "from_noise",
     "model_input",
     "plan",
     "start",
+    "start_noised",
+    "start_step",
 ]
 
 Coefs = tuple[tuple[float, ...], ...]
@@ -52,6 +56,8 @@ class Trajectory:
     in_scale: tuple[float, ...]  # (n_evals,) UNet input = x / in_scale
     coefs: Coefs  # (n_evals, n_coef) update coefficients
     draws: tuple[bool, ...]  # (n_evals,) whether the update consumes fresh noise
+    noise_ab: tuple[tuple[float, float], ...]  # (n_evals,) state before eval k = a·x0 + b·ε
+    start: int = 0  # steps skipped (img2img / inpainting strength < 1)
 
 
 @dataclass
@@ -67,14 +73,31 @@ class SampleState:
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLER_RULES)
 
 
+def start_step(steps: int, strength: float | None) -> int:
+    """Steps skipped at `strength` (diffusers' get_timesteps); ValueError if none would run."""
+    if strength is None:
+        return 0
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    skip = max(steps - min(int(steps * strength), steps), 0)
+    if skip >= steps:
+        raise ValueError(
+            f"strength {strength} × steps {steps} leaves no step to run; "
+            f"raise steps to at least {math.ceil(1 / strength)} or the strength"
+        )
+    return skip
+
+
 @lru_cache(maxsize=256)
-def plan(sampler: str, steps: int, schedule: NoiseSchedule) -> Trajectory:
-    """The trajectory `sampler` takes in `steps` steps (cached: trajectories are immutable)."""
+def plan(sampler: str, steps: int, schedule: NoiseSchedule, start: int = 0) -> Trajectory:
+    """The trajectory `sampler` takes in `steps` steps from step `start` (cached: immutable)."""
     if sampler not in SAMPLER_RULES:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLER_NAMES)}")
     if not 1 <= steps <= schedule.num_train_timesteps:
         raise ValueError(f"steps must be between 1 and {schedule.num_train_timesteps}, got {steps}")
-    table = SAMPLER_RULES[sampler][0](steps, schedule)
+    if not 0 <= start < steps:
+        raise ValueError(f"start step {start} outside 0..{steps - 1}")
+    table = SAMPLER_RULES[sampler][0](steps, schedule, start)
     n = len(table.coefs)
     return Trajectory(
         sampler=sampler,
@@ -85,6 +108,8 @@ def plan(sampler: str, steps: int, schedule: NoiseSchedule) -> Trajectory:
         in_scale=tuple(table.in_scale) if table.in_scale is not None else (1.0,) * n,
         coefs=tuple(table.coefs),
         draws=tuple(table.draws) if table.draws is not None else (False,) * n,
+        noise_ab=tuple(table.noise),
+        start=start,
     )
 
 
@@ -104,9 +129,34 @@ def start(
     """Initial state: randn(shape) from (a copy of) the image's generator × the initial sigma."""
     gen = _fork(generator)
     noise = torch.randn(shape, generator=gen, dtype=torch.float32, device=gen.device).to(device)
+    return from_noise(traj, noise, gen)
+
+
+def from_noise(traj: Trajectory, noise: Tensor, generator: torch.Generator) -> SampleState:
+    """Initial state of a full trajectory from drawn noise (txt2img; inpainting at strength 1)."""
     x = noise * torch.tensor(traj.init_sigma, dtype=torch.float32)
     memory = {key: torch.zeros_like(x) for key in SAMPLER_RULES[traj.sampler][2]}
-    return SampleState(x=x, k=0, memory=memory, generator=gen)
+    return SampleState(x=x, k=0, memory=memory, generator=generator)
+
+
+def start_noised(
+    traj: Trajectory, clean: Tensor, noise: Tensor, generator: torch.Generator
+) -> SampleState:
+    """Initial state from clean latents and drawn noise, as the scheduler's add_noise at the
+    trajectory's first evaluation (img2img). `generator` continues from where it is: the
+    caller drew the VAE posterior sample and `noise` from it already."""
+    a, b = traj.noise_ab[0]
+    x = (clean.float() * a + noise.float() * b).contiguous()
+    memory = {key: torch.zeros_like(x) for key in SAMPLER_RULES[traj.sampler][2]}
+    return SampleState(x=x, k=0, memory=memory, generator=generator)
+
+
+def renoise(traj: Trajectory, k: int, clean: Tensor, noise: Tensor) -> Tensor:
+    """What add_noise gives for the state before evaluation k; the clean latents past the end."""
+    if k >= traj.n_evals:
+        return clean
+    a, b = traj.noise_ab[k]
+    return clean * a + noise * b
 
 
 def _check(traj: Trajectory, state: SampleState) -> None:

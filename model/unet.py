@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.conditioning import Conditioning
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -246,7 +248,7 @@ def prefers_channels_last(device: torch.device | str) -> bool:
 
 
 class UNetModel(nn.Module):
-    """eps (or v) = unet(x, t, context), each row with its own timestep."""
+    """eps (or v) = unet(x, t, cond), each row with its own timestep and conditioning."""
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
@@ -317,13 +319,23 @@ class UNetModel(nn.Module):
         self._channels_last = True
         return self
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (B, C_in, h, w), t (B,), context (B, N, context_dim) -> (B, C_out, h, w)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x (B, C_lat, h, w) scaled latents, t (B,), cond -> (B, C_out, h, w).
+
+        Concat channels (inpainting's mask + masked-image latents) are appended to `x` here,
+        after the sampler's input scaling, so that every caller conditions the same way.
+        """
         dtype = self.dtype
         emb = self.time_embed(
             timestep_embedding(t, self.config.model_channels).to(dtype)
         )  # (B, 4*mc)
-        h, context = x.to(dtype), context.to(dtype)
+        if cond.concat is not None:
+            x = torch.cat([x, cond.concat.to(x.device, x.dtype)], dim=1)  # (B, C_in, h, w)
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"UNet takes {self.config.in_channels} input channels, got {x.shape[1]}"
+            )
+        h, context = x.to(dtype), cond.crossattn.to(dtype)
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         skips = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import secrets
@@ -20,12 +21,26 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from service import openapi_limits
-from service.api_checks import check_limits, check_priority, check_webhook, resolve_model
-from service.api_errors import ApiError, BodyLimitMiddleware, install_error_handlers
+from service.api_checks import (
+    check_against_model,
+    check_limits,
+    check_priority,
+    check_webhook,
+    png_bytes,
+    read_inputs,
+    resolve_model,
+)
+from service.api_errors import (
+    BODY_BYTES_SCOPE_KEY,
+    ApiError,
+    BodyLimitMiddleware,
+    install_error_handlers,
+)
 from service.auth import (
     ANONYMOUS,
     MAX_PRIORITY_SCOPE_KEY,
@@ -35,6 +50,7 @@ from service.auth import (
     is_loopback_host,
     metrics_readers,
 )
+from service.contract import DEFAULT_SAMPLER, IMAGE_FIELDS, MAX_SEED, SAMPLER_NAMES
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import render as render_metrics
 from service.metrics import snapshot as metrics_snapshot
@@ -49,8 +65,6 @@ from service.queue import (
 from service.ratelimit import retry_after_s
 from service.schemas import (
     CONTENT_TYPES,
-    MAX_SEED,
-    SAMPLER_NAMES,
     ErrorResponse,
     JobRequest,
     JobView,
@@ -119,6 +133,22 @@ async def job_id_param(job_id: Annotated[str, Path(max_length=64)]) -> str:
 JobIdDep = Annotated[str, Depends(job_id_param)]
 
 
+async def image_body_limit(request: Request, settings: SettingsDep) -> None:
+    """Only a body carrying image or mask may use the larger image body limit (413 else).
+
+    A dependency, so it answers before the body's validation errors would."""
+    size = request.scope.get(BODY_BYTES_SCOPE_KEY)
+    if size is None or size <= settings.max_body_bytes:
+        return
+    try:
+        data = json.loads(await request.body())
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or all(data.get(name) is None for name in IMAGE_FIELDS):
+        message = f"request body exceeds {settings.max_body_bytes} bytes (without image or mask)"
+        raise ApiError(413, "payload_too_large", message)
+
+
 router = APIRouter()
 
 
@@ -135,21 +165,34 @@ async def submit_job(
     settings: SettingsDep,
     owner: OwnerDep,
     max_priority: MaxPriorityDep,
+    _: Annotated[None, Depends(image_body_limit)],
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> SubmitResponse:
-    """Queue a generation job; answers at once with its id (poll or stream it)."""
+    """Queue a generation job; answers at once with its id (poll or stream it).
+
+    Everything knowable at submit is checked here — the deployment's limits, the input
+    images, and what the target model's workers published they can run — so a 202 never
+    becomes a failure that could have been a 422."""
     started = time.perf_counter()
     check_limits(body, settings)
     check_priority(body, max_priority)
     model = await resolve_model(body, settings, queue)
+    has_inputs = body.image is not None or body.mask is not None
+    images = await run_in_threadpool(read_inputs, body, settings) if has_inputs else {}
+    width, height = check_against_model(body, await queue.capabilities(model), images, settings)
     webhook_url = await check_webhook(body.webhook_url, settings)
     digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    params = body.model_dump(exclude={"webhook_url"}) | {"seed": seed, "model": model}
+    params = body.model_dump(exclude={"webhook_url", *IMAGE_FIELDS}) | {
+        "seed": seed, "model": model, "width": width, "height": height,
+    }  # fmt: skip
+    inputs = {name: await run_in_threadpool(png_bytes, im) for name, im in images.items()}
+    if inputs:
+        params["inputs"] = sorted(inputs)
     try:
         result = await queue.submit(
             params, model=model, job_id=new_job_id(), idempotency_key=idempotency_key,
-            digest=digest, owner=owner, webhook_url=webhook_url,
+            digest=digest, owner=owner, webhook_url=webhook_url, inputs=inputs,
         )  # fmt: skip
     except RateLimited as exc:
         retry = str(retry_after_s(exc.retry_after_ms))
@@ -285,6 +328,7 @@ async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
                 max_batch=sum(w.max_batch for w in serving),
                 devices=sorted({w.device for w in serving}),
                 queued=await queue.queue_depth(name),
+                capabilities=await queue.capabilities(name),
             )
         )
     return ModelList(models=models)
@@ -293,7 +337,7 @@ async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
 @router.get("/v1/samplers", response_model=SamplerList)
 async def list_samplers() -> SamplerList:
     """Sampler names accepted in ``sampler``."""
-    return SamplerList(samplers=list(SAMPLER_NAMES), default="euler_a")
+    return SamplerList(samplers=list(SAMPLER_NAMES), default=DEFAULT_SAMPLER)
 
 
 @router.get("/healthz")
@@ -361,7 +405,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     openapi_limits.install(app, settings)
     # Middleware added last runs first: CORS (preflights need no key), then auth (a bad key
     # is refused before the body is read or validated), then the body limit.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        larger={("POST", "/v1/jobs"): settings.max_image_body_bytes},
+    )
     app.add_middleware(
         AuthMiddleware,
         keys=keys,

@@ -165,6 +165,9 @@ def install_error_handlers(app: FastAPI, redis_retry_after_s: int) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
+BODY_BYTES_SCOPE_KEY = "ldmserve.body_bytes"
+
+
 class BodyLimitMiddleware:
     """413 for request bodies over ``max_bytes``, declared or streamed (chunked).
 
@@ -172,18 +175,23 @@ class BodyLimitMiddleware:
     the limit holds even without a Content-Length header.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, larger: dict[tuple[str, str], int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # (method, path) -> limit for routes that take images; they see the body's size in
+        # scope[BODY_BYTES_SCOPE_KEY] and hold image-less bodies to max_bytes themselves.
+        self.larger = larger or {}
 
     async def _reject(
-        self, scope: Scope, receive: Receive, send: Send, bad_length: bool = False
+        self, scope: Scope, receive: Receive, send: Send, limit: int, bad_length: bool = False
     ) -> None:
         if bad_length:
             response = error_response(400, "bad_request", "invalid Content-Length header")
         else:
             response = error_response(
-                413, "payload_too_large", f"request body exceeds {self.max_bytes} bytes"
+                413, "payload_too_large", f"request body exceeds {limit} bytes"
             )
         await response(scope, receive, send)
 
@@ -191,12 +199,13 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
             return
+        limit = self.larger.get((scope["method"], scope["path"]), self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and not declared.isdigit():
-            await self._reject(scope, receive, send, bad_length=True)
+            await self._reject(scope, receive, send, limit, bad_length=True)
             return
-        if declared is not None and int(declared) > self.max_bytes:
-            await self._reject(scope, receive, send)
+        if declared is not None and int(declared) > limit:
+            await self._reject(scope, receive, send, limit)
             return
         chunks: list[bytes] = []
         size = 0
@@ -206,13 +215,14 @@ class BodyLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._reject(scope, receive, send)
+            if size > limit:
+                await self._reject(scope, receive, send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         replayed = False
+        scope[BODY_BYTES_SCOPE_KEY] = size
 
         async def replay() -> Message:
             nonlocal replayed

@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +58,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images locally, no service")
     gen.add_argument("--model", default=None)
     gen.add_argument("--device")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--width", type=int, default=512)
-    gen.add_argument("--height", type=int, default=512)
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
-    gen.add_argument("--sampler", default="euler_a")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num-images", type=int, default=1)
+    add_generation_flags(gen)
     gen.add_argument("--out", default="out.png", help="PNG path; image i>0 gets a -i suffix")
 
     health = sub.add_parser("health", help="exit 0 if the api answers /healthz or a worker beats")
     health.add_argument("role", choices=["api", "worker"])
     return parser
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of the generation contract (`--image`/`--mask` take file paths)."""
+    from service.contract import IMAGE_FIELDS, GenerationParams
+
+    for name, info in GenerationParams.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        doc = (info.description or "").replace("%", "%%")  # argparse formats help with %
+        if name in IMAGE_FIELDS:
+            what = doc.split(":")[0]  # the contract's text up to its HTTP encoding
+            parser.add_argument(flag, metavar="PATH", help=f"{what}: a PNG, JPEG or WebP file")
+            continue
+        kind = info.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=info.default)
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(kind), default=info.default, help=doc)
+        else:
+            parser.add_argument(
+                flag, type=kind, required=info.is_required(), default=info.default, help=doc
+            )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -106,17 +124,44 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     source = args.model or settings.model
     if source == "demo":
         log.info(DEMO_NOTE)
+    from PIL import Image
+
+    from service.contract import IMAGE_FIELDS, GenerationParams
+
+    fields = {
+        name: getattr(args, name)
+        for name in GenerationParams.model_fields
+        if name not in IMAGE_FIELDS and getattr(args, name) is not None
+    }
+    from pydantic import ValidationError
+
+    from model.pipeline import GenerationError
+
+    try:
+        params = GenerationParams(**fields)  # the same checks as the API's, before loading
+        images_in = {}
+        for name in IMAGE_FIELDS:
+            path = getattr(args, name)
+            if path is not None:
+                with Image.open(path) as im:
+                    images_in[name] = im.convert("L" if name == "mask" else "RGB")
+    except (ValidationError, OSError) as exc:
+        print(f"ldmserve generate: error: {exc}", file=sys.stderr)
+        return 2
     pipe = load_pipeline(source, device=args.device or settings.device)
     start = time.perf_counter()
-    images = pipe.generate(
-        args.prompt, args.negative_prompt, args.width, args.height, args.steps,
-        args.guidance_scale, args.sampler, args.seed, args.num_images,
-    )  # fmt: skip
+    seed = params.seed or 0
+    kwargs = params.model_dump(exclude=set(IMAGE_FIELDS)) | {"seed": seed} | images_in
+    try:
+        images = pipe.generate(**kwargs)
+    except GenerationError as exc:
+        print(f"ldmserve generate: error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     for i, image in enumerate(images):
         path = out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         image.save(path)
-        print(f"wrote {path} ({image.width}x{image.height}, seed {args.seed + i})")
+        print(f"wrote {path} ({image.width}x{image.height}, seed {seed + i})")
     print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f}s")
     return 0
 

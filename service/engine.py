@@ -1,10 +1,15 @@
 """Step-level continuous batching over one model.Pipeline (no Redis, no HTTP).
 
 Jobs join the running batch at the next UNet call and leave it when their last evaluation is
-done, each with its own prompt, seed, step count, sampler and guidance scale. Samples whose
-latents share a shape share UNet calls; one group per shape, stepped oldest-waiting first,
-so an odd-sized job never blocks the rest and is never starved. A job's images depend only
-on its own parameters: every sample carries its own trajectory, state and random generator.
+done, each with its own prompt, seed, step count, sampler, guidance scale, mode (txt2img,
+img2img, inpainting) and strength. Samples whose latents share a shape share UNet calls; one
+group per shape, stepped oldest-waiting first, so an odd-sized job never blocks the rest and
+is never starved. A job's images depend only on its own parameters: every sample carries its
+own trajectory, state, conditioning and random generator, and every call goes through
+`model.denoise.denoise_step`, the step `Pipeline.generate()` uses.
+
+`step()` returns what happened (`StepOutput`: progress, ended jobs, UNet calls) to its
+caller, which decides what to write where; nothing runs on a hidden thread.
 """
 
 from __future__ import annotations
@@ -13,37 +18,35 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from model import samplers
+from model.denoise import denoise_step
 from model.pipeline import GenerationError, Pipeline
 from service.engine_types import (
-    DoneCallback,
     GenerationRequest,
     JobHandle,
     JobState,
     Progress,
-    ProgressCallback,
     Sample,
+    StepOutput,
 )
 from service.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
 
-BatchCallback = Callable[[int, int], None]  # (UNet rows, distinct jobs) per call
 _OOM = (torch.OutOfMemoryError,)
 
 
 class Engine:
-    """Continuous-batching scheduler; `step()` runs one UNet call, `start()` drives it in a thread.
+    """Continuous-batching scheduler; each `step()` admits jobs and runs one group's UNet call.
 
     `max_batch` counts UNet rows over all admitted samples (a guided sample takes two), so the
     memory a batch needs is bounded; a CUDA out-of-memory error splits the call and lowers the
-    per-call row limit instead of failing jobs.
+    per-call row limit (`call_rows`), which grows back after `grow_after` good calls. A job
+    whose single image does not fit even alone fails with a clear error.
     """
 
     def __init__(
@@ -53,150 +56,122 @@ class Engine:
         *,
         prompt_cache_size: int = 512,
         backfill_limit: int = 8,
-        on_batch: BatchCallback | None = None,
+        grow_after: int = 32,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.pipeline = pipeline
         self.max_batch = max_batch
         self.call_rows = max_batch  # rows per UNet call; lowered after an out-of-memory error
+        self.grow_after = grow_after  # good calls before a lowered call_rows doubles again
         self.backfill_limit = backfill_limit  # calls a too-big head job lets smaller ones pass
-        self.on_batch = on_batch
         self.prompts = PromptCache(pipeline, prompt_cache_size)
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
         self._pending: deque[JobHandle] = deque()
         self._cancel: set[str] = set()
+        self._ended: list[JobHandle] = []  # ended outside step() (pending cancels)
         self._groups: dict[tuple[int, ...], list[Sample]] = {}
         self._last_stepped: dict[tuple[int, ...], int] = {}
         self._active_rows = 0
         self._running: set[str] = set()  # ids of admitted, unfinished jobs
         self._tick = 0
         self._head_waits = 0
+        self._good_calls = 0
         self._admitting = True
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._delivery = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-deliver")
         self.calls = 0  # UNet calls made
 
     # ----------------------------------------------------------------- public, thread-safe
-    def submit(
-        self,
-        request: GenerationRequest,
-        on_progress: ProgressCallback | None = None,
-        on_done: DoneCallback | None = None,
-    ) -> JobHandle:
-        """Queue a job; it joins the batch at the next UNet call with room for it."""
-        self.pipeline.latent_shape(request.width, request.height)  # GenerationError if bad
+    def submit(self, request: GenerationRequest) -> JobHandle:
+        """Queue a job; it joins the batch at the next step with room for it.
+
+        Raises GenerationError (naming the parameter) for a job this model cannot run.
+        """
+        p = request.params
+        width, height = self.pipeline.output_size(p.width, p.height, request.image)
+        if (width, height) != (p.width, p.height):
+            params = p.model_copy(update={"width": width, "height": height})
+            request = GenerationRequest(request.id, params, request.image, request.mask)
+        self.pipeline.check(
+            width=width, height=height, steps=p.steps, sampler=p.sampler,
+            num_images=p.num_images, image=request.image, mask=request.mask,
+            strength=p.strength,
+        )  # fmt: skip
         if request.rows > self.max_batch:
             raise GenerationError(
-                f"num_images={request.num_images} needs {request.rows} UNet rows; "
-                f"this worker's max_batch is {self.max_batch}"
+                f"num_images={p.num_images} needs {request.rows} UNet rows; "
+                f"this worker's max_batch is {self.max_batch}",
+                "num_images",
             )
-        try:
-            samplers.plan(request.sampler, request.steps, self.pipeline.schedule)
-        except ValueError as exc:
-            raise GenerationError(str(exc)) from None
-        handle = JobHandle(request, on_progress, on_done)
-        with self._cv:
+        handle = JobHandle(request)
+        with self._lock:
             self._pending.append(handle)
-            self._cv.notify_all()
         return handle
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a job: pending ones at once, running ones before the next UNet call."""
-        with self._cv:
+        """Cancel a job: pending ones at once, running ones before the next UNet call.
+
+        Either way the handle is returned as ended by the next `step()`."""
+        with self._lock:
             for handle in self._pending:
                 if handle.id == job_id:
                     self._pending.remove(handle)
-                    self._deliver(handle._finish, JobState.CANCELED)
+                    handle.end(JobState.CANCELED)
+                    self._ended.append(handle)
                     return True
             if job_id in self._running:
                 self._cancel.add(job_id)
-                self._cv.notify_all()
                 return True
         return False
 
     def free_rows(self) -> int:
         """Rows neither running nor promised to pending jobs: how much more a worker may claim."""
-        with self._cv:
+        with self._lock:
             return self.max_batch - self._active_rows - sum(h.request.rows for h in self._pending)
 
     def idle(self) -> bool:
-        with self._cv:
-            return not self._pending and self._active_rows == 0
+        with self._lock:
+            return not self._pending and self._active_rows == 0 and not self._ended
 
     def close_admission(self) -> list[JobHandle]:
         """Stop admitting (graceful drain): return the pending jobs, now owned by the caller."""
-        with self._cv:
+        with self._lock:
             self._admitting = False
             handed_back = list(self._pending)
             self._pending.clear()
             return handed_back
 
-    def flush_callbacks(self, timeout: float | None = 10.0) -> None:
-        """Wait until every progress/done callback issued so far has run."""
-        self._delivery.submit(lambda: None).result(timeout)
-
-    def start(self) -> None:
-        """Drive `step()` in a daemon thread until `stop()`."""
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = 10.0) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._delivery.shutdown(wait=True)
+    def run_until_idle(self, limit: int = 100_000) -> list[StepOutput]:
+        """Step until nothing is left (tests, benchmarks, `generate`-like batch use)."""
+        outputs = []
+        while len(outputs) < limit:
+            out = self.step()
+            if not out.worked and self.idle():
+                return outputs
+            outputs.append(out)
+        raise RuntimeError(f"engine still busy after {limit} steps")
 
     # ----------------------------------------------------------------- the denoising loop
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                if self._stopping:
-                    return
-            try:
-                worked = self.step()
-            except Exception:  # a bug must not kill the driver; jobs in the group were failed
-                log.exception("engine step failed")
-                worked = True
-            if not worked:
-                with self._cv:
-                    if not self._stopping and not self._pending and not self._cancel:
-                        self._cv.wait(timeout=0.5)
-
-    def step(self) -> bool:
-        """Apply cancellations, admit pending jobs, run one UNet call. False when idle."""
-        with self._cv:
+    def step(self) -> StepOutput:
+        """Apply cancellations, admit pending jobs, run one group's UNet call(s)."""
+        out = StepOutput()
+        with self._lock:
             canceled, self._cancel = self._cancel, set()
-        for job_id in canceled:
-            self._drop(job_id, JobState.CANCELED)
-        with self._cv:
+            out.ended.extend(self._ended)
+            self._ended = []
             admitted = self._admit_locked() if self._admitting else []
+        for job_id in canceled:
+            self._drop(job_id, JobState.CANCELED, None, out)
         if admitted:
-            self._start_samples(admitted)
+            self._start_samples(admitted, out)
         key = self._pick_group()
         if key is None:
-            return False
+            return out
         self._tick += 1
         self._last_stepped[key] = self._tick
-        group = self._groups[key]
-        try:
-            outputs = self._unet(group)
-        except Exception as exc:
-            log.exception("UNet call failed for %d samples", len(group))
-            for job in {s.job.id: s.job for s in group}.values():
-                self._drop(
-                    job.id, JobState.FAILED, f"UNet call failed: {type(exc).__name__}: {exc}"
-                )
-            return True
-        new_states = samplers.advance([s.traj for s in group], [s.state for s in group], outputs)
-        for sample, state in zip(group, new_states, strict=True):
-            sample.state = state
-        self._report_progress(group)
-        self._retire_finished(key)
-        return True
+        self._advance(key, out)
+        self._report_progress(self._groups[key], out)
+        self._retire_finished(key, out)
+        return out
 
     def _admit_locked(self) -> list[JobHandle]:
         """FIFO admission into free rows; smaller jobs may pass a too-big head for a while."""
@@ -219,25 +194,50 @@ class Engine:
             self._running.add(handle.id)
         return admitted
 
-    def _start_samples(self, handles: Sequence[JobHandle]) -> None:
-        """Embed prompts (one batch for all new ones) and put each image into its shape group."""
-        texts = [t for h in handles for t in (h.request.prompt, h.request.negative_prompt)]
-        embeddings = iter(self.prompts.get_many(texts))
+    def _start_samples(self, handles: Sequence[JobHandle], out: StepOutput) -> None:
+        """Embed prompts (one batch for all new ones), prepare images, group the samples.
+
+        Anything failing here (text encoder, VAE encoder, a bad image) fails the jobs being
+        admitted and releases their rows; it never leaves them holding rows unfinished."""
+        texts = [
+            t for h in handles for t in (h.request.params.prompt, h.request.params.negative_prompt)
+        ]
+        try:
+            embeddings = iter(self.prompts.get_many(texts))
+        except Exception as exc:
+            log.exception("encoding prompts failed for %d jobs", len(handles))
+            for handle in handles:
+                self._fail_unstarted(
+                    handle, f"text encoder failed: {type(exc).__name__}: {exc}", out
+                )
+            return
         for handle in handles:
-            req = handle.request
             cond, uncond = next(embeddings), next(embeddings)
-            traj = samplers.plan(req.sampler, req.steps, self.pipeline.schedule)
-            shape = self.pipeline.latent_shape(req.width, req.height)
+            req, p = handle.request, handle.request.params
+            try:
+                handle.start = self.pipeline.begin(
+                    cond, uncond if req.guided else None, width=p.width, height=p.height,  # type: ignore[arg-type]
+                    steps=p.steps, guidance_scale=p.guidance_scale, sampler=p.sampler,
+                    seed=p.seed or 0, num_images=p.num_images, image=req.image, mask=req.mask,
+                    strength=p.strength, keep_unmasked=p.keep_unmasked,
+                )  # fmt: skip
+            except Exception as exc:
+                log.exception("job %s could not start", handle.id)
+                self._fail_unstarted(handle, f"could not start: {type(exc).__name__}: {exc}", out)
+                continue
             handle.state = JobState.RUNNING
             handle.started_at = time.monotonic()
-            for i in range(req.num_images):
-                gen = torch.Generator("cpu").manual_seed(req.seed + i)
-                state = samplers.start(traj, gen, shape, self.pipeline.device)
-                sample = Sample(handle, i, traj, state, cond, uncond if req.guided else None)
+            for i, row in enumerate(handle.start.rows):
+                sample = Sample(handle, i, row)
                 group = self._groups.setdefault(sample.shape_key, [])
                 if not group:
                     self._last_stepped[sample.shape_key] = self._tick
                 group.append(sample)
+
+    def _fail_unstarted(self, handle: JobHandle, error: str, out: StepOutput) -> None:
+        self._release(handle)
+        handle.end(JobState.FAILED, error)
+        out.ended.append(handle)
 
     def _pick_group(self) -> tuple[int, ...] | None:
         """The group waiting longest since its last UNet call (round robin over shapes)."""
@@ -246,70 +246,76 @@ class Engine:
             return None
         return min(live, key=lambda k: self._last_stepped.get(k, 0))
 
-    def _unet(self, group: list[Sample]) -> torch.Tensor:
-        """Guided model outputs (n, C, h, w) for the group, split into calls of <= call_rows."""
-        outputs: list[torch.Tensor] = []
-        start = 0
-        while start < len(group):
+    def _advance(self, key: tuple[int, ...], out: StepOutput) -> None:
+        """One evaluation for every sample of the group, in calls of <= call_rows rows."""
+        todo = list(self._groups[key])
+        while todo:
             chunk, rows = [], 0
-            for sample in group[start:]:
+            for sample in todo:
                 if chunk and rows + sample.rows > self.call_rows:
                     break
                 chunk.append(sample)
                 rows += sample.rows
             try:
-                outputs.append(self._unet_call(chunk))
+                states = denoise_step(self.pipeline.unet_forward, [s.row for s in chunk])
             except _OOM:
-                if rows <= 1:
-                    raise
-                self.call_rows = max(1, rows // 2)
-                log.warning(
-                    "out of memory at %d UNet rows; calls now hold <= %d", rows, self.call_rows
-                )
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                if len(chunk) == 1:  # nothing smaller to try: this job cannot run here
+                    job = chunk[0].job
+                    log.warning("job %s: out of memory for one image alone", job.id)
+                    self._drop(job.id, JobState.FAILED, self._oom_message(chunk[0]), out)
+                    todo = [s for s in todo if s.job is not job]
+                    continue
+                self.call_rows = max(1, min(self.call_rows, rows) // 2)
+                self._good_calls = 0
+                log.warning("out of memory at %d UNet rows; calls now hold <= %d", rows,
+                            self.call_rows)  # fmt: skip
                 continue  # retry this chunk, smaller
-            start += len(chunk)
-        return torch.cat(outputs)
+            except Exception as exc:
+                log.exception("UNet call failed for %d samples", len(chunk))
+                failed = {s.job.id for s in chunk}
+                for job_id in failed:
+                    msg = f"UNet call failed: {type(exc).__name__}: {exc}"
+                    self._drop(job_id, JobState.FAILED, msg, out)
+                todo = [s for s in todo if s.job.id not in failed]
+                continue
+            for sample, state in zip(chunk, states, strict=True):
+                sample.row.state = state
+            self.calls += 1
+            out.calls.append((rows, len({s.job.id for s in chunk})))
+            self._grow_call_rows()
+            todo = todo[len(chunk) :]
 
-    def _unet_call(self, chunk: list[Sample]) -> torch.Tensor:
-        """One batched UNet call: conditional rows for all, unconditional rows for guided ones."""
-        x_in, t = samplers.model_input([s.traj for s in chunk], [s.state for s in chunk])
-        guided = [i for i, s in enumerate(chunk) if s.uncond is not None]
-        cond = torch.cat([s.cond for s in chunk])  # (n, 77, D)
-        if guided:
-            idx = torch.tensor(guided)
-            x = torch.cat([x_in, x_in[idx]])
-            tt = torch.cat([t, t[idx]])
-            ctx = torch.cat([cond, *[chunk[i].uncond for i in guided]])  # type: ignore[misc]
-        else:
-            x, tt, ctx = x_in, t, cond
-        out = self.pipeline.unet_forward(x, tt, ctx)  # (n + g, C, h, w) float32
-        self.calls += 1
-        if self.on_batch is not None:
-            self.on_batch(out.shape[0], len({s.job.id for s in chunk}))
-        n = len(chunk)
-        result = out[:n].clone()
-        if guided:
-            idx = torch.tensor(guided, device=out.device)
-            scale = torch.tensor(
-                [chunk[i].job.request.guidance_scale for i in guided], device=out.device
-            )
-            out_cond, out_uncond = out[:n][idx], out[n:]
-            result[idx] = out_uncond + scale[:, None, None, None] * (out_cond - out_uncond)
-        return result
+    def _oom_message(self, sample: Sample) -> str:
+        p = sample.job.request.params
+        return (
+            f"out of memory: one {p.width}x{p.height} image ({sample.rows} UNet rows) does not "
+            "fit on this worker's device even alone; use a smaller size"
+        )
 
-    def _report_progress(self, group: list[Sample]) -> None:
+    def _grow_call_rows(self) -> None:
+        """After a run of good calls, let a lowered call size grow back (memory frees up)."""
+        if self.call_rows >= self.max_batch:
+            return
+        self._good_calls += 1
+        if self._good_calls >= self.grow_after:
+            self.call_rows = min(self.max_batch, self.call_rows * 2)
+            self._good_calls = 0
+            log.info("UNet calls may hold %d rows again", self.call_rows)
+
+    def _report_progress(self, group: list[Sample], out: StepOutput) -> None:
         now = time.monotonic()
         for sample in group:
             if sample.index != 0:
                 continue  # the images of one job move together: report once
-            job, k, n = sample.job, sample.state.k, sample.traj.n_evals
+            job, k, n = sample.job, sample.row.state.k, sample.row.traj.n_evals
             started = job.started_at or now
             eta = (now - started) / k * (n - k) if k else None
-            self._deliver(job._report, Progress(k, n, eta))
+            job.progress = Progress(k, n, eta)
+            out.progress.append((job, job.progress))
 
-    def _retire_finished(self, key: tuple[int, ...]) -> None:
+    def _retire_finished(self, key: tuple[int, ...], out: StepOutput) -> None:
         """Take finished jobs out of the batch at once, decode them together, hand them over."""
         group = self._groups[key]
         done_jobs = {s.job.id: s.job for s in group if s.finished}
@@ -324,18 +330,22 @@ class Engine:
         self._groups[key] = [s for s in group if s.job.id not in ready]
         finishing.sort(key=lambda s: (s.job.id, s.index))
         try:
-            pixels = self._decode(torch.cat([s.state.x for s in finishing]))
+            pixels = self._decode(torch.cat([s.row.state.x for s in finishing]))
         except Exception as exc:
             log.exception("VAE decode failed")
             for job_id in ready:
-                self._release(done_jobs[job_id])
-                self._deliver(done_jobs[job_id]._finish, JobState.FAILED, f"decode failed: {exc}")
+                job = done_jobs[job_id]
+                self._release(job)
+                job.end(JobState.FAILED, f"decode failed: {type(exc).__name__}: {exc}")
+                out.ended.append(job)
             return
         for job_id in ready:
             job = done_jobs[job_id]
-            job.images = [pixels[i] for i, s in enumerate(finishing) if s.job is job]
+            mine = np.stack([pixels[i] for i, s in enumerate(finishing) if s.job is job])
+            job.images = list(self.pipeline.finish(job.start, mine))  # type: ignore[arg-type]
             self._release(job)
-            self._deliver(job._finish, JobState.DONE)
+            job.end(JobState.DONE)
+            out.ended.append(job)
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         while True:
@@ -350,28 +360,19 @@ class Engine:
                 )
 
     def _release(self, job: JobHandle) -> None:
-        with self._cv:
+        with self._lock:
             self._active_rows -= job.request.rows
             self._running.discard(job.id)
 
-    def _drop(self, job_id: str, state: JobState, error: str | None = None) -> None:
+    def _drop(self, job_id: str, state: JobState, error: str | None, out: StepOutput) -> None:
         """Remove a running job's samples from every group and end it."""
+        job = None
         for key, group in self._groups.items():
             mine = [s for s in group if s.job.id == job_id]
             if mine:
                 self._groups[key] = [s for s in group if s.job.id != job_id]
                 job = mine[0].job
-                self._release(job)
-                self._deliver(job._finish, state, error)
-                return
-
-    def _deliver(self, fn: Callable[..., None], *args: object) -> None:
-        """Run callbacks off the denoising thread, in order, so slow consumers never stall it."""
-        self._delivery.submit(_guarded, fn, *args)
-
-
-def _guarded(fn: Callable[..., None], *args: object) -> None:
-    try:
-        fn(*args)
-    except Exception:  # a failing callback must not break delivery of the others
-        log.exception("engine callback failed")
+        if job is not None:
+            self._release(job)
+            job.end(state, error)
+            out.ended.append(job)

@@ -1,4 +1,4 @@
-"""What the engine is given and gives back: requests, per-job handles, per-image samples.
+"""What the engine is given and gives back: requests, per-job handles, per-image samples, steps.
 
 Kept apart from the scheduler so the worker can build requests and read results without
 knowing how batches are formed.
@@ -8,40 +8,53 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
-import torch
+from PIL import Image
 
-from model.samplers import SampleState, Trajectory
+from model.denoise import Row
+from model.pipeline import JobStart
+from service.contract import GenerationParams
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One job: a prompt expanded to `num_images` samples; defaults equal Pipeline.generate()."""
+    """One job: the contract's parameters, plus its input images already decoded."""
 
     id: str
-    prompt: str
-    negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
-    steps: int = 30
-    guidance_scale: float = 7.5
-    sampler: str = "euler_a"
-    seed: int = 0
-    num_images: int = 1
+    params: GenerationParams  # image / mask travel as PIL images below, not as base64 here
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+
+    @classmethod
+    def of(
+        cls,
+        id: str,
+        image: Image.Image | None = None,
+        mask: Image.Image | None = None,
+        **fields: Any,
+    ) -> GenerationRequest:
+        """A request from generation fields named as the contract names them."""
+        return cls(id, GenerationParams(**fields), image, mask)
 
     @property
     def guided(self) -> bool:
         """Classifier-free guidance needs an unconditional row (as diffusers: scale > 1)."""
-        return self.guidance_scale > 1.0
+        return self.params.guidance_scale > 1.0
 
     @property
     def rows(self) -> int:
         """UNet rows this job occupies while denoising: CFG doubles each sample."""
-        return self.num_images * (2 if self.guided else 1)
+        return self.params.num_images * (2 if self.guided else 1)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keywords of `Pipeline.generate()` for the same job (the solo reference)."""
+        kw = self.params.model_dump(exclude={"image", "mask"})
+        kw["seed"] = kw["seed"] or 0
+        return {**kw, "image": self.image, "mask": self.mask}
 
 
 class JobState(str, Enum):
@@ -61,19 +74,10 @@ class Progress:
     eta_s: float | None
 
 
-ProgressCallback = Callable[["JobHandle", Progress], None]
-DoneCallback = Callable[["JobHandle"], None]
-
-
 class JobHandle:
     """The caller's view of a submitted job: state, progress, images, waiting."""
 
-    def __init__(
-        self,
-        request: GenerationRequest,
-        on_progress: ProgressCallback | None = None,
-        on_done: DoneCallback | None = None,
-    ) -> None:
+    def __init__(self, request: GenerationRequest) -> None:
         self.request = request
         self.state = JobState.PENDING
         self.progress = Progress(0, 0, None)
@@ -82,8 +86,7 @@ class JobHandle:
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None
         self.finished_at: float | None = None
-        self._on_progress = on_progress
-        self._on_done = on_done
+        self.start: JobStart | None = None  # set at admission (what decoding needs)
         self._done = threading.Event()
 
     @property
@@ -97,49 +100,45 @@ class JobHandle:
         """Block until the job ends (done, failed or canceled); False on timeout."""
         return self._done.wait(timeout)
 
-    def _report(self, progress: Progress) -> None:
-        self.progress = progress
-        if self._on_progress is not None:
-            self._on_progress(self, progress)
-
-    def _finish(self, state: JobState, error: str | None = None) -> None:
+    def end(self, state: JobState, error: str | None = None) -> None:
+        """Record the job's outcome (the engine calls this once)."""
         self.state = state
         self.error = error
         self.finished_at = time.monotonic()
         self._done.set()
-        if self._on_done is not None:
-            self._on_done(self)
+
+
+@dataclass
+class StepOutput:
+    """What one `Engine.step()` did, returned by value for the caller to act on."""
+
+    progress: list[tuple[JobHandle, Progress]] = field(default_factory=list)
+    ended: list[JobHandle] = field(default_factory=list)  # done, failed or canceled
+    calls: list[tuple[int, int]] = field(default_factory=list)  # (UNet rows, jobs) per call
+
+    @property
+    def worked(self) -> bool:
+        return bool(self.progress or self.ended or self.calls)
 
 
 @dataclass
 class Sample:
-    """One image of a job inside the engine: its trajectory, state and conditioning.
-
-    The per-sample fields leave room for what comes next without restructuring:
-    `concat` holds extra UNet input channels (inpainting's mask + masked-image latents, the
-    LDM paper's concat conditioning); `added_cond` per-sample vectors for SDXL's time
-    embedding; img2img starts a sample part-way down its trajectory (state.k > 0) from
-    encoded image latents.
-    """
+    """One image of a job inside the engine: its denoising row (model.denoise.Row)."""
 
     job: JobHandle
     index: int
-    traj: Trajectory
-    state: SampleState
-    cond: torch.Tensor  # (1, 77, D) text embedding
-    uncond: torch.Tensor | None  # (1, 77, D) or None when unguided
-    concat: torch.Tensor | None = None  # (1, C_extra, h, w)
-    added_cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    row: Row
 
     @property
     def shape_key(self) -> tuple[int, ...]:
-        """Samples can share a UNet call only if their latents have one shape."""
-        return tuple(self.state.x.shape)
+        """Samples share a UNet call only with equal latent shapes and conditioning kinds."""
+        concat = self.row.cond.concat
+        return (*self.row.state.x.shape, 0 if concat is None else concat.shape[1])
 
     @property
     def rows(self) -> int:
-        return 1 if self.uncond is None else 2
+        return self.row.rows
 
     @property
     def finished(self) -> bool:
-        return self.state.k >= self.traj.n_evals
+        return self.row.finished

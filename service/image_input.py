@@ -186,16 +186,19 @@ def _format_name(raw: bytes) -> str | None:
 
 
 def _check_sides(size: tuple[int, int], settings: Settings, field: str, what: str) -> None:
-    """Sides the model can take: the same rules as a request's width/height."""
+    """Sides within the request limits. An input image's sides need not be a multiple of
+    ``side_multiple`` (the output size rounds them down, as diffusers does); a resize
+    target's must, like a request's width/height."""
     lo, hi, multiple = settings.min_side, settings.max_side, settings.side_multiple
     width, height = size
-    if all(lo <= s <= hi and s % multiple == 0 for s in (width, height)):
+    step = multiple if what == "resize target" else 1
+    if all(lo <= s <= hi and s % step == 0 for s in (width, height)):
         return
+    rule = f" and a multiple of {multiple}" if step > 1 else ""
     raise ApiError(
         422,
         "invalid_image_size",
-        f"{field}: {what} is {width}x{height}; each side must be between {lo} and {hi} "
-        f"and a multiple of {multiple}",
+        f"{field}: {what} is {width}x{height}; each side must be between {lo} and {hi}{rule}",
         field,
     )
 

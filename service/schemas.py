@@ -15,52 +15,28 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from service.contract import GenerationParams
 from service.queue.keys import Priority
 
 if TYPE_CHECKING:
     from service.queue.records import JobRecord
 
-# Mirrors model.samplers.SAMPLER_NAMES (a test asserts they agree); the API may not import model.
-SAMPLER_NAMES: tuple[str, ...] = (
-    "ddim",
-    "euler",
-    "euler_a",
-    "heun",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "lcm",
-    "pndm",
-)
-SamplerName = Literal[
-    "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "pndm"
-]
 OutputFormat = Literal["png", "jpeg", "webp"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-MAX_SEED = 2**32 - 1
 
 
-class JobRequest(BaseModel):
-    """Body of ``POST /v1/jobs``; defaults equal ``model.Pipeline.generate()``'s.
+class JobRequest(GenerationParams):
+    """Body of ``POST /v1/jobs``: the generation contract plus transport fields.
 
     Unknown fields are rejected (422). ``seed`` omitted → the server draws one and returns
-    it; image ``i`` of the job uses seed ``seed + i``.
+    it; image ``i`` of the job uses seed ``seed + i``. ``image`` / ``mask`` are stored beside
+    the job, not in its ``parameters``.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-    prompt: str = Field(min_length=1, description="Text to render; length limit is a setting.")
-    negative_prompt: str = ""
-    width: int = Field(default=512, description="Pixels; a multiple of 8 within the limits.")
-    height: int = Field(default=512, description="Pixels; a multiple of 8 within the limits.")
-    steps: int = Field(default=30, description="Denoising steps (default limit 1–150).")
-    guidance_scale: float = Field(default=7.5, description="Classifier-free guidance scale.")
-    sampler: SamplerName = "euler_a"
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    num_images: int = Field(default=1, description="Images from consecutive seeds.")
     output_format: OutputFormat = "png"
     model: str | None = Field(default=None, min_length=1, max_length=512)
     webhook_url: str | None = Field(
@@ -75,6 +51,11 @@ class JobRequest(BaseModel):
         description="Workers take higher priorities first; the highest a key may use is part "
         "of its configuration (403 priority_not_allowed above it).",
     )
+
+
+TRANSPORT_FIELDS: tuple[str, ...] = tuple(
+    name for name in JobRequest.model_fields if name not in GenerationParams.model_fields
+)
 
 
 class Links(BaseModel):
@@ -199,6 +180,12 @@ class ModelInfo(BaseModel):
     max_batch: int = Field(description="Sum of the live workers' batch rows.")
     devices: list[str]
     queued: int = Field(description="Jobs waiting for this model.")
+    capabilities: dict[str, Any] | None = Field(
+        default=None,
+        description="What the model runs (family, modes, latent_factor, native_size, "
+        "max_steps per sampler, ...), as its workers last published; null until one has "
+        "registered (requests are then checked against the deployment's limits only).",
+    )
 
 
 class ModelList(BaseModel):

@@ -92,6 +92,16 @@ class Settings(BaseSettings):
     max_num_images: int = Field(default=8, ge=1)
     max_prompt_chars: int = Field(default=2000, ge=1)
     max_body_bytes: int = Field(default=65536, ge=1024)
+    max_image_body_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="Largest POST /v1/jobs body carrying image / mask (base64 grows 4/3).",
+    )
+    input_ttl_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=60,
+        description="Input images of a job that never ends are dropped after this long.",
+    )
     max_image_bytes: int = Field(
         default=10 * 1024 * 1024, ge=1024, description="Largest input image file (→ 413)."
     )
@@ -163,6 +173,8 @@ class Settings(BaseSettings):
             raise ValueError("worker_ttl_s must exceed heartbeat_interval_s")
         if self.min_guidance > self.max_guidance:
             raise ValueError("min_guidance must not exceed max_guidance")
+        if self.max_image_body_bytes < self.max_body_bytes:
+            raise ValueError("max_image_body_bytes must not be below max_body_bytes")
         if self.webhook_claim_idle_s <= 2 * self.webhook_timeout_s:
             raise ValueError("webhook_claim_idle_s must exceed twice webhook_timeout_s")
         return self

@@ -19,38 +19,44 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 from redis.exceptions import RedisError
 
 from model.pipeline import GenerationError, Pipeline
+from service.api_errors import ApiError
+from service.contract import GENERATION_FIELDS, IMAGE_FIELDS, GenerationParams
 from service.engine import Engine
-from service.engine_types import GenerationRequest, JobHandle, JobState, Progress
+from service.engine_types import GenerationRequest, JobHandle, JobState, Progress, StepOutput
+from service.image_input import decode_image
 from service.queue import Claim, WorkerInfo, WorkerQueue, new_worker_id
 from service.settings import Settings
 from service.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-
-_REQUEST_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "width",
-    "height",
-    "steps",
-    "guidance_scale",
-    "sampler",
-    "seed",
-    "num_images",
-)
+_MODES: dict[str, Literal["RGB", "L"]] = {"image": "RGB", "mask": "L"}
 
 
-def request_from_claim(claim: Claim) -> GenerationRequest:
-    """The engine's request for a claimed job (params were validated by the API)."""
+def request_from_claim(
+    claim: Claim, inputs: dict[str, bytes], settings: Settings
+) -> GenerationRequest:
+    """The engine's request for a claimed job: its parameters through the contract, its input
+    images (PNG files the API wrote with ``decode_image``) decoded the same checked way."""
     p = claim.params
-    kwargs = {k: p[k] for k in _REQUEST_FIELDS if k in p}
-    return GenerationRequest(id=claim.job_id, **kwargs)
+    params = GenerationParams(
+        **{k: p[k] for k in GENERATION_FIELDS if k in p and k not in IMAGE_FIELDS}
+    )
+    wanted = p.get("inputs") or []
+    missing = [name for name in wanted if name not in inputs]
+    if missing:
+        raise ValueError(f"the job's {', '.join(missing)} expired or was lost")
+    images = {
+        name: decode_image(inputs[name], field=name, settings=settings, mode=_MODES[name])
+        for name in wanted
+    }
+    return GenerationRequest(claim.job_id, params, images.get("image"), images.get("mask"))
 
 
 def encode_images(images: list[np.ndarray], fmt: str) -> list[bytes]:
@@ -95,7 +101,7 @@ class Worker:
         self.pipeline = pipeline
         self.model_name = model_name or settings.model
         self.worker_id = new_worker_id()
-        self.engine = Engine(pipeline, settings.max_batch, on_batch=self._on_batch)
+        self.engine = Engine(pipeline, settings.max_batch)
         self.queue = WorkerQueue.connect(settings)
         self.watchdog = Watchdog(
             settings, self.queue, self.worker_id, self._busy, self.engine.cancel
@@ -107,36 +113,46 @@ class Worker:
         self._isolated: str | None = None
         self._events = _Events()
         self._wake = asyncio.Event()
+        self._work = asyncio.Event()  # the engine has something new (a job or a cancel)
         self._stop = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine_done = False
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.info = WorkerInfo(
             worker_id=self.worker_id,
             model=self.model_name,
             max_batch=settings.max_batch,
             device=str(pipeline.device),
             started_at=time.time(),
+            capabilities=pipeline.capabilities.to_dict(),
         )
 
-    # ----------------------------------------------------------------- engine callbacks (thread)
-    def _on_batch(self, rows: int, jobs: int) -> None:
-        self.watchdog.beat()
-        self._post(lambda: self._events.batch_rows.append(rows))
+    # ----------------------------------------------------------------- the engine
+    async def _engine_loop(self) -> None:
+        """Run engine steps on their own thread; turn what each returns into Redis writes."""
+        loop = asyncio.get_running_loop()
+        while not self._engine_done:
+            self._work.clear()
+            try:
+                out = await loop.run_in_executor(self._stepper, self.engine.step)
+            except Exception:  # a bug must not kill the loop; the step's jobs were failed
+                log.exception("engine step failed")
+                out = StepOutput()
+            self._absorb(out)
+            if not out.worked:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._work.wait(), 0.5)
 
-    def _on_progress(self, handle: JobHandle, progress: Progress) -> None:
-        self._post(lambda: self._events.progress.__setitem__(handle.id, progress))
-
-    def _on_done(self, handle: JobHandle) -> None:
-        self.watchdog.beat()
-        self._post(lambda: self._events.done.append(handle))
-
-    def _post(self, fn: object) -> None:
-        def apply() -> None:
-            fn()  # type: ignore[operator]
+    def _absorb(self, out: StepOutput) -> None:
+        ev = self._events
+        for handle, progress in out.progress:
+            ev.progress[handle.id] = progress
+        ev.done.extend(out.ended)
+        ev.batch_rows.extend(rows for rows, _ in out.calls)
+        if out.calls or out.ended:
+            self.watchdog.beat()  # the engine made progress
+        if out.worked:
             self._wake.set()
-
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(apply)
 
     # ----------------------------------------------------------------- lifecycle
     def request_stop(self) -> None:
@@ -145,10 +161,9 @@ class Worker:
         self._wake.set()
 
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.engine.start()
         log.info("worker %s serving %r (max_batch %d rows)", self.worker_id, self.model_name,
                  self.settings.max_batch)  # fmt: skip
+        engine = asyncio.create_task(self._engine_loop())
         tasks = [
             asyncio.create_task(self._heartbeat_loop()),
             asyncio.create_task(self._events_loop()),
@@ -158,11 +173,14 @@ class Worker:
             await self._claim_loop()
             await self._drain()
         finally:
+            self._engine_done = True
+            self._work.set()
+            await asyncio.gather(engine, return_exceptions=True)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._flush_events()
-            self.engine.stop()
+            self._stepper.shutdown(wait=True)
             self._encoder.shutdown(wait=True)
             try:
                 await self.queue.unregister(self.worker_id)
@@ -267,13 +285,18 @@ class Worker:
     async def _start(self, claim: Claim) -> None:
         log.info("job %s claimed (attempt %d)", claim.job_id, claim.attempt)
         try:
-            request = request_from_claim(claim)
-            handle = self.engine.submit(request, self._on_progress, self._on_done)
-        except (GenerationError, TypeError, ValueError) as exc:
+            inputs = await self.queue.inputs(claim.job_id) if claim.params.get("inputs") else {}
+            loop = asyncio.get_running_loop()  # decoding images is CPU work: off the loop
+            request = await loop.run_in_executor(
+                self._encoder, request_from_claim, claim, inputs, self.settings
+            )
+            handle = self.engine.submit(request)
+        except (GenerationError, ApiError, TypeError, ValueError) as exc:
             log.warning("job %s refused: %s", claim.job_id, exc)
             await self.queue.fail(claim, "invalid_request", str(exc))
             return
         self.running[claim.job_id] = _Running(claim, handle)
+        self._work.set()
 
     async def _events_loop(self) -> None:
         while True:
@@ -309,6 +332,7 @@ class Worker:
         for job_id in lost:
             log.info("job %s canceled or taken over: dropping it", job_id)
             self.engine.cancel(job_id)
+            self._work.set()
         for i, handle in enumerate(done):
             try:
                 await self._store(handle)
@@ -361,6 +385,7 @@ class Worker:
             await asyncio.sleep(0.05)
         for job_id, entry in list(self.running.items()):
             self.engine.cancel(job_id)
+            self._work.set()
             self.running.pop(job_id, None)
             await self.queue.release(entry.claim)
             log.info("job %s handed back", job_id)
@@ -384,5 +409,10 @@ def warm_up(pipeline: Pipeline) -> None:
     """One tiny generation so first requests don't pay for lazy initialisation."""
     f = pipeline.vae_scale_factor
     start = time.perf_counter()
-    pipeline.generate("warm-up", width=8 * f, height=8 * f, steps=1, sampler="euler")
+    side = 8 * f
+    if "txt2img" in pipeline.capabilities.modes:
+        pipeline.generate("warm-up", width=side, height=side, steps=1, sampler="euler")
+    elif "inpaint" in pipeline.capabilities.modes:
+        image, mask = Image.new("RGB", (side, side)), Image.new("L", (side, side), 255)
+        pipeline.generate("warm-up", image=image, mask=mask, steps=1, sampler="euler")
     log.info("warm-up took %.2fs", time.perf_counter() - start)

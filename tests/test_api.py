@@ -19,9 +19,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from service.contract import SAMPLER_NAMES, SamplerName
 from service.queue import WorkerInfo
 from service.redis_server import RedisServer, free_port
-from service.schemas import SAMPLER_NAMES, SamplerName
 from tests.apps import AppClientFactory, open_app_client, post_job
 from tests.queues import Queues
 
@@ -67,7 +67,9 @@ async def test_submit_then_poll_through_every_status(api: tuple[Client, FastAPI]
     view = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert view["status"] == "queued" and view["queue_position"] == 0 and view["images"] == []
     params = view["parameters"]
-    assert params["width"] == 512 and params["steps"] == 30 and params["guidance_scale"] == 7.5
+    # No worker has published the model's capabilities yet: the size stays "the model's native
+    # size", resolved by the worker (tests/test_api_capabilities.py covers the other case).
+    assert params["width"] is None and params["steps"] == 30 and params["guidance_scale"] == 7.5
     assert params["sampler"] == "ddim" and params["model"] == "demo" and params["seed"] == 7
 
     q = queue_of(app)
@@ -243,7 +245,15 @@ async def test_models_samplers_health_ready(api: tuple[Client, FastAPI]) -> None
     assert tuple(samplers["samplers"]) == SAMPLER_NAMES and samplers["default"] == "euler_a"
     models = (await client.get("/v1/models")).json()["models"]
     assert models == [
-        {"id": "demo", "default": True, "workers": 0, "max_batch": 0, "devices": [], "queued": 0}
+        {
+            "id": "demo",
+            "default": True,
+            "workers": 0,
+            "max_batch": 0,
+            "devices": [],
+            "queued": 0,
+            "capabilities": None,
+        }
     ]
 
     q = queue_of(app)
@@ -259,6 +269,7 @@ async def test_models_samplers_health_ready(api: tuple[Client, FastAPI]) -> None
         "max_batch": 8,
         "devices": ["cuda:1"],
         "queued": 0,
+        "capabilities": None,
     }
     # A model a live worker serves is accepted; its job goes to that model's stream.
     r = await post_job(client, model="sd15")

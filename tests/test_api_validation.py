@@ -105,7 +105,7 @@ async def test_body_over_the_limit_is_413(api: tuple[Client, FastAPI]) -> None:
         yield b'"}'
 
     r = await client.post("/v1/jobs", content=chunks())
-    assert r.status_code == 413
+    assert r.status_code == 413, r.text
 
 
 async def test_unknown_route_and_method_are_json(api: tuple[Client, FastAPI]) -> None:

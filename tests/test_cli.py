@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -91,6 +92,33 @@ def test_generate_writes_images(tmp_path: Path) -> None:
     for path in (out, tmp_path / "img-1.png"):
         with Image.open(path) as image:
             assert image.size == (64, 96)
+
+
+def test_generate_inpaints_from_files_like_the_library(tmp_path: Path) -> None:
+    from model import load_pipeline
+    from tests.test_pipeline_image_modes import hard_mask, source_image
+
+    source, mask, out = tmp_path / "src.png", tmp_path / "mask.png", tmp_path / "out.png"
+    source_image(64, 64).save(source)
+    hard_mask(64, 64).save(mask)
+    subprocess.run(
+        [LDMSERVE, "generate", "--model", "demo", "--prompt", "p", "--image", str(source),
+         "--mask", str(mask), "--strength", "0.75", "--steps", "4", "--sampler", "ddim",
+         "--seed", "9", "--keep-unmasked", "--out", str(out)],
+        check=True, env=_env(), capture_output=True, timeout=120,
+    )  # fmt: skip
+    (expected,) = load_pipeline("demo").generate(
+        "p", image=source_image(64, 64), mask=hard_mask(64, 64), strength=0.75, steps=4,
+        sampler="ddim", seed=9, keep_unmasked=True,
+    )  # fmt: skip
+    with Image.open(out) as got:
+        assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(expected))
+    bad = subprocess.run(
+        [LDMSERVE, "generate", "--model", "demo", "--prompt", "p", "--image", str(source),
+         "--strength", "0.1", "--steps", "4", "--out", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "leaves no step" in bad.stderr
 
 
 def test_health_probe_fails_without_a_server() -> None:

@@ -12,7 +12,6 @@ that precision; a fixed bound would only restate what one torch build happened t
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from diffusers import StableDiffusionPipeline
 
 from model import load_pipeline
 from service.engine import Engine
+from service.engine_types import GenerationRequest
 from tests.reference import FAMILIES, PARITY_KW, build_reference, reference_images
 from tests.test_engine import MIXED, run_until_idle, solo
 
@@ -65,8 +65,16 @@ def test_engine_batches_fp16_jobs_like_solo_runs() -> None:
     pipe = load_pipeline("demo", device="cpu", dtype=dtype)
     engine = Engine(pipe, max_batch=10)
     # Small sides only: CPU half-precision kernels are slow (512x512 alone takes minutes).
-    jobs = [replace(r, width=min(r.width, 96), height=min(r.height, 64)) for r in MIXED]
-    assert len({(r.width, r.height) for r in jobs}) == 2
+    jobs = [
+        GenerationRequest(
+            r.id,
+            r.params.model_copy(
+                update={"width": min(r.params.width, 96), "height": min(r.params.height, 64)}  # type: ignore[type-var]
+            ),
+        )
+        for r in MIXED
+    ]
+    assert len({(r.params.width, r.params.height) for r in jobs}) == 2
     handles = []
     for i, req in enumerate(jobs):
         handles.append(engine.submit(req))

@@ -125,6 +125,6 @@ def test_every_name_accepted_and_unknown_rejected(models: Models) -> None:
 
 
 def test_service_sampler_names_mirror_model() -> None:
-    from service.schemas import SAMPLER_NAMES as SERVICE_NAMES
+    from service.contract import SAMPLER_NAMES as SERVICE_NAMES
 
     assert SERVICE_NAMES == SAMPLER_NAMES

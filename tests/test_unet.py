@@ -9,6 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
+from model.conditioning import Conditioning
 from model.unet import UNetModel
 from model.unet_convert import (
     unet_config_from_diffusers,
@@ -40,7 +41,7 @@ def test_diffusers_folder_weights_give_same_output(name: str) -> None:
     x, t, ctx = _inputs(cfg)
     with torch.no_grad():
         expected = ref(x, t, encoder_hidden_states=ctx).sample
-        got = ours(x, t, ctx)
+        got = ours(x, t, Conditioning(ctx))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -66,7 +67,10 @@ def test_single_file_round_trip_through_diffusers_converter(name: str) -> None:
     x, t, ctx = _inputs(cfg)
     with torch.no_grad():
         torch.testing.assert_close(
-            ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample, atol=1e-5, rtol=1e-4
+            ours(x, t, Conditioning(ctx)),
+            ref(x, t, encoder_hidden_states=ctx).sample,
+            atol=1e-5,
+            rtol=1e-4,
         )
 
 
@@ -74,18 +78,21 @@ def test_inpainting_unet_has_nine_input_channels() -> None:
     cfg = {**UNET_SD1, "in_channels": 9}
     unet = UNetModel(unet_config_from_diffusers(cfg, source="test")).eval()
     x, t, ctx = _inputs(cfg, batch=2)
-    assert unet(x, t, ctx).shape == (2, 4, 16, 16)
+    cond = Conditioning(ctx, concat=x[:, 4:])  # mask + masked-image latents
+    assert unet(x[:, :4], t, cond).shape == (2, 4, 16, 16)
+    with pytest.raises(ValueError, match="9 input channels, got 4"):
+        unet(x[:, :4], t, Conditioning(ctx))
 
 
 def test_per_sample_timesteps_are_independent() -> None:
     unet = randomize_(UNetModel(unet_config_from_diffusers(UNET_SD1, source="test")), seed=3).eval()
     x, t, ctx = _inputs(UNET_SD1)
     with torch.no_grad():
-        batched = unet(x, t, ctx)
+        batched = unet(x, t, Conditioning(ctx))
         for i in range(3):
             torch.testing.assert_close(
                 batched[i : i + 1],
-                unet(x[i : i + 1], t[i : i + 1], ctx[i : i + 1]),
+                unet(x[i : i + 1], t[i : i + 1], Conditioning(ctx[i : i + 1])),
                 atol=1e-5,
                 rtol=1e-4,
             )
@@ -125,7 +132,10 @@ def test_latent_sides_not_divisible_by_the_downsampling_match_diffusers() -> Non
     t = torch.tensor([400.0])
     with torch.no_grad():
         torch.testing.assert_close(
-            ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample, atol=1e-5, rtol=1e-4
+            ours(x, t, Conditioning(ctx)),
+            ref(x, t, encoder_hidden_states=ctx).sample,
+            atol=1e-5,
+            rtol=1e-4,
         )
 
 
@@ -147,7 +157,7 @@ def test_channels_last_layout_matches_diffusers(name: str, side: tuple[int, int]
     t = torch.tensor([3.0, 700.0])
     ctx = torch.randn(2, 77, cfg["cross_attention_dim"], generator=g)
     with torch.no_grad():
-        got = ours(x, t, ctx)
+        got = ours(x, t, Conditioning(ctx))
         expected = ref(x, t, encoder_hidden_states=ctx).sample
     assert got.is_contiguous()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -47,3 +47,24 @@ def randomize_(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
                 noise += 1.0
             p.copy_(noise)
     return module
+
+
+def demo_inpainting_pipeline() -> Any:
+    """The demo model's VAE and text encoder with a 9-channel (inpainting) demo-sized UNet."""
+    from dataclasses import replace
+
+    from model.demo import DEMO_UNET, build_demo
+    from model.pipeline import Pipeline
+    from model.unet import UNetModel
+
+    base = build_demo()
+    unet = randomize_(UNetModel(replace(DEMO_UNET, in_channels=9)), seed=9, scale=0.05).eval()
+    return Pipeline(
+        unet=unet.requires_grad_(False),
+        vae=base.vae,
+        text=base.text,
+        schedule=base.schedule,
+        name="demo-inpainting",
+        native_size=base.native_size,
+        family="demo",
+    )

@@ -44,6 +44,7 @@ class ApiQueue:
         digest: str = "",
         owner: str = ANONYMOUS,
         webhook_url: str | None = None,
+        inputs: dict[str, bytes] | None = None,
     ) -> SubmitResult:
         """Create a job (hash + stream entry, atomically), or return the idempotent twin.
 
@@ -53,11 +54,41 @@ class ApiQueue:
         a different ``digest``. A job with ``webhook_url`` gets a delivery on its final state.
         Its priority is ``params["priority"]`` (JobRequest's transport field; default
         ``normal``): workers take higher priorities first, and queue positions count them.
+        ``inputs`` (img2img / inpainting images) are stored beside the job before it is
+        queued, so a worker never claims a job whose images are missing; they expire with
+        the job (and after ``input_ttl_s`` if the job never ends).
         """
-        st, s = self.store, self.store.settings
         priority = str(params.get("priority", "normal"))
         if priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {PRIORITIES}, not {priority!r}")
+        redis, key = self.store.redis, self.store.keys.inputs(job_id)
+        if inputs:
+            await redis.hset(key, mapping=inputs)  # type: ignore[arg-type]
+            await redis.expire(key, self.store.settings.input_ttl_s)
+        try:
+            result = await self._submit_script(
+                params, priority, model, job_id, idempotency_key, digest, owner, webhook_url
+            )
+        except BaseException:
+            if inputs:
+                await redis.delete(key)
+            raise
+        if inputs and not result.created:  # an idempotent replay: the first job has its own
+            await redis.delete(key)
+        return result
+
+    async def _submit_script(
+        self,
+        params: dict[str, Any],
+        priority: str,
+        model: str,
+        job_id: str,
+        idempotency_key: str | None,
+        digest: str,
+        owner: str,
+        webhook_url: str | None,
+    ) -> SubmitResult:
+        st, s = self.store, self.store.settings
         kind, found, status, rank, params_json = await st.run(
             scripts.SUBMIT,
             job_id=job_id,
@@ -167,6 +198,11 @@ class ApiQueue:
     async def ping(self) -> bool:
         """Raise if Redis is unreachable (ConnectionError); True otherwise."""
         return bool(await self.store.redis.ping())
+
+    async def capabilities(self, model: str) -> dict[str, Any] | None:
+        """What the model's workers last published (None: no worker ever registered it)."""
+        raw = await self.store.redis.get(self.store.keys.capabilities(model))
+        return None if raw is None else json.loads(raw)
 
     async def live_workers(self) -> list[WorkerInfo]:
         """Workers whose heartbeat key has not expired (stale registry entries are pruned)."""

@@ -13,6 +13,8 @@ key is renamed in one place.
 ``P:job:{id}``                      hash    the job record (see :class:`~service.queue.records.JobRecord`)
 ``P:job:{id}:images``               hash    ``"0"``, ``"1"``, … → encoded image bytes (TTL)
 ``P:job:{id}:events``               pubsub  progress / status messages (JSON) for SSE
+``P:job:{id}:inputs``               hash    img2img / inpainting input PNGs by field name
+``P:model:{model}:capabilities``    string  what the model's workers last published (JSON)
 ``P:idem:{sha256(owner\nkey)}``     string  Idempotency-Key → job id (scoped per owner)
 ``P:owner:{owner}:active``          set     the owner's unfinished job ids (per-key cap)
 ``P:owner:{owner}:running``         set     the owner's running job ids (running cap, fair share)
@@ -53,6 +55,8 @@ LAYOUT: dict[str, str] = {
     "job": "job:{}",
     "images": "job:{}:images",
     "events": "job:{}:events",
+    "inputs": "job:{}:inputs",
+    "capabilities": "model:{}:capabilities",
     "stream": "model:{}:stream",
     "stream_high": "model:{}:stream:high",
     "stream_low": "model:{}:stream:low",
@@ -135,6 +139,14 @@ class Keys:
 
     def events(self, job_id: str) -> str:
         return self._name("events", job_id)
+
+    def inputs(self, job_id: str) -> str:
+        """Input images of an img2img / inpainting job (PNG bytes by field name)."""
+        return self._name("inputs", job_id)
+
+    def capabilities(self, model: str) -> str:
+        """What the model's workers last published it can run (kept when they are gone)."""
+        return self._name("capabilities", model)
 
     def stream(self, model: str, priority: str = "normal") -> str:
         """The model's stream for jobs of ``priority`` (``normal``'s keeps the old name)."""

@@ -36,13 +36,15 @@ class WorkerInfo:
     max_batch: int
     device: str
     started_at: float
+    capabilities: dict[str, Any] | None = None  # model.capabilities.Capabilities.to_dict()
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> WorkerInfo:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,7 @@ local function finalize(id, status, now, job_ttl)
       'finished_at', now)
   end
   redis.call('EXPIRE', job, job_ttl)
+  redis.call('EXPIRE', K.inputs(id), job_ttl)
   redis.call('HINCRBY', K.metrics, 'jobs_' .. status, 1)
   publish_status(id, status)
 end

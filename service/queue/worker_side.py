@@ -73,7 +73,15 @@ class WorkerQueue:
         async with self.store.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.worker(info.worker_id), info.to_json(), px=ttl_ms)
             pipe.zadd(keys.workers, {info.worker_id: time.time()})
+            if info.capabilities is not None:
+                caps = json.dumps(info.capabilities, separators=(",", ":"))
+                pipe.set(keys.capabilities(info.model), caps)
             await pipe.execute()
+
+    async def inputs(self, job_id: str) -> dict[str, bytes]:
+        """A job's stored input images by field name (empty for text-to-image jobs)."""
+        raw = await self.store.redis.hgetall(self.store.keys.inputs(job_id))
+        return {text(k) or "": bytes(v) for k, v in raw.items()}
 
     async def unregister(self, worker_id: str) -> None:
         """Drop a worker's heartbeat now (after draining) so its leftovers are reclaimable."""

@@ -1,0 +1,64 @@
+"""What a loaded model can run, as plain data the service publishes and checks requests against.
+
+The API process has no torch and no model; workers publish these with their registration so a
+request that the model cannot run is refused at submit (422 naming the field), never accepted
+and failed later. `service.contract.check_capabilities` reads the same dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from model.sampler_rules import SAMPLER_RULES
+
+if TYPE_CHECKING:
+    from model.pipeline import Pipeline
+
+_FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """A model's family, modes, shapes and per-sampler step limits."""
+
+    family: str  # sd1 | sd2 | sd1-inpainting | sd2-inpainting | demo | custom
+    modes: tuple[str, ...]  # of txt2img, img2img, inpaint
+    latent_factor: int  # pixels per latent side (f)
+    latent_channels: int
+    unet_in_channels: int
+    native_size: int  # the side a request without width/height gets
+    prediction_type: str  # epsilon | v_prediction
+    max_steps: dict[str, int]  # sampler name -> most steps it can plan
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["modes"] = list(self.modes)
+        return data
+
+
+def describe(pipe: Pipeline) -> Capabilities:
+    """The capabilities of a loaded pipeline (computed from its parts, never configured)."""
+    sched = pipe.schedule
+    in_ch = pipe.unet.config.in_channels
+    if pipe.concat_inpainting:
+        modes: tuple[str, ...] = ("inpaint",)
+    elif in_ch == pipe.latent_channels:
+        modes = ("txt2img", "img2img", "inpaint")
+    else:
+        modes = ()
+    family = pipe.family or _FAMILY_BY_CONTEXT.get(pipe.unet.config.context_dim, "custom")
+    if pipe.concat_inpainting and not family.endswith("-inpainting"):
+        family += "-inpainting"
+    limits = {name: sched.num_train_timesteps for name in SAMPLER_RULES}
+    limits["lcm"] = min(limits["lcm"], sched.original_inference_steps)
+    return Capabilities(
+        family=family,
+        modes=modes,
+        latent_factor=pipe.vae_scale_factor,
+        latent_channels=pipe.latent_channels,
+        unet_in_channels=in_ch,
+        native_size=pipe.native_size,
+        prediction_type=sched.prediction_type,
+        max_steps=limits,
+    )

@@ -1,0 +1,80 @@
+"""One batched denoising step, shared by `Pipeline.generate()` and the serving engine.
+
+Every row is one image with its own trajectory, state, conditioning and guidance scale; the
+step builds the UNet input (sampler input scaling, then concat channels inside the UNet),
+makes one UNet call with classifier-free guidance batched (the conditional rows of all rows,
+then the unconditional rows of the guided ones), combines the guided outputs, applies each
+row's sampler update and, for 4-channel inpainting, the blend that keeps the unmasked area on
+the noised source's trajectory (diffusers' StableDiffusionInpaintPipeline blend path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from model import samplers
+from model.conditioning import Conditioning
+from model.samplers import SampleState, Trajectory
+
+UNetFn = Callable[[Tensor, Tensor, Conditioning], Tensor]  # (x, t, cond) -> float32 output
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Inpainting on an ordinary UNet: where `mask` is 0 the latents follow the source."""
+
+    mask: Tensor  # (1, 1, h, w) 1 = repaint, 0 = keep
+    clean: Tensor  # (1, C, h, w) the source image's latents
+    noise: Tensor  # (1, C, h, w) the noise the trajectory started from
+
+
+@dataclass
+class Row:
+    """One image being denoised."""
+
+    traj: Trajectory
+    state: SampleState
+    cond: Conditioning  # one row
+    uncond: Conditioning | None  # None: unguided (guidance scale <= 1, as diffusers)
+    guidance: float
+    blend: Blend | None = None
+
+    @property
+    def rows(self) -> int:
+        """UNet rows this image takes per call: CFG doubles it."""
+        return 1 if self.uncond is None else 2
+
+    @property
+    def finished(self) -> bool:
+        return self.state.k >= self.traj.n_evals
+
+
+def denoise_step(unet: UNetFn, rows: Sequence[Row]) -> list[SampleState]:
+    """One UNet evaluation for every row; returns the new states (inputs are not mutated)."""
+    trajs, states = [r.traj for r in rows], [r.state for r in rows]
+    x_in, t = samplers.model_input(trajs, states)  # (n, C, h, w), (n,)
+    guided = [i for i, r in enumerate(rows) if r.uncond is not None]
+    cond = Conditioning.cat([r.cond for r in rows] + [rows[i].uncond for i in guided])  # type: ignore[misc]
+    n = len(rows)
+    if guided:
+        idx = torch.tensor(guided, device=x_in.device)
+        x_in, t = torch.cat([x_in, x_in[idx]]), torch.cat([t, t[idx]])  # (n + g, ...)
+    out = unet(x_in, t, cond)  # (n + g, C, h, w) float32
+    model_out = out[:n]
+    if guided:
+        idx = idx.to(out.device)
+        scale = torch.tensor([rows[i].guidance for i in guided], dtype=out.dtype, device=out.device)
+        out_cond, out_uncond = model_out[idx], out[n:]
+        guided_out = out_uncond + scale[:, None, None, None] * (out_cond - out_uncond)
+        model_out = model_out.index_copy(0, idx, guided_out)
+    new = samplers.advance(trajs, states, model_out)
+    for row, state in zip(rows, new, strict=True):
+        if row.blend is not None:
+            b = row.blend
+            target = samplers.renoise(row.traj, state.k, b.clean, b.noise)
+            state.x = (1 - b.mask) * target + b.mask * state.x
+    return new

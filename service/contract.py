@@ -1,0 +1,168 @@
+"""The generation contract: every generation field, once, and the checks a model's capabilities allow.
+
+`GenerationParams` is the single list of what a generation takes. The HTTP request
+(`service.schemas.JobRequest`) extends it with transport fields; the engine's request, the
+worker, `ldmserve generate`'s flags, bench and tests derive from it, and a test holds
+`model.Pipeline.generate()`'s keywords to it. Adding a field is one edit here plus the code
+that uses it.
+
+`check_capabilities` judges a request against what the target model's workers published
+(`model.capabilities.Capabilities.to_dict()`), so a job the model cannot run is a 422 naming
+the field at submit, never a 202 that fails in the worker. Torch-free: the API imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Mirrors model.samplers.SAMPLER_NAMES (a test asserts they agree); the API may not import model.
+SAMPLER_NAMES: tuple[str, ...] = (
+    "ddim",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "lcm",
+    "pndm",
+)
+SamplerName = Literal[
+    "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "pndm"
+]
+DEFAULT_SAMPLER = "euler_a"
+MAX_SEED = 2**32 - 1
+IMAGE_FIELDS: tuple[str, ...] = ("image", "mask")  # carried as files, never in parameters JSON
+MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # as model.pipeline (and diffusers)
+
+
+class ContractError(ValueError):
+    """A request the target model cannot run; `field` names the parameter at fault."""
+
+    def __init__(self, field: str, message: str, code: str = "unsupported") -> None:
+        super().__init__(message)
+        self.field = field
+        self.code = code
+
+
+class GenerationParams(BaseModel):
+    """What one generation takes; defaults equal ``model.Pipeline.generate()``'s.
+
+    Strict JSON types: ``"512"`` is not a number, NaN/Infinity are refused, unknown fields
+    are rejected. Limits that a deployment sets (sizes, steps, ...) are checked by the API
+    against its settings; what depends on the model, against the model's capabilities.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    prompt: str = Field(min_length=1, description="Text to render; length limit is a setting.")
+    negative_prompt: str = ""
+    width: int | None = Field(
+        default=None,
+        description="Pixels, a multiple of the model's latent factor; default: the input "
+        "image's width rounded down to it, else the model's native size.",
+    )
+    height: int | None = Field(default=None, description="Pixels; default as for width.")
+    steps: int = Field(default=30, description="Denoising steps (default limit 1–150).")
+    guidance_scale: float = Field(default=7.5, description="Classifier-free guidance scale.")
+    sampler: SamplerName = DEFAULT_SAMPLER
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Omitted: the server draws one."
+    )
+    num_images: int = Field(default=1, description="Images from consecutive seeds.")
+    image: str | None = Field(
+        default=None,
+        description="img2img init image, or the inpainting source (with mask): base64 or a "
+        "data: URL of a PNG, JPEG or WebP file.",
+    )
+    mask: str | None = Field(
+        default=None,
+        description="Inpainting mask, same size as image: white (>= 50%) = repaint, black = keep.",
+    )
+    strength: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of the schedule run on the image, (0, 1]; default 0.8 for "
+        "img2img, 1.0 for inpainting.",
+    )
+    keep_unmasked: bool = Field(
+        default=False,
+        description="Inpainting: copy the source's pixels outside the mask into the result "
+        "exactly (AUTOMATIC1111 / InvokeAI behaviour); default as diffusers.",
+    )
+
+    def mode(self) -> str:
+        return mode_of(self.image is not None, self.mask is not None)
+
+
+GENERATION_FIELDS: tuple[str, ...] = tuple(GenerationParams.model_fields)
+
+
+def mode_of(has_image: bool, has_mask: bool) -> str:
+    return "txt2img" if not has_image else "inpaint" if has_mask else "img2img"
+
+
+def steps_skipped(steps: int, strength: float) -> int:
+    """Steps that strength skips: diffusers' get_timesteps (mirrors model.samplers.start_step)."""
+    return max(steps - min(int(steps * strength), steps), 0)
+
+
+def resolved_size(
+    params: GenerationParams, caps: dict[str, Any], image_size: tuple[int, int] | None
+) -> tuple[int, int]:
+    """(width, height): as requested, else the image's rounded down, else the native size."""
+    f = int(caps["latent_factor"])
+    if image_size is not None:
+        w0, h0 = (s - s % f for s in image_size)
+    else:
+        w0 = h0 = int(caps["native_size"])
+    return (params.width or w0, params.height or h0)
+
+
+def check_capabilities(
+    params: GenerationParams,
+    caps: dict[str, Any],
+    image_size: tuple[int, int] | None = None,
+    mask_size: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """The request's (width, height) if the model can run it; else ContractError naming the field."""
+    mode = mode_of(image_size is not None, mask_size is not None)
+    if mode not in caps["modes"]:
+        runs = ", ".join(caps["modes"]) or "nothing"
+        field = {"txt2img": "image", "inpaint": "mask"}.get(mode, "image")
+        if mode == "img2img" and "inpaint" in caps["modes"]:
+            field = "mask"  # an inpainting model: the image needs a mask
+        raise ContractError(
+            field, f"this model ({caps['family']}) cannot run {mode}; it runs {runs}"
+        )
+    if mask_size is not None and image_size is not None and mask_size != image_size:
+        raise ContractError(
+            "mask",
+            f"mask is {mask_size[0]}x{mask_size[1]} but image is {image_size[0]}x{image_size[1]}",
+        )
+    if mode == "txt2img" and params.strength is not None:
+        raise ContractError("strength", "strength needs an image (img2img or inpainting)")
+    width, height = resolved_size(params, caps, image_size)
+    f = int(caps["latent_factor"])
+    for name, side in (("width", width), ("height", height)):
+        if side <= 0 or side % f:
+            raise ContractError(
+                name, f"{name} must be a multiple of {f} for this model, got {side}"
+            )
+    most = int(caps["max_steps"].get(params.sampler, 0))
+    if params.steps > most:
+        raise ContractError(
+            "steps", f"{params.sampler} runs at most {most} steps on this model, got {params.steps}"
+        )
+    if mode != "txt2img":
+        strength = params.strength if params.strength is not None else DEFAULT_STRENGTH[mode]
+        if steps_skipped(params.steps, strength) >= params.steps:
+            raise ContractError(
+                "strength",
+                f"strength {strength} × steps {params.steps} leaves no step to run; raise "
+                "steps or the strength",
+            )
+    return width, height
