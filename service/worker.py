@@ -175,6 +175,7 @@ class Worker:
         finally:
             self._engine_done = True
             self._work.set()
+            self._wake.set()
             await asyncio.gather(engine, return_exceptions=True)
             for task in tasks:
                 task.cancel()
@@ -299,7 +300,9 @@ class Worker:
         self._work.set()
 
     async def _events_loop(self) -> None:
-        while True:
+        # Ends on _engine_done too, not only by cancel: a cancel that lands inside a Redis
+        # call can be absorbed there, and run() would then wait for this task forever.
+        while not self._engine_done:
             await self._wake.wait()
             self._wake.clear()
             try:
