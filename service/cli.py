@@ -207,12 +207,12 @@ def cmd_health(role: str, settings: Settings) -> int:
             return 1
     import redis
 
-    client = redis.Redis.from_url(
-        settings.redis_url or "redis://127.0.0.1:6379/0", socket_timeout=3
-    )
+    url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    cluster = settings.redis_cluster
+    client = (redis.RedisCluster if cluster else redis.Redis).from_url(url, socket_timeout=3)
     from service.queue.keys import Keys
 
-    keys = Keys(settings.key_prefix)
+    keys = Keys.for_settings(settings.key_prefix, settings.redis_cluster)
     mine = f"{socket.gethostname()}-"  # worker ids are <hostname>-<pid>-<random>
     try:
         ids = [w.decode() for w in client.zrange(keys.workers, 0, -1)]

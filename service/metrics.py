@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from service.queue.keys import BATCH_ROW_BOUNDS, LATENCY_BOUNDS
+from service.queue.keys import BATCH_ROW_BOUNDS, LATENCY_BOUNDS, PRIORITIES
 
 if TYPE_CHECKING:
     from service.queue import ApiQueue
@@ -68,14 +68,19 @@ async def snapshot(queue: ApiQueue) -> dict[str, Any]:
         pipe.zcard(keys.webhooks_retry)
         for m in models:
             pipe.zcard(keys.queued(m))
-            pipe.xlen(keys.stream(m))
+            for stream in keys.streams(m):  # one per priority
+                pipe.xlen(stream)
         raw = await pipe.execute()
+    per_model = 1 + len(PRIORITIES)
     return {
         "counters": {k.decode(): v.decode() for k, v in raw[0].items()},
         "running": int(raw[1]),
         "webhooks_pending": int(raw[2]) + int(raw[3]),
-        "queued": {m: int(raw[4 + 2 * i]) for i, m in enumerate(models)},
-        "stream_length": {m: int(raw[5 + 2 * i]) for i, m in enumerate(models)},
+        "queued": {m: int(raw[4 + per_model * i]) for i, m in enumerate(models)},
+        "stream_length": {
+            m: sum(int(n) for n in raw[5 + per_model * i : 4 + per_model * (i + 1)])
+            for i, m in enumerate(models)
+        },
         "workers": await queue.live_workers(),
     }
 
@@ -89,7 +94,9 @@ def render(snapshot: Mapping[str, Any]) -> str:
     w.family("ldmserve_queue_depth", "gauge", "Jobs waiting for a worker, per model.")
     for model, depth in sorted(queued.items()):
         w.sample("ldmserve_queue_depth", depth, {"model": model})
-    w.family("ldmserve_stream_length", "gauge", "Entries in the model's stream (queued + running).")
+    w.family(
+        "ldmserve_stream_length", "gauge", "Entries in the model's streams (queued + running)."
+    )
     for model, length in sorted(snapshot["stream_length"].items()):
         w.sample("ldmserve_stream_length", length, {"model": model})
 
@@ -103,6 +110,9 @@ def render(snapshot: Mapping[str, Any]) -> str:
         w.sample("ldmserve_jobs_finished_total", counters.get(f"jobs_{status}"), {"status": status})
     w.family("ldmserve_jobs_reclaimed_total", "counter", "Runs taken over from dead workers.")
     w.sample("ldmserve_jobs_reclaimed_total", counters.get("jobs_reclaimed"))
+    w.family("ldmserve_jobs_deferred_total", "counter",
+             "Claims passed over because the key ran max_running_per_key jobs.")  # fmt: skip
+    w.sample("ldmserve_jobs_deferred_total", counters.get("jobs_deferred_running_cap"))
 
     w.histogram(
         "ldmserve_job_latency_seconds",

@@ -24,7 +24,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     data_dir: Path = Path(".ldmserve")
-    key_prefix: str = Field(default="ldmserve", min_length=1, max_length=64)
+    key_prefix: str = Field(default="ldmserve", min_length=1, max_length=64, pattern=r"^[^{}]+$")
+    redis_cluster: bool = Field(
+        default=False,
+        description="redis_url names one node of a Redis Cluster (keys share one hash slot).",
+    )
 
     # Model / worker.
     model: str = Field(default="demo", description="Model source the workers serve by default.")

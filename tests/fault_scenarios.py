@@ -42,7 +42,6 @@ from tests.fault_tools import (
     wait_running,
 )
 from tests.processes import Stack
-from tests.queues import DEFAULT_KEYS
 
 # ---------------------------------------------------------------------------- scenarios
 
@@ -57,7 +56,7 @@ def worker_kill(stack: Stack, seed: int, rounds: int = 3, per_round: int = 6) ->
     jobs: dict[str, dict[str, Any]] = {}
     killed = 0
     try:
-        with Transitions(stack.redis.url) as transitions:
+        with Transitions(stack.redis_url, stack.keys) as transitions:
             for r in range(rounds):
                 stack.wait_workers(2)  # the victim's replacement may still be loading
                 # "slow:" jobs sleep FAULT_SLOW_STEP_S per UNet call: a few seconds of denoising at any load.
@@ -149,7 +148,7 @@ def drain_hand_back(stack: Stack, seed: int) -> FaultResult:
     result = FaultResult("worker SIGTERM, drain timeout < job")
     api = Api(stack.base)
     try:
-        with Transitions(stack.redis.url) as transitions:
+        with Transitions(stack.redis_url, stack.keys) as transitions:
             stack.wait_workers(2)
             body = request_body(rng, 0, "slow:") | {"steps": 12, "num_images": 1}
             job_id = api.submit(body)
@@ -191,7 +190,7 @@ def poison_job(stack: Stack, seed: int, others: int = 4, max_restarts: int = 8) 
     api = Api(stack.base)
     restarts = 0
     try:
-        with Transitions(stack.redis.url) as transitions:
+        with Transitions(stack.redis_url, stack.keys) as transitions:
             stack.wait_workers(2)
             bodies = [request_body(rng, i) for i in range(others)]
             before = [api.submit(b) for b in bodies[: others // 2]]
@@ -242,7 +241,7 @@ def api_restart(stack: Stack, seed: int, n: int = 16) -> FaultResult:
     submitted_before = metric(stack, "jobs_submitted")
     api = Api(stack.base)
     try:
-        with Transitions(stack.redis.url) as transitions:
+        with Transitions(stack.redis_url, stack.keys) as transitions:
             stack.wait_workers(stack.n_workers)
             submitter = Submitter(stack.base, [request_body(rng, i) for i in range(n)])
             submitter.start()
@@ -277,7 +276,7 @@ def redis_restart(stack: Stack, seed: int, n: int = 12, down_s: float = 3.0) -> 
     result = FaultResult(f"Redis SIGKILL + restart (appendfsync {stack.redis.appendfsync})")
     api = Api(stack.base)
     try:
-        with Transitions(stack.redis.url) as transitions:
+        with Transitions(stack.redis_url, stack.keys) as transitions:
             stack.wait_workers(stack.n_workers)
             pids = {p.pid for p in [stack.api, *stack.workers] if p is not None}
             bodies = [request_body(rng, i, "slow:") for i in range(n)]
@@ -369,7 +368,7 @@ def ttl_and_memory(stack: Stack, seed: int, n: int = 200) -> FaultResult:
         result.notes["image_codes"] = seen
         if 410 not in seen or not set(seen) <= {200, 410, 404}:
             result.problems.append(f"image answers over time: {seen} (want 200 → 410)")
-        wait_keys_gone(client, 30)
+        wait_keys_gone(client, stack.keys, 30)
         before = int(client.info("memory")["used_memory"])
         # A long-ish run of tiny jobs.
         bodies = [{"prompt": f"tiny {i}", "seed": rng.randint(0, 1 << 30), **tiny}
@@ -379,7 +378,7 @@ def ttl_and_memory(stack: Stack, seed: int, n: int = 200) -> FaultResult:
             s.start()
         max_len = 0
         while any(s.is_alive() for s in submitters):
-            max_len = max(max_len, int(client.xlen(DEFAULT_KEYS.stream("demo"))))
+            max_len = max(max_len, int(client.xlen(stack.keys.stream("demo"))))
             time.sleep(0.2)
         jobs = {j: b for s in submitters for j, b in s.accepted.items()}
         result.problems += [e for s in submitters for e in s.errors]
@@ -390,19 +389,19 @@ def ttl_and_memory(stack: Stack, seed: int, n: int = 200) -> FaultResult:
         result.lost += len(jobs) - len(done)
         logged = succeeded_in_logs(stack)
         result.duplicates += sum(max(0, logged[j] - 1) for j in jobs)
-        stream_len = int(client.xlen(DEFAULT_KEYS.stream("demo")))
-        pending = client.xpending(DEFAULT_KEYS.stream("demo"), GROUP)["pending"]
+        stream_len = int(client.xlen(stack.keys.stream("demo")))
+        pending = client.xpending(stack.keys.stream("demo"), GROUP)["pending"]
         no_ttl = [
             k
-            for k in client.scan_iter(DEFAULT_KEYS.pattern("job"), count=1000)
+            for k in client.scan_iter(stack.keys.pattern("job"), count=1000)
             if client.ttl(k) == -1
         ]
         no_ttl += [
             k
-            for k in client.scan_iter(DEFAULT_KEYS.pattern("idem"), count=1000)
+            for k in client.scan_iter(stack.keys.pattern("idem"), count=1000)
             if client.ttl(k) == -1
         ]
-        left = wait_keys_gone(client, result_ttl + grace + 30)
+        left = wait_keys_gone(client, stack.keys, result_ttl + grace + 30)
         after = int(client.info("memory")["used_memory"])
         result.notes.update(max_stream_len=max_len, stream_len=stream_len, pending=pending,
                             used_memory_before=before, used_memory_after=after)  # fmt: skip

@@ -21,6 +21,7 @@ import numpy as np
 import redis
 from PIL import Image
 
+from service.queue.keys import Keys
 from tests.processes import Stack
 from tests.queues import DEFAULT_KEYS
 
@@ -106,8 +107,9 @@ class Transitions:
     """Records every status message the queue publishes (PSUBSCRIBE), reconnecting if
     Redis goes away (messages published meanwhile are missed, not invented)."""
 
-    def __init__(self, url: str, prefix: str = "ldmserve") -> None:
-        self.url, self.pattern = url, f"{prefix}:job:*:events"
+    def __init__(self, url: str, keys: Keys = DEFAULT_KEYS) -> None:
+        # A plain client of one node is enough on a cluster too: PUBLISH reaches every node.
+        self.url, self.pattern = url, keys.events("*")
         self.statuses: dict[str, list[str]] = defaultdict(list)
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -218,13 +220,13 @@ def stack_max_attempts(stack: Stack) -> int:
 
 
 def redis_client(stack: Stack) -> redis.Redis:
-    return redis.Redis.from_url(stack.redis.url, socket_timeout=5)
+    return stack.redis_client()
 
 
 def jobs_succeeded_metric(stack: Stack) -> int:
     client = redis_client(stack)
     try:
-        return int(client.hget(DEFAULT_KEYS.metrics, "jobs_succeeded") or 0)
+        return int(client.hget(stack.keys.metrics, "jobs_succeeded") or 0)
     finally:
         client.close()
 
@@ -246,7 +248,7 @@ def job_worker(stack: Stack, job_id: str) -> str | None:
     """The worker id a job's record names (the API does not show it)."""
     client = redis_client(stack)
     try:
-        raw = client.hget(DEFAULT_KEYS.job(job_id), "worker")
+        raw = client.hget(stack.keys.job(job_id), "worker")
     finally:
         client.close()
     return raw.decode() if raw else None
@@ -311,18 +313,16 @@ class Submitter(threading.Thread):
 def metric(stack: Stack, name: str) -> int:
     client = redis_client(stack)
     try:
-        return int(float(client.hget(DEFAULT_KEYS.metrics, name) or 0))
+        return int(float(client.hget(stack.keys.metrics, name) or 0))
     finally:
         client.close()
 
 
-def wait_keys_gone(client: redis.Redis, timeout: float) -> int:
+def wait_keys_gone(client: redis.Redis, keys: Keys, timeout: float) -> int:
     """Wait until no job or idempotency key is left (KEYS expires lazily); returns the count."""
     deadline = time.monotonic() + timeout
     while True:
-        left = len(client.keys(DEFAULT_KEYS.pattern("job"))) + len(
-            client.keys(DEFAULT_KEYS.pattern("idem"))
-        )
+        left = len(client.keys(keys.pattern("job"))) + len(client.keys(keys.pattern("idem")))
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)

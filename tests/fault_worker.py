@@ -1,6 +1,6 @@
 """Test-only worker entry point: ``python tests/fault_worker.py worker [ldmserve flags]``.
 
-It is ``ldmserve worker`` with two faults a job can ask for through its prompt (nothing of
+It is ``ldmserve worker`` with faults a job can ask for through its prompt (nothing of
 this is in product code):
 
 - prompt ``poison`` (or ``$FAULT_POISON_PROMPT``): the process dies with ``os._exit(1)``

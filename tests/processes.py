@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
+from service.queue.keys import Keys
 from service.redis_server import free_port
+from tests.queues import DEFAULT_KEYS
 
 FAST_WORKER_ENV = {
     "LDMSERVE_HEARTBEAT_INTERVAL_S": "0.5",
@@ -130,26 +133,52 @@ class Stack:
         appendfsync: str = "always",
         redis_config: Path | None = None,
         env: dict[str, str] | None = None,
+        cluster_url: str | None = None,
     ) -> None:
         from service.redis_server import RedisServer
 
         self.root = root
+        # cluster_url: use that (running) Redis Cluster instead of starting a redis-server.
+        self.cluster_url = cluster_url
         self.n_workers = workers
         self.redis = RedisServer(root / "redis", appendfsync=appendfsync, config=redis_config)
         self.api_port = free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
         self.extra_env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+        if cluster_url is not None:
+            self.extra_env["LDMSERVE_REDIS_CLUSTER"] = "true"
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self.exited: list[subprocess.Popen[bytes]] = []
         self._spawned = 0
 
     @property
+    def redis_url(self) -> str:
+        return self.cluster_url or self.redis.url
+
+    @property
+    def keys(self) -> Keys:
+        """The key names the stack's processes use (hash-tagged on a cluster)."""
+        return Keys.for_settings(DEFAULT_KEYS.prefix, cluster=self.cluster_url is not None)
+
+    def redis_client(self) -> redis.Redis:
+        """A synchronous client of the stack's Redis; on a cluster, of the node that holds
+        ldmserve's one hash slot (every key the stack uses lives there)."""
+        if self.cluster_url is None:
+            return redis.Redis.from_url(self.redis.url, socket_timeout=5)
+        with redis.Redis.from_url(self.cluster_url, socket_timeout=5) as probe:
+            slot = int(probe.execute_command("CLUSTER", "KEYSLOT", self.keys.seq))
+            ranges = probe.execute_command("CLUSTER", "SLOTS")
+        host, port = next((p[0], p[1]) for start, end, p, *_ in ranges if start <= slot <= end)
+        return redis.Redis(host=host.decode(), port=int(port), socket_timeout=5)
+
+    @property
     def env(self) -> dict[str, str]:
-        return service_env(self.redis.url, **self.extra_env)
+        return service_env(self.redis_url, **self.extra_env)
 
     def start(self, timeout: float = 240) -> Stack:
-        self.redis.start()
+        if self.cluster_url is None:
+            self.redis.start()
         self.start_api()
         for _ in range(self.n_workers):
             self.start_worker()
@@ -227,7 +256,8 @@ class Stack:
             stop(proc, signal.SIGKILL, 10)
         if self.api is not None:
             stop(self.api, signal.SIGTERM, 10)
-        self.redis.stop()
+        if self.cluster_url is None:
+            self.redis.stop()
 
 
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from httpx import AsyncClient
 from PIL import Image
 
 from model.demo import build_demo
-from service.queue import ApiQueue, WorkerInfo
+from service.queue import WorkerInfo
 from tests.apps import AppClientFactory, post_job
 from tests.queues import Queues
 from tests.test_pipeline_image_modes import hard_mask, source_image
@@ -37,14 +37,14 @@ async def with_caps(
     make: AppClientFactory, caps: Any = DEMO_CAPS, **settings: Any
 ) -> tuple[AsyncClient, FastAPI]:
     client, app = await make(**settings)
+    q = Queues.over(app.state.queue.store)
     info = WorkerInfo("w1", "demo", 16, "cpu", time.time(), capabilities=caps.to_dict())
-    await Queues.over(app.state.queue.store).worker.heartbeat(info)
+    await q.worker.heartbeat(info)
     return client, app
 
 
 async def queued_jobs(app: FastAPI) -> int:
-    queue: ApiQueue = app.state.queue
-    return await queue.queue_depth("demo")
+    return int(await app.state.queue.queue_depth("demo"))
 
 
 async def test_models_publish_capabilities(app_client_factory: AppClientFactory) -> None:

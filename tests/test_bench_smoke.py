@@ -30,6 +30,8 @@ CASES = {
     "service": ["bench/service.py", "--quick"],
     # this tree against the commit before the generation contract (needs git history)
     "vs_previous": ["bench/vs_previous.py", "--quick"],
+    # redis-server + the queue's two sides in-process; seconds
+    "capacity": ["bench/capacity.py", "--quick"],
 }
 
 

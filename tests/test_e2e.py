@@ -1,4 +1,8 @@
-"""End to end with real processes: redis-server, `ldmserve api` (uvicorn), two demo workers."""
+"""End to end with real processes: redis-server, `ldmserve api` (uvicorn), two demo workers.
+
+The module runs twice: on one redis-server, and on a local 3-primary Redis Cluster
+(tests/redis_cluster.py) with LDMSERVE_REDIS_CLUSTER=true.
+"""
 
 from __future__ import annotations
 
@@ -27,27 +31,36 @@ from tests.processes import (
     wait_job,
     wait_until,
 )
+from tests.redis_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("e2e")
-    server = RedisServer(root / "redis").start()
+@pytest.fixture(scope="module", params=["redis", "cluster"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp(f"e2e-{request.param}")
+    server: RedisServer | LocalCluster
+    if request.param == "cluster":
+        server, extra = LocalCluster(root / "cluster"), {"LDMSERVE_REDIS_CLUSTER": "true"}
+    else:
+        server, extra = RedisServer(root / "redis"), {}
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        with api_process(server.url, root / "api.log") as base:
+        server.start()
+        with api_process(server.url, root / "api.log", **extra) as base:
             for i in range(2):
                 workers.append(
                     spawn(
                         ["worker", "--model", "demo"],
-                        service_env(server.url),
+                        service_env(server.url, **extra),
                         root / f"worker{i}.log",
                     )
                 )
             wait_until(lambda: live_workers(base) == 2, 180, "two live workers")
-            yield {"base": base, "workers": workers, "root": root, "redis": server}
+            yield {"base": base, "workers": workers, "root": root, "redis_url": server.url,
+                   "env": extra}  # fmt: skip
     finally:
         for w in workers:
             stop(w)
@@ -184,7 +197,9 @@ def test_sse_streams_progress_then_the_final_state(stack: dict[str, Any]) -> Non
 def test_sigterm_drains_a_worker_without_losing_jobs(stack: dict[str, Any]) -> None:
     base, root = stack["base"], stack["root"]
     extra = spawn(
-        ["worker", "--model", "demo"], service_env(stack["redis"].url), root / "worker-extra.log"
+        ["worker", "--model", "demo"],
+        service_env(stack["redis_url"], **stack["env"]),
+        root / "worker-extra.log",
     )
     try:
         wait_until(lambda: live_workers(base) == 3, 180, "a third worker")

@@ -19,8 +19,8 @@ from service.api import prefer_wait_s
 from service.infotext import image_infotexts, infotext
 from service.settings import Settings
 from tests.apps import AppClientFactory, post_job
-from tests.queues import Queues
 from tests.conftest import LIVE_KEYS
+from tests.queues import Queues
 
 pytestmark = pytest.mark.anyio
 
@@ -119,7 +119,9 @@ async def test_expired_jobs_leave_the_list(app_client_factory: AppClientFactory)
     ids = [(await post_job(client)).json()["id"] for _ in range(2)]
     await queue_of(app).store.redis.delete(queue_of(app).store.keys.job(ids[0]))
     assert (await _ids(client))[0] == [ids[1]]
-    assert await queue_of(app).store.redis.zcard(queue_of(app).store.keys.owner_jobs("anonymous")) == 1
+    assert (
+        await queue_of(app).store.redis.zcard(queue_of(app).store.keys.owner_jobs("anonymous")) == 1
+    )
 
 
 def test_infotext_is_a1111s_format() -> None:

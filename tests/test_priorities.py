@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from service.auth import hash_key
+from service.metrics import render, snapshot
 from service.queue import Claim, WorkerInfo
 from service.settings import Settings
 from tests.apps import AppClientFactory
@@ -101,6 +102,11 @@ async def test_two_tenants_share_a_worker(make_queues: Any) -> None:
     assert await take(q, "w1", 3) == []  # alice at her cap again, bob has nothing queued
     assert (await q.api.get(alice[5])).status == "queued"
     assert (await q.api.get(alice[5])).queue_position == 0
+    snap = await snapshot(q.api)
+    assert int(snap["counters"]["jobs_deferred_running_cap"]) >= 8  # alice[4:] at least once
+    assert snap["stream_length"]["demo"] == 15 and snap["queued"]["demo"] == 7  # 8 running
+    text = render(snap)
+    assert any(line.startswith("ldmserve_jobs_deferred_total ") for line in text.splitlines())
 
 
 async def test_without_a_cap_one_tenant_takes_the_whole_batch(make_queues: Any) -> None:

@@ -16,8 +16,10 @@ from service.queue import WorkerInfo
 from service.results import ResultStore, open_result_store
 from service.results.files import FileResults
 from service.settings import Settings
+from tests import fault_scenarios as fs
 from tests.apps import AppClientFactory
 from tests.object_store import BUCKET, SeaweedS3
+from tests.processes import Stack
 from tests.queues import Queues
 
 pytestmark = pytest.mark.anyio
@@ -155,3 +157,23 @@ async def test_redis_store_keeps_images_inline(app_client_factory: AppClientFact
     assert await q.store.redis.hget(q.store.keys.images(job), "0") == b"\x89PNG-inline"
     assert await q.store.redis.hget(q.store.keys.job(job), "results") is None
     assert await q.worker.expire_results() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_worker_kill_with_results_in_s3(s3_server: SeaweedS3, tmp_path: Path) -> None:
+    """The worker-kill fault scenario with every image in SeaweedFS: every accepted job
+    succeeds exactly once with the library's images (read back through the API from S3),
+    and Redis holds no image bytes."""
+    prefix = f"kill{time.monotonic_ns()}"
+    env = {"LDMSERVE_DRAIN_TIMEOUT_S": "1", "FAULT_SLOW_STEP_S": "0.3",
+           "LDMSERVE_RESULT_STORE": f"s3://{BUCKET}/{prefix}",
+           "LDMSERVE_S3_ENDPOINT_URL": s3_server.endpoint_url}  # fmt: skip
+    with Stack(tmp_path, workers=2, env=env) as stack:
+        fs.worker_kill(stack, seed=31, rounds=2, per_round=6).assert_nothing_lost()
+        client = stack.redis_client()
+        try:
+            assert not list(client.scan_iter(stack.keys.images("*")))
+        finally:
+            client.close()
+    assert len(s3_server.keys(prefix)) >= 12

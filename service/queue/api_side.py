@@ -66,8 +66,9 @@ class ApiQueue:
             await redis.hset(key, mapping=inputs)  # type: ignore[arg-type]
             await redis.expire(key, self.store.settings.input_ttl_s)
         try:
-            result = await self._submit(params, model, job_id, priority, idempotency_key,
-                                        digest, owner, webhook_url)  # fmt: skip
+            result = await self._submit_script(
+                params, priority, model, job_id, idempotency_key, digest, owner, webhook_url
+            )
         except BaseException:
             if inputs:
                 await redis.delete(key)
@@ -76,18 +77,17 @@ class ApiQueue:
             await redis.delete(key)
         return result
 
-    async def _submit(
+    async def _submit_script(
         self,
         params: dict[str, Any],
+        priority: str,
         model: str,
         job_id: str,
-        priority: str,
         idempotency_key: str | None,
         digest: str,
         owner: str,
         webhook_url: str | None,
     ) -> SubmitResult:
-        """The SUBMIT script and its answer."""
         st, s = self.store, self.store.settings
         kind, found, status, rank, params_json = await st.run(
             scripts.SUBMIT,
@@ -191,11 +191,6 @@ class ApiQueue:
         members = await self.store.redis.smembers(self.store.keys.models)
         return sorted({text(m) or "" for m in members})
 
-    async def capabilities(self, model: str) -> dict[str, Any] | None:
-        """What the model's workers last published (None: no worker ever registered it)."""
-        raw = await self.store.redis.get(self.store.keys.capabilities(model))
-        return None if raw is None else json.loads(raw)
-
     async def queue_depth(self, model: str) -> int:
         """Jobs queued (not yet running) for a model."""
         return int(await self.store.redis.zcard(self.store.keys.queued(model)))
@@ -203,6 +198,11 @@ class ApiQueue:
     async def ping(self) -> bool:
         """Raise if Redis is unreachable (ConnectionError); True otherwise."""
         return bool(await self.store.redis.ping())
+
+    async def capabilities(self, model: str) -> dict[str, Any] | None:
+        """What the model's workers last published (None: no worker ever registered it)."""
+        raw = await self.store.redis.get(self.store.keys.capabilities(model))
+        return None if raw is None else json.loads(raw)
 
     async def live_workers(self) -> list[WorkerInfo]:
         """Workers whose heartbeat key has not expired (stale registry entries are pruned)."""

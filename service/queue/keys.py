@@ -13,8 +13,8 @@ key is renamed in one place.
 ``P:job:{id}``                      hash    the job record (see :class:`~service.queue.records.JobRecord`)
 ``P:job:{id}:images``               hash    ``"0"``, ``"1"``, … → encoded image bytes (TTL)
 ``P:job:{id}:events``               pubsub  progress / status messages (JSON) for SSE
-``P:job:{id}:inputs``               hash    img2img / inpainting input images (PNG) by field (TTL)
-``P:model:{model}:capabilities``    string  JSON capabilities its workers last published (no TTL)
+``P:job:{id}:inputs``               hash    img2img / inpainting input PNGs by field name
+``P:model:{model}:capabilities``    string  what the model's workers last published (JSON)
 ``P:idem:{sha256(owner\nkey)}``     string  Idempotency-Key → job id (scoped per owner)
 ``P:owner:{owner}:active``          set     the owner's unfinished job ids (per-key cap)
 ``P:owner:{owner}:running``         set     the owner's running job ids (running cap, fair share)
@@ -112,11 +112,25 @@ def lua_keys() -> str:
     return "\n".join(lines) + "\n"
 
 
+def key_prefix(prefix: str, cluster: bool) -> str:
+    """The prefix as written into key names. On Redis Cluster it is a hash tag
+    (``{ldmserve}``): every key then lives in one slot, so each script's keys share a slot
+    and scripts may compute key names inside (the price: one shard holds all of ldmserve)."""
+    return f"{{{prefix}}}" if cluster else prefix
+
+
 @dataclass(frozen=True)
 class Keys:
-    """Names of every key for one prefix, so nothing else formats key strings."""
+    """Names of every key for one prefix, so nothing else formats key strings.
+
+    ``prefix`` is the written form (:func:`key_prefix`); :meth:`for_settings` builds it.
+    """
 
     prefix: str
+
+    @classmethod
+    def for_settings(cls, key_prefix_setting: str, cluster: bool = False) -> Keys:
+        return cls(key_prefix(key_prefix_setting, cluster))
 
     def _name(self, role: str, part: str = "") -> str:
         return f"{self.prefix}:{LAYOUT[role].format(part)}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -34,7 +34,7 @@ class QueueStore:
     ) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+        self.keys = Keys.for_settings(settings.key_prefix, settings.redis_cluster)
         self.results = results
         self._scripts: dict[str, AsyncScript] = {}
 
@@ -46,13 +46,16 @@ class QueueStore:
         through a Redis restart; while Redis is away calls raise ConnectionError at once.
         """
         url = settings.redis_url or "redis://127.0.0.1:6379/0"
-        client = Redis.from_url(
-            url,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=min(settings.redis_timeout_s, 2.0),
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
-            health_check_interval=30,
-        )
+        options: dict[str, Any] = {
+            "socket_timeout": settings.redis_timeout_s,
+            "socket_connect_timeout": min(settings.redis_timeout_s, 2.0),
+            "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
+        }
+        if settings.redis_cluster:
+            # Any node's URL; the client learns the slot map and follows MOVED redirects.
+            client: Any = RedisCluster.from_url(url, **options)
+        else:
+            client = Redis.from_url(url, health_check_interval=30, **options)
         return cls(client, settings, open_result_store(settings))
 
     async def aclose(self) -> None:
@@ -73,9 +76,16 @@ class QueueStore:
         **args: Any,
     ) -> Any:
         """Call ``script`` with its named arguments (EVALSHA, loading it on first use);
-        with ``pipe``, queue the call on that pipeline instead."""
+        with ``pipe``, queue the call on that pipeline instead.
+
+        ``KEYS[1]`` is the submit counter's key: every key lives in its slot on a Cluster
+        (see :func:`service.queue.keys.key_prefix`), so it routes the call to the right node.
+        """
         registered = self._scripts.get(script.name)
         if registered is None:
-            registered = self._scripts[script.name] = self.redis.register_script(script.source)
+            registered = self.redis.register_script(script.source)
+            if pipe is not None:  # a pipelined EVALSHA cannot fall back to loading it
+                await self.redis.script_load(script.source)
+            self._scripts[script.name] = registered
         argv = script.argv(self.keys.prefix, args, rest)
-        return await registered(args=argv, client=pipe)
+        return await registered(keys=[self.keys.seq], args=argv, client=pipe)

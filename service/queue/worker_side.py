@@ -250,11 +250,14 @@ class WorkerQueue:
         """Progress for a whole batch in one round trip; returns the ids to drop."""
         if not updates:
             return set()
-        async with self.store.redis.pipeline(transaction=False) as pipe:
-            for claim, step, total, eta_s in updates:
-                args = self._progress_args(claim, step, total, eta_s)
-                await self.store.run(scripts.PROGRESS, pipe=pipe, **args)
-            results = await pipe.execute()
+        calls = [self._progress_args(c, step, total, eta) for c, step, total, eta in updates]
+        if self.store.settings.redis_cluster:  # cluster pipelines refuse EVALSHA
+            results = await asyncio.gather(*(self.store.run(scripts.PROGRESS, **a) for a in calls))
+        else:
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                for args in calls:
+                    await self.store.run(scripts.PROGRESS, pipe=pipe, **args)
+                results = await pipe.execute()
         return {u[0].job_id for u, ok in zip(updates, results, strict=True) if not ok}
 
     async def canceled(self, job_ids: Sequence[str]) -> set[str]:
