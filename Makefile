@@ -16,6 +16,7 @@ up: $(STAMP)
 	$(BIN)/ldmserve up
 
 test: $(STAMP)
+	bash scripts/install_browser.sh
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/pytest
 
