@@ -382,6 +382,11 @@ class Worker:
             await self.queue.fail(claim, "generation_failed", handle.error or "generation failed")
         # CANCELED: the queue already says so (or we handed it back while draining).
         self.running.pop(handle.id, None)
+        if handle.state is not JobState.CANCELED and claim.params.get("inputs"):
+            try:
+                await self.queue.drop_inputs(claim.job_id)
+            except (RedisError, OSError) as exc:  # left for the sweep (input_ttl_s)
+                log.warning("could not delete job %s's input images: %s", claim.job_id, exc)
 
     async def _drain(self) -> None:
         """Stop claiming; finish running jobs within the drain timeout; hand back the rest."""

@@ -33,7 +33,9 @@ KEY = LIVE_KEYS["browser"]
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
-    assert shutil.which(CHROMIUM), "chromium missing: apt-get install -y chromium (scripts/install_browser.sh)"
+    assert shutil.which(CHROMIUM), (
+        "chromium missing: apt-get install -y chromium (scripts/install_browser.sh)"
+    )
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:

@@ -112,6 +112,42 @@ async def test_a_stale_finish_leaves_no_object_behind(
     assert (await client.get(f"/v1/jobs/{job}/images/0")).content == b"current"
 
 
+async def test_input_images_live_in_the_store_too(
+    app_client_factory: AppClientFactory, store_spec: dict[str, Any]
+) -> None:
+    """img2img inputs follow the result store: Redis keeps their names; the worker side reads
+    them back; a refused or replayed submit leaves no object; a finished job's are deleted."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    client, app = await app_client_factory(**store_spec)
+    q = Queues.over(app.state.queue.store)
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(buf, format="PNG")
+    body = {"prompt": "a", "image": base64.b64encode(buf.getvalue()).decode(), "steps": 4}
+    r = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    assert r.status_code == 202, r.text
+    job = r.json()["id"]
+    redis, keys, results = q.store.redis, q.store.keys, q.store.results
+    assert results is not None
+    stored = await redis.hgetall(keys.inputs(job))
+    assert set(stored) == {b"ref:image"} and len(stored[b"ref:image"]) < 100, "no bytes in Redis"
+    name = stored[b"ref:image"].decode()
+    assert (await q.worker.inputs(job))["image"][:8] == b"\x89PNG\r\n\x1a\n"
+    replay = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    assert replay.json()["id"] == job and await results.get(name) is not None
+    refused = await client.post("/v1/jobs", json={**body, "webhook_url": "http://127.0.0.1/x"})
+    assert refused.status_code == 422  # webhooks off: refused before anything is stored
+    await q.worker.drop_inputs(job)
+    assert await results.get(name) is None
+    assert await q.worker.inputs(job) == {}, "a lost input is missing, not empty bytes"
+    await results.put("_inputs/old-image.png", b"x", "image/png")
+    assert await results.sweep(older_than_s=-60) == 0, "inputs keep their own age"
+    assert await results.sweep(older_than_s=-60, inputs_older_than_s=-60) == 1
+
+
 async def test_expire_results_sweeps_old_objects(
     app_client_factory: AppClientFactory, store_spec: dict[str, Any]
 ) -> None:

@@ -6,6 +6,7 @@ in :mod:`service.queue.worker_side`. No torch, no model imports: the API process
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -16,6 +17,7 @@ from service.queue.keys import ANONYMOUS, PRIORITIES
 from service.queue.records import JobRecord, SubmitResult, WorkerInfo, text
 from service.queue.store import QueueStore
 from service.ratelimit import burst_of
+from service.results.base import input_name
 from service.settings import Settings
 
 
@@ -54,27 +56,36 @@ class ApiQueue:
         a different ``digest``. A job with ``webhook_url`` gets a delivery on its final state.
         Its priority is ``params["priority"]`` (JobRequest's transport field; default
         ``normal``): workers take higher priorities first, and queue positions count them.
-        ``inputs`` (img2img / inpainting images) are stored beside the job before it is
-        queued, so a worker never claims a job whose images are missing; they expire with
+        ``inputs`` (img2img / inpainting images) are stored before the job is queued, so a
+        worker never claims a job whose images are missing: in the result store when there is
+        one (Redis keeps their names, as ``ref:<field>``), else in Redis; they expire with
         the job (and after ``input_ttl_s`` if the job never ends).
         """
         priority = str(params.get("priority", "normal"))
         if priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {PRIORITIES}, not {priority!r}")
-        redis, key = self.store.redis, self.store.keys.inputs(job_id)
+        redis, key, results = self.store.redis, self.store.keys.inputs(job_id), self.store.results
+        names = [input_name(job_id, field) for field in inputs or {}]
         if inputs:
-            await redis.hset(key, mapping=inputs)  # type: ignore[arg-type]
+            if results is None:
+                await redis.hset(key, mapping=inputs)  # type: ignore[arg-type]
+            else:
+                pairs = zip(names, inputs.values(), strict=True)
+                await asyncio.gather(*(results.put(n, d, "image/png") for n, d in pairs))
+                refs = {f"ref:{field}": n for field, n in zip(inputs, names, strict=True)}
+                await redis.hset(key, mapping=refs)  # type: ignore[arg-type]
             await redis.expire(key, self.store.settings.input_ttl_s)
+        created = False
         try:
             result = await self._submit_script(
                 params, priority, model, job_id, idempotency_key, digest, owner, webhook_url
             )
-        except BaseException:
-            if inputs:
-                await redis.delete(key)
-            raise
-        if inputs and not result.created:  # an idempotent replay: the first job has its own
-            await redis.delete(key)
+            created = result.created
+        finally:
+            if inputs and not created:  # refused, or an idempotent replay (the first job
+                await redis.delete(key)  # has its own inputs)
+                if results is not None:
+                    await results.delete(names)
         return result
 
     async def _submit_script(

@@ -79,9 +79,29 @@ class WorkerQueue:
             await pipe.execute()
 
     async def inputs(self, job_id: str) -> dict[str, bytes]:
-        """A job's stored input images by field name (empty for text-to-image jobs)."""
+        """A job's stored input images by field name (empty for text-to-image jobs); an
+        image the result store no longer has is left out (the worker then fails the job)."""
         raw = await self.store.redis.hgetall(self.store.keys.inputs(job_id))
-        return {text(k) or "": bytes(v) for k, v in raw.items()}
+        found: dict[str, bytes] = {}
+        for k, v in raw.items():
+            field = text(k) or ""
+            if not field.startswith("ref:"):
+                found[field] = bytes(v)
+            elif self.store.results is not None:
+                data = await self.store.results.get(text(v) or "")
+                if data is not None:
+                    found[field.removeprefix("ref:")] = data
+        return found
+
+    async def drop_inputs(self, job_id: str) -> None:
+        """Delete a finished job's input images from the result store (Redis expires its
+        own copy with the job); objects of jobs that end elsewhere are swept by age."""
+        if self.store.results is None:
+            return
+        raw = await self.store.redis.hgetall(self.store.keys.inputs(job_id))
+        names = [text(v) or "" for k, v in raw.items() if (text(k) or "").startswith("ref:")]
+        if names:
+            await self.store.results.delete(names)
 
     async def unregister(self, worker_id: str) -> None:
         """Drop a worker's heartbeat now (after draining) so its leftovers are reclaimable."""
@@ -325,7 +345,10 @@ class WorkerQueue:
         record says it still has images never loses them first); call it now and then."""
         if self.store.results is None:
             return 0  # Redis expires them itself
-        return await self.store.results.sweep(self.store.settings.result_ttl_s + 60)
+        s = self.store.settings
+        return await self.store.results.sweep(
+            s.result_ttl_s + 60, inputs_older_than_s=s.input_ttl_s + 60
+        )
 
     async def fail(self, claim: Claim, code: str, message: str) -> bool:
         """Mark the job failed for good (no retry); guarded like :meth:`finish`."""

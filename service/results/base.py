@@ -13,9 +13,17 @@ class ResultStoreError(OSError):
     for a Redis outage)."""
 
 
+INPUTS = "_inputs"  # the folder of img2img / inpainting input images (swept on their own TTL)
+
+
 def object_name(job_id: str, lease: int, index: int, fmt: str) -> str:
     """``{job}/{lease}-{index}.{fmt}``: one folder per job, one name per run of it."""
     return f"{job_id}/{lease}-{index}.{fmt}"
+
+
+def input_name(job_id: str, field: str) -> str:
+    """``_inputs/{job}-{field}.png``: a job's input image (written once, at submit)."""
+    return f"{INPUTS}/{job_id}-{field}.png"
 
 
 class ResultStore(ABC):
@@ -34,8 +42,11 @@ class ResultStore(ABC):
         """Remove objects; missing ones are fine."""
 
     @abstractmethod
-    async def sweep(self, older_than_s: float) -> int:
-        """Remove objects written more than ``older_than_s`` ago; returns how many."""
+    async def sweep(self, older_than_s: float, inputs_older_than_s: float | None = None) -> int:
+        """Remove objects written more than ``older_than_s`` ago — input images (below
+        :data:`INPUTS`) only past ``inputs_older_than_s`` (None: keep them); returns how many.
+
+        Inputs have their own age: a job may wait in the queue longer than results live."""
 
     def presigned_url(self, name: str, ttl_s: int) -> str | None:
         """A URL a client can GET the object from for ``ttl_s`` without a key (None: the

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.results.base import ResultStore, ResultStoreError
+from service.results.base import INPUTS, ResultStore, ResultStoreError
 
 
 class FileResults(ResultStore):
@@ -57,13 +57,19 @@ class FileResults(ResultStore):
     async def delete(self, names: Sequence[str]) -> None:
         await asyncio.to_thread(self._delete, names)
 
-    def _sweep(self, older_than_s: float) -> int:
-        cutoff, removed = time.time() - older_than_s, 0
+    def _sweep(self, older_than_s: float, inputs_older_than_s: float | None) -> int:
+        now, removed = time.time(), 0
         if not self.root.is_dir():
             return 0
         for folder in self.root.iterdir():
             if not folder.is_dir():
                 continue
+            if folder.name == INPUTS:
+                if inputs_older_than_s is None:
+                    continue
+                cutoff = now - inputs_older_than_s
+            else:
+                cutoff = now - older_than_s
             for path in folder.iterdir():
                 with contextlib.suppress(FileNotFoundError):  # another sweeper was first
                     if path.stat().st_mtime < cutoff:
@@ -73,5 +79,5 @@ class FileResults(ResultStore):
                 folder.rmdir()
         return removed
 
-    async def sweep(self, older_than_s: float) -> int:
-        return await asyncio.to_thread(self._sweep, older_than_s)
+    async def sweep(self, older_than_s: float, inputs_older_than_s: float | None = None) -> int:
+        return await asyncio.to_thread(self._sweep, older_than_s, inputs_older_than_s)

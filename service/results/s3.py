@@ -19,7 +19,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from service.results.base import ResultStore, ResultStoreError
+from service.results.base import INPUTS, ResultStore, ResultStoreError
 
 T = TypeVar("T")
 
@@ -70,8 +70,18 @@ class S3Results(ResultStore):
             objects = [{"Key": self._key(n)} for n in names[start : start + 1000]]
             await self._call(self.client.delete_objects, Delete={"Objects": objects})
 
-    async def sweep(self, older_than_s: float) -> int:
-        cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
+    async def sweep(self, older_than_s: float, inputs_older_than_s: float | None = None) -> int:
+        now = dt.datetime.now(dt.timezone.utc)
+        cutoff = now - dt.timedelta(seconds=older_than_s)
+        inputs_cutoff = (
+            None if inputs_older_than_s is None else now - dt.timedelta(seconds=inputs_older_than_s)
+        )
+        inputs = self._key(INPUTS + "/")
+
+        def old(key: str, modified: dt.datetime) -> bool:
+            if key.startswith(inputs):
+                return inputs_cutoff is not None and modified < inputs_cutoff
+            return modified < cutoff
 
         def old_keys(**kwargs: Any) -> list[str]:
             pages = self.client.get_paginator("list_objects_v2").paginate(**kwargs)
@@ -79,7 +89,7 @@ class S3Results(ResultStore):
                 o["Key"]
                 for page in pages
                 for o in page.get("Contents", [])
-                if o["LastModified"] < cutoff
+                if old(o["Key"], o["LastModified"])
             ]
 
         keys = await self._call(old_keys, Prefix=self.prefix)
