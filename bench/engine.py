@@ -34,7 +34,7 @@ import common  # noqa: F401  (puts the repo root on sys.path)
 import numpy as np
 import torch
 from common import EngineDriver, emit_json, load_average, set_threads, table
-from engine_parts import (
+from engine_workload import (
     Job,
     Outcome,
     build_models,

@@ -47,7 +47,7 @@ from typing import Any
 import common  # noqa: F401  (puts the repo root on sys.path)
 import numpy as np
 from common import EngineDriver, emit_json, load_average, median, set_threads, table
-from service_parts import (
+from service_harness import (
     SAMPLERS,
     Job,
     batch_rows_metric,
@@ -102,7 +102,7 @@ def compare_images(ref: list[np.ndarray], got: list[bytes]) -> tuple[int, int]:
     """(PNGs byte-identical to the worker's encoding of `ref`, max pixel difference)."""
     from PIL import Image
 
-    from service.worker import encode_images
+    from service.image_output import encode_images
 
     same, diff = 0, 0
     for pixels, data in zip(ref, got, strict=True):

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from redis.exceptions import RedisError
 
 from model.pipeline import GenerationError, Pipeline
@@ -32,6 +29,7 @@ from service.contract import GENERATION_FIELDS, IMAGE_FIELDS, GenerationParams
 from service.engine import Engine
 from service.engine_types import GenerationRequest, JobHandle, JobState, Progress, StepOutput
 from service.image_input import decode_image
+from service.image_output import encode_images
 from service.infotext import image_infotexts
 from service.queue import Claim, WorkerInfo, WorkerQueue, new_worker_id
 from service.settings import Settings
@@ -59,29 +57,6 @@ def request_from_claim(
         for name in wanted
     }
     return GenerationRequest(claim.job_id, params, images.get("image"), images.get("mask"))
-
-
-def encode_images(
-    images: list[np.ndarray], fmt: str, texts: Sequence[str] | None = None
-) -> list[bytes]:
-    """uint8 (H, W, 3) arrays -> PNG / JPEG / WebP bytes; PNGs get ``texts[i]`` as their
-    A1111 ``parameters`` chunk."""
-    out = []
-    for i, pixels in enumerate(images):
-        buf = io.BytesIO()
-        image = Image.fromarray(pixels)
-        if fmt == "jpeg":
-            image.save(buf, format="JPEG", quality=92)
-        elif fmt == "webp":
-            image.save(buf, format="WEBP", quality=92)
-        else:
-            info = None
-            if texts:
-                info = PngImagePlugin.PngInfo()
-                info.add_text("parameters", texts[i])
-            image.save(buf, format="PNG", compress_level=4, pnginfo=info)
-        out.append(buf.getvalue())
-    return out
 
 
 @dataclass

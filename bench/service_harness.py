@@ -1,6 +1,5 @@
-"""bench/service.py's parts: the workload, the HTTP client side, the submit load, processes.
-
-Split out of bench/service.py (see its docstring for what is measured and why).
+"""What drives the service in bench/service.py: its job mix, a minimal HTTP client, the submit
+load, and the API / worker processes (see bench/service.py for what is measured and why).
 """
 
 from __future__ import annotations

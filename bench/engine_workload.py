@@ -1,5 +1,5 @@
-"""bench/engine.py's parts: the models (identical random weights for diffusers and ours) and
-the seeded Poisson workload. See bench/engine.py's docstring for what is measured.
+"""The engine benchmark's workload: twin models (identical random weights for diffusers and
+ours) and seeded Poisson jobs. See bench/engine.py's docstring for what is measured.
 """
 
 from __future__ import annotations
