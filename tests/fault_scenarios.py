@@ -267,11 +267,17 @@ def api_restart(stack: Stack, seed: int, n: int = 16) -> FaultResult:
     return result
 
 
-def redis_restart(stack: Stack, seed: int, n: int = 12, down_s: float = 3.0) -> FaultResult:
+def redis_restart(
+    stack: Stack, seed: int, n: int = 12, down_s: float = 3.0, fsync_window_s: float = 0.0
+) -> FaultResult:
     """SIGKILL redis-server under load (AOF, appendfsync as the stack chose), probe the API
     while it is away (503 + Retry-After for submit and GET, /readyz 503, /healthz 200),
     start it again on the same port and data dir: accepted jobs complete, and the API and
-    workers reconnect by themselves (same pids, no restart)."""
+    workers reconnect by themselves (same pids, no restart).
+
+    ``fsync_window_s`` > 0 (appendfsync everysec: a crash may lose the last second of
+    writes, as deploy/redis.conf says): every submit is accepted first, and the kill comes
+    that long after the last one, while jobs still run; then every accepted job must survive."""
     rng = random.Random(seed)
     result = FaultResult(f"Redis SIGKILL + restart (appendfsync {stack.redis.appendfsync})")
     api = Api(stack.base)
@@ -288,6 +294,9 @@ def redis_restart(stack: Stack, seed: int, n: int = 12, down_s: float = 3.0) -> 
                 if len(ids) >= n // 3 and running_on(stack, api, ids):
                     break
                 time.sleep(0.1)
+            if fsync_window_s > 0:
+                submitter.join(120)
+                time.sleep(fsync_window_s)
             time.sleep(rng.uniform(0.0, 0.5))
             stack.kill_redis()
             some_id = next(iter(submitter.accepted))
