@@ -14,6 +14,7 @@ caller, which decides what to write where; nothing runs on a hidden thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -25,10 +26,12 @@ import torch
 
 from model.denoise import denoise_step
 from model.pipeline import GenerationError, Pipeline
+from model.preview import preview_pixels
 from service.engine_types import (
     GenerationRequest,
     JobHandle,
     JobState,
+    Preview,
     Progress,
     Sample,
     StepOutput,
@@ -79,6 +82,7 @@ class Engine:
         self._good_calls = 0
         self._admitting = True
         self.calls = 0  # UNet calls made
+        self._family = pipeline.capabilities.family  # picks the live previews' colour map
 
     # ----------------------------------------------------------------- public, thread-safe
     def submit(self, request: GenerationRequest) -> JobHandle:
@@ -90,7 +94,7 @@ class Engine:
         width, height = self.pipeline.output_size(p.width, p.height, request.image)
         if (width, height) != (p.width, p.height):
             params = p.model_copy(update={"width": width, "height": height})
-            request = GenerationRequest(request.id, params, request.image, request.mask)
+            request = dataclasses.replace(request, params=params)
         self.pipeline.check(
             width=width, height=height, steps=p.steps, sampler=p.sampler,
             num_images=p.num_images, image=request.image, mask=request.mask,
@@ -314,6 +318,11 @@ class Engine:
             eta = (now - started) / k * (n - k) if k else None
             job.progress = Progress(k, n, eta)
             out.progress.append((job, job.progress))
+            every = job.request.preview_every
+            if every > 0 and 0 < k < n and k % every == 0:
+                a, b = sample.row.traj.noise_ab[k]
+                pixels = preview_pixels(sample.row.state.x, self._family, a, b)
+                out.previews.append((job, Preview(k, n, pixels)))
 
     def _retire_finished(self, key: tuple[int, ...], out: StepOutput) -> None:
         """Take finished jobs out of the batch at once, decode them together, hand them over."""

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     worker_ttl_s: float = Field(
         default=10.0, gt=0, description="A worker without a heartbeat for this long is dead."
     )
+    preview_every_steps: int = Field(
+        default=5,
+        ge=1,
+        description="A job asking for live previews gets one every this many UNet evaluations.",
+    )
 
     # Queue semantics.
     reclaim_after_s: float = Field(default=30.0, ge=0)

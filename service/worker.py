@@ -11,6 +11,7 @@ drain timeout, hands the rest back and exits 0.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import signal
@@ -27,7 +28,14 @@ from model.pipeline import GenerationError, Pipeline
 from service.api_errors import ApiError
 from service.contract import GENERATION_FIELDS, IMAGE_FIELDS, GenerationParams
 from service.engine import Engine
-from service.engine_types import GenerationRequest, JobHandle, JobState, Progress, StepOutput
+from service.engine_types import (
+    GenerationRequest,
+    JobHandle,
+    JobState,
+    Preview,
+    Progress,
+    StepOutput,
+)
 from service.image_input import decode_image
 from service.image_output import encode_images
 from service.infotext import image_infotexts
@@ -56,7 +64,10 @@ def request_from_claim(
         name: decode_image(inputs[name], field=name, settings=settings, mode=_MODES[name])
         for name in wanted
     }
-    return GenerationRequest(claim.job_id, params, images.get("image"), images.get("mask"))
+    every = settings.preview_every_steps if p.get("preview") else 0
+    return GenerationRequest(
+        claim.job_id, params, images.get("image"), images.get("mask"), preview_every=every
+    )
 
 
 @dataclass
@@ -71,6 +82,7 @@ class _Events:
     """What the engine's delivery thread reports, drained by the event loop."""
 
     progress: dict[str, Progress] = field(default_factory=dict)
+    previews: dict[str, Preview] = field(default_factory=dict)  # the latest per job
     done: list[JobHandle] = field(default_factory=list)
     batch_rows: list[int] = field(default_factory=list)
 
@@ -132,6 +144,8 @@ class Worker:
         ev = self._events
         for handle, progress in out.progress:
             ev.progress[handle.id] = progress
+        for handle, preview in out.previews:
+            ev.previews[handle.id] = preview
         ev.done.extend(out.ended)
         ev.batch_rows.extend(rows for rows, _ in out.calls)
         if out.calls or out.ended:
@@ -300,6 +314,7 @@ class Worker:
         """One round trip of progress for all jobs; drop the lost ones; store finished ones."""
         ev = self._events
         progress, ev.progress = ev.progress, {}
+        previews, ev.previews = ev.previews, {}
         done, ev.done = ev.done, []
         rows, ev.batch_rows = ev.batch_rows, []
         # A job's last progress arrives with its end (same engine step): still write it first,
@@ -318,6 +333,7 @@ class Worker:
                 ev.progress.setdefault(j, p)
             ev.done[:0] = done
             raise
+        await self._publish_previews(previews, skip=lost)
         for job_id in lost:
             log.info("job %s canceled or taken over: dropping it", job_id)
             self.engine.cancel(job_id)
@@ -328,6 +344,33 @@ class Worker:
             except BaseException:
                 ev.done[:0] = done[i:]  # not stored yet: retried with the next flush
                 raise
+
+    async def _publish_previews(self, previews: dict[str, Preview], skip: set[str]) -> None:
+        """Live previews of running jobs; best effort (a lost one is replaced k steps later)."""
+        items = []
+        for job_id, preview in previews.items():
+            entry = self.running.get(job_id)
+            if entry is None or job_id in skip or entry.handle is None or entry.handle.done():
+                continue
+            h, w = preview.pixels.shape[:2]
+            items.append(
+                (
+                    entry.claim,
+                    {
+                        "step": preview.step,
+                        "total": preview.total,
+                        "width": w,
+                        "height": h,
+                        "image": base64.b64encode(
+                            encode_images([preview.pixels], "png")[0]
+                        ).decode(),
+                    },
+                )
+            )
+        try:
+            await self.queue.previews(items)
+        except (RedisError, OSError) as exc:
+            log.warning("publishing live previews failed: %s", exc)
 
     async def _store(self, handle: JobHandle) -> None:
         """Write a finished job's outcome. The job stays in ``running`` until the write went

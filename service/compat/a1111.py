@@ -1,11 +1,12 @@
 """AUTOMATIC1111 web UI API (``/sdapi/v1/*``) over the native submit/wait path.
 
-``txt2img`` (and ``img2img`` once the native contract takes input images) takes A1111's field names and defaults and answers A1111's
-``{images: [raw base64], parameters, info}`` (``info`` a JSON string). Fields ldmserve does
+``txt2img`` and ``img2img`` (init image, mask, denoising strength) take A1111's field names and
+defaults and answer A1111's ``{images: [raw base64], parameters, info}`` (``info`` a JSON string). Fields ldmserve does
 not act on (hires fix, face restore, scripts, null values, unknown names) are accepted and
 listed in ``info["ldmserve_ignored_fields"]``. Samplers and schedule types map to native
 samplers by table; a combination without a native equivalent is a 422, never a substitute.
-``progress``, ``interrupt`` and ``skip`` act on the caller's own jobs only (per API key).
+``progress``, ``interrupt`` and ``skip`` act on the caller's own jobs only (per API key);
+their jobs ask for live previews, which ``progress`` shows as ``current_image``.
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ async def txt2img_fields(
         "width": _number(body, "width", integer=True),
         "height": _number(body, "height", integer=True),
         "num_images": batch * n_iter,
+        "preview": True,  # A1111 shows live previews by default: /progress's current_image
     }
     seed = _number(body, "seed", integer=True)
     if seed != -1:
@@ -412,15 +414,18 @@ async def set_options(request: Request) -> None:
 
 
 @router.get("/progress", include_in_schema=False)
-async def progress(request: Request) -> dict[str, Any]:
-    """The caller's current job: its progress, ETA and step; ``current_image`` is null
-    (workers send no live previews yet)."""
+async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+    """The caller's current job: its progress, ETA and step; ``current_image`` is its latest
+    live preview (raw base64 PNG at latent resolution), null before the first one."""
     c = caller(request)
     jobs = await job_index.active(c.queue, c.owner)
     running = sorted((j for j in jobs if j.status == "running"), key=lambda j: j.started_at or 0)
     current = running[0] if running else None
     step = (current.step or 0) if current else 0
     total = (current.total or 0) if current else 0
+    preview = None
+    if current is not None and not skip_current_image:
+        preview = await c.queue.preview(current.id)
     return {
         "progress": step / total if total else 0.0,
         "eta_relative": (current.eta_s or 0.0) if current else 0.0,
@@ -437,7 +442,7 @@ async def progress(request: Request) -> dict[str, Any]:
             "sampling_step": step,
             "sampling_steps": total,
         },
-        "current_image": None,
+        "current_image": preview["image"] if preview else None,
         "textinfo": None,
         "current_task": current.id if current else None,
     }
