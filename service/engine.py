@@ -27,6 +27,7 @@ import torch
 from model.denoise import denoise_step
 from model.pipeline import GenerationError, Pipeline
 from model.preview import preview_pixels
+from service.call_cost import CallCosts
 from service.engine_types import (
     GenerationRequest,
     JobHandle,
@@ -60,6 +61,8 @@ class Engine:
         prompt_cache_size: int = 512,
         backfill_limit: int = 8,
         grow_after: int = 32,
+        call_costs: CallCosts | None = None,
+        admission_wait_s: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -69,6 +72,8 @@ class Engine:
         self.grow_after = grow_after  # good calls before a lowered call_rows doubles again
         self.backfill_limit = backfill_limit  # calls a too-big head job lets smaller ones pass
         self.prompts = PromptCache(pipeline, prompt_cache_size)
+        self.call_costs = call_costs  # None: calls as large as call_rows allows
+        self.admission_wait_s = admission_wait_s  # bound on gathering jobs into an idle engine
         self._lock = threading.Lock()
         self._pending: deque[JobHandle] = deque()
         self._cancel: set[str] = set()
@@ -151,6 +156,8 @@ class Engine:
             out = self.step()
             if not out.worked and self.idle():
                 return outputs
+            if out.wait_s > 0:
+                time.sleep(out.wait_s)  # admission is gathering jobs
             outputs.append(out)
         raise RuntimeError(f"engine still busy after {limit} steps")
 
@@ -162,7 +169,8 @@ class Engine:
             canceled, self._cancel = self._cancel, set()
             out.ended.extend(self._ended)
             self._ended = []
-            admitted = self._admit_locked() if self._admitting else []
+            gathering = self._gathering_locked(out)
+            admitted = self._admit_locked() if self._admitting and not gathering else []
         for job_id in canceled:
             self._drop(job_id, JobState.CANCELED, None, out)
         if admitted:
@@ -176,6 +184,32 @@ class Engine:
         self._report_progress(self._groups[key], out)
         self._retire_finished(key, out)
         return out
+
+    def _gathering_locked(self, out: StepOutput) -> bool:
+        """Whether an idle engine waits a moment for more jobs before starting the first.
+
+        Measured rule: only while what is pending fills less than the call size with the least
+        time per row, and for at most one call of what is pending (so a job waits no longer
+        than one step would take), bounded by `admission_wait_s`; jobs submitted at about the
+        same time then share calls from their first step instead of the first one running
+        ahead alone and the others stretching it."""
+        if self.admission_wait_s <= 0 or self.call_costs is None or not self._pending:
+            return False
+        if self._active_rows > 0 or not self._admitting:
+            return False
+        head = self._pending[0].request.params
+        f = self.pipeline.vae_scale_factor
+        pixels = (head.width or 0) // f * ((head.height or 0) // f)
+        rows = sum(h.request.rows for h in self._pending)
+        best = self.call_costs.best_rows(self.max_batch, pixels)
+        if rows >= min(best, self.max_batch) or pixels <= 0:
+            return False
+        wait = min(self.admission_wait_s, self.call_costs.seconds(rows, pixels))
+        waited = time.monotonic() - min(h.submitted_at for h in self._pending)
+        if waited >= wait:
+            return False
+        out.wait_s = wait - waited
+        return True
 
     def _admit_locked(self) -> list[JobHandle]:
         """FIFO admission into free rows; smaller jobs may pass a too-big head for a while."""
@@ -252,14 +286,15 @@ class Engine:
 
     def _advance(self, key: tuple[int, ...], out: StepOutput) -> None:
         """One evaluation for every sample of the group, in calls of <= call_rows rows."""
-        todo = list(self._groups[key])
+        # Samples closest to their end first: calls then hold jobs that leave together.
+        todo = sorted(self._groups[key], key=lambda s: s.row.traj.n_evals - s.row.state.k)
+        pixels = key[2] * key[3]
+        plan: list[int] = []
         while todo:
-            chunk, rows = [], 0
-            for sample in todo:
-                if chunk and rows + sample.rows > self.call_rows:
-                    break
-                chunk.append(sample)
-                rows += sample.rows
+            if not plan:
+                plan = self._plan_calls(todo, pixels)
+            chunk = todo[: plan.pop(0)]
+            rows = sum(s.rows for s in chunk)
             try:
                 states = denoise_step(self.pipeline.unet_forward, [s.row for s in chunk])
             except _OOM:
@@ -270,9 +305,11 @@ class Engine:
                     log.warning("job %s: out of memory for one image alone", job.id)
                     self._drop(job.id, JobState.FAILED, self._oom_message(chunk[0]), out)
                     todo = [s for s in todo if s.job is not job]
+                    plan = []
                     continue
                 self.call_rows = max(1, min(self.call_rows, rows) // 2)
                 self._good_calls = 0
+                plan = []
                 log.warning("out of memory at %d UNet rows; calls now hold <= %d", rows,
                             self.call_rows)  # fmt: skip
                 continue  # retry this chunk, smaller
@@ -283,6 +320,7 @@ class Engine:
                     msg = f"UNet call failed: {type(exc).__name__}: {exc}"
                     self._drop(job_id, JobState.FAILED, msg, out)
                 todo = [s for s in todo if s.job.id not in failed]
+                plan = []
                 continue
             for sample, state in zip(chunk, states, strict=True):
                 sample.row.state = state
@@ -290,6 +328,21 @@ class Engine:
             out.calls.append((rows, len({s.job.id for s in chunk})))
             self._grow_call_rows()
             todo = todo[len(chunk) :]
+
+    def _plan_calls(self, todo: Sequence[Sample], pixels: int) -> list[int]:
+        """Samples per call for this step: the measured cheapest split, else greedy fill."""
+        rows = [s.rows for s in todo]
+        if self.call_costs is not None:
+            return self.call_costs.split(rows, pixels, self.call_rows)
+        counts, size = [], self.call_rows + 1
+        for r in rows:
+            if counts and size + r <= self.call_rows:
+                counts[-1] += 1
+                size += r
+            else:
+                counts.append(1)
+                size = r
+        return counts
 
     def _oom_message(self, sample: Sample) -> str:
         p = sample.job.request.params

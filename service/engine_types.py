@@ -127,6 +127,7 @@ class StepOutput:
     ended: list[JobHandle] = field(default_factory=list)  # done, failed or canceled
     calls: list[tuple[int, int]] = field(default_factory=list)  # (UNet rows, jobs) per call
     previews: list[tuple[JobHandle, Preview]] = field(default_factory=list)
+    wait_s: float = 0.0  # > 0: admission is gathering jobs; step again after this long
 
     @property
     def worked(self) -> bool:

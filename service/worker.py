@@ -25,7 +25,9 @@ from PIL import Image
 from redis.exceptions import RedisError
 
 from model.pipeline import GenerationError, Pipeline
+from service import call_cost
 from service.api_errors import ApiError
+from service.call_cost import CallCosts
 from service.contract import GENERATION_FIELDS, IMAGE_FIELDS, GenerationParams
 from service.engine import Engine
 from service.engine_types import (
@@ -91,13 +93,22 @@ class Worker:
     """Runs until stopped; `run()` is the whole life of a worker process."""
 
     def __init__(
-        self, settings: Settings, pipeline: Pipeline, model_name: str | None = None
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        model_name: str | None = None,
+        call_costs: CallCosts | None = None,
     ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.model_name = model_name or settings.model
         self.worker_id = new_worker_id()
-        self.engine = Engine(pipeline, settings.max_batch)
+        self.engine = Engine(
+            pipeline,
+            settings.max_batch,
+            call_costs=call_costs,
+            admission_wait_s=settings.admission_wait_s,
+        )
         self.queue = WorkerQueue.connect(settings)
         self.watchdog = Watchdog(
             settings, self.queue, self.worker_id, self._busy, self.engine.cancel
@@ -138,7 +149,7 @@ class Worker:
             self._absorb(out)
             if not out.worked:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._work.wait(), 0.5)
+                    await asyncio.wait_for(self._work.wait(), min(0.5, out.wait_s or 0.5))
 
     def _absorb(self, out: StepOutput) -> None:
         ev = self._events
@@ -438,15 +449,21 @@ def install_signal_handlers(worker: Worker) -> None:
         loop.add_signal_handler(sig, worker.request_stop)
 
 
-async def serve(settings: Settings, pipeline: Pipeline, model_name: str | None = None) -> None:
+async def serve(
+    settings: Settings,
+    pipeline: Pipeline,
+    model_name: str | None = None,
+    call_costs: CallCosts | None = None,
+) -> None:
     """Run one worker until SIGTERM/SIGINT."""
-    worker = Worker(settings, pipeline, model_name)
+    worker = Worker(settings, pipeline, model_name, call_costs)
     install_signal_handlers(worker)
     await worker.run()
 
 
-def warm_up(pipeline: Pipeline) -> None:
-    """One tiny generation so first requests don't pay for lazy initialisation."""
+def warm_up(pipeline: Pipeline, settings: Settings | None = None) -> CallCosts | None:
+    """One tiny generation so first requests don't pay for lazy initialisation; then, with
+    ``call_sizing`` on, the UNet's call costs on this device (service.call_cost)."""
     f = pipeline.vae_scale_factor
     start = time.perf_counter()
     side = 8 * f
@@ -456,3 +473,8 @@ def warm_up(pipeline: Pipeline) -> None:
         image, mask = Image.new("RGB", (side, side)), Image.new("L", (side, side), 255)
         pipeline.generate("warm-up", image=image, mask=mask, steps=1, sampler="euler")
     log.info("warm-up took %.2fs", time.perf_counter() - start)
+    if settings is None or not settings.call_sizing:
+        return None
+    return call_cost.measure(
+        pipeline, settings.max_batch, settings.call_sizing_side, settings.call_sizing_budget_s
+    )
