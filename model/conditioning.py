@@ -9,11 +9,17 @@ without new parameters. Rows of a batch are concatenated in one place (`cat`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
+
+
+def pad_rows(t: Tensor, n: int) -> Tensor:
+    """``t``'s rows followed by copies of its last row, ``n`` rows in all."""
+    extra = n - t.shape[0]
+    return t if extra <= 0 else torch.cat([t, t[-1:].expand(extra, *t.shape[1:])])
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,20 @@ class Conditioning:
             crossattn=self.crossattn.to(device, dtype),
             concat=None if self.concat is None else self.concat.to(device, dtype),
         )
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
+        """Apply ``fn`` to every per-row tensor (each kind has rows first)."""
+        changes = {
+            f.name: fn(v) for f in fields(self) if isinstance(v := getattr(self, f.name), Tensor)
+        }
+        return replace(self, **changes)
+
+    def pad_rows(self, n: int) -> Conditioning:
+        """These rows, then copies of the last one, ``n`` in all (bucketed compiled calls)."""
+        return self.map_rows(lambda t: pad_rows(t, n))
+
+    def rows_slice(self, start: int, stop: int) -> Conditioning:
+        return self.map_rows(lambda t: t[start:stop])
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from model import samplers
 from model.capabilities import Capabilities, describe
+from model.compiled import BucketedUNet
 from model.conditioning import Conditioning
 from model.denoise import Blend, Row, denoise_step
 from model.text import TextEncoder
@@ -65,6 +66,7 @@ class Pipeline:
     native_size: int = 512  # the side the model was trained at (a request without a size)
     family: str | None = None  # None: told from the text context width (sd1 / sd2)
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
+    _compiled: BucketedUNet | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if prefers_channels_last(self.device):  # loaders read conv weights NHWC already
@@ -181,9 +183,28 @@ class Pipeline:
     @torch.inference_mode()
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One UNet call; float32 latents in, float32 model output out."""
-        return self.unet(
-            x.to(self.device), t.to(self.device), cond.to(self.device, self.dtype)
-        ).float()
+        unet = self._compiled or self.unet
+        return unet(x.to(self.device), t.to(self.device), cond.to(self.device, self.dtype)).float()
+
+    def compile_unet(
+        self, buckets: Sequence[int], mode: str | None = None, backend: str = "inductor"
+    ) -> BucketedUNet:
+        """Run the UNet through torch.compile at bucketed batch sizes (model.compiled); call
+        `warm_compiled` to compile before serving."""
+        self._compiled = BucketedUNet(self.unet, buckets, mode, backend)
+        return self._compiled
+
+    def warm_compiled(self, width: int, height: int) -> float:
+        """Compile every bucket at this image size; seconds it took (0 when not compiled)."""
+        if self._compiled is None:
+            return 0.0
+        c, h, w = self.latent_shape(width, height)[1:]
+        emb = self.encode_prompts([""])
+        concat = None
+        extra = self.unet.config.in_channels - self.latent_channels
+        if extra > 0:
+            concat = torch.zeros(1, extra, h, w, device=self.device, dtype=self.dtype)
+        return self._compiled.warm((c, h, w), Conditioning(emb, concat=concat))
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> LatentDistribution:

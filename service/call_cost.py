@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from model.compiled import default_buckets
 from model.denoise import denoise_step
 from model.pipeline import Pipeline
 
@@ -96,15 +97,6 @@ def _fill(rows: Sequence[int], target: int) -> tuple[list[int], list[int]]:
     return counts, sizes
 
 
-def candidate_rows(max_rows: int) -> list[int]:
-    """1, 2, 4, ... up to ``max_rows``, and ``max_rows`` itself."""
-    sizes, r = [], 1
-    while r < max_rows:
-        sizes.append(r)
-        r *= 2
-    return [*sizes, max_rows]
-
-
 def measure(pipeline: Pipeline, max_rows: int, side: int | None = None,
             budget_s: float = 20.0, repeats: int = 2) -> CallCosts:  # fmt: skip
     """Time real denoising steps of 1, 2, 4, ... rows at ``side`` pixels (default: the
@@ -119,7 +111,7 @@ def measure(pipeline: Pipeline, max_rows: int, side: int | None = None,
     emb = pipeline.encode_prompts([""])
     points: list[tuple[float, float]] = []
     spent = 0.0
-    for rows in candidate_rows(max_rows):
+    for rows in default_buckets(max_rows):
         job = pipeline.begin(
             emb, None, width=side, height=side, steps=2, guidance_scale=1.0, sampler="euler",
             seed=0, num_images=rows, image=image, mask=mask, strength=None if image is None else 1.0,

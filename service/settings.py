@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     worker_ttl_s: float = Field(
         default=10.0, gt=0, description="A worker without a heartbeat for this long is dead."
     )
+    compile_unet: bool = Field(
+        default=False,
+        description="Run the UNet through torch.compile at bucketed batch sizes, compiled at "
+        "warm-up (model.compiled; off by default: on CPU compiling takes minutes).",
+    )
+    compile_mode: str | None = Field(
+        default=None, description='torch.compile mode; None: "reduce-overhead" on CUDA.'
+    )
     call_sizing: bool = Field(
         default=True,
         description="Measure UNet call costs at warm-up and split batches into the calls with "

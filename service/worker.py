@@ -24,6 +24,7 @@ from typing import Literal
 from PIL import Image
 from redis.exceptions import RedisError
 
+from model.compiled import default_buckets
 from model.pipeline import GenerationError, Pipeline
 from service import call_cost
 from service.api_errors import ApiError
@@ -473,6 +474,13 @@ def warm_up(pipeline: Pipeline, settings: Settings | None = None) -> CallCosts |
         image, mask = Image.new("RGB", (side, side)), Image.new("L", (side, side), 255)
         pipeline.generate("warm-up", image=image, mask=mask, steps=1, sampler="euler")
     log.info("warm-up took %.2fs", time.perf_counter() - start)
+    if settings is not None and settings.compile_unet:
+        mode = settings.compile_mode
+        if mode is None and pipeline.device.type == "cuda":
+            mode = "reduce-overhead"  # CUDA graphs per bucket
+        pipeline.compile_unet(default_buckets(settings.max_batch), mode)
+        native = pipeline.native_size
+        pipeline.warm_compiled(native, native)
     if settings is None or not settings.call_sizing:
         return None
     return call_cost.measure(
