@@ -25,6 +25,7 @@ import torch
 
 from model.denoise import denoise_step
 from model.pipeline import GenerationError, Pipeline
+from model.prompt_encoding import pad_to_longest
 from service.engine_types import (
     GenerationRequest,
     JobHandle,
@@ -33,7 +34,7 @@ from service.engine_types import (
     Sample,
     StepOutput,
 )
-from service.prompt_cache import PromptCache
+from service.prompt_cache import PromptCache, prompt_key
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Engine:
         self.pipeline.check(
             width=width, height=height, steps=p.steps, sampler=p.sampler,
             num_images=p.num_images, image=request.image, mask=request.mask,
-            strength=p.strength,
+            strength=p.strength, clip_skip=p.clip_skip,
         )  # fmt: skip
         if request.rows > self.max_batch:
             raise GenerationError(
@@ -199,11 +200,13 @@ class Engine:
 
         Anything failing here (text encoder, VAE encoder, a bad image) fails the jobs being
         admitted and releases their rows; it never leaves them holding rows unfinished."""
-        texts = [
-            t for h in handles for t in (h.request.params.prompt, h.request.params.negative_prompt)
+        keys = [
+            prompt_key(text, p.clip_skip)
+            for p in (h.request.params for h in handles)
+            for text in (p.prompt, p.negative_prompt, "")  # "": padding chunks
         ]
         try:
-            embeddings = iter(self.prompts.get_many(texts))
+            embeddings = iter(self.prompts.get_many(keys))
         except Exception as exc:
             log.exception("encoding prompts failed for %d jobs", len(handles))
             for handle in handles:
@@ -212,8 +215,10 @@ class Engine:
                 )
             return
         for handle in handles:
-            cond, uncond = next(embeddings), next(embeddings)
+            cond, uncond, empty = next(embeddings), next(embeddings), next(embeddings)
             req, p = handle.request, handle.request.params
+            if req.guided:  # CFG's rows of one job share a length, as in generate()
+                cond, uncond = pad_to_longest([cond, uncond], empty)
             try:
                 handle.start = self.pipeline.begin(
                     cond, uncond if req.guided else None, width=p.width, height=p.height,  # type: ignore[arg-type]
@@ -247,12 +252,18 @@ class Engine:
         return min(live, key=lambda k: self._last_stepped.get(k, 0))
 
     def _advance(self, key: tuple[int, ...], out: StepOutput) -> None:
-        """One evaluation for every sample of the group, in calls of <= call_rows rows."""
-        todo = list(self._groups[key])
+        """One evaluation for every sample of the group, in calls of <= call_rows rows.
+
+        A call holds one text context length (prompts of different chunk counts never pad
+        each other, so a job's image stays its solo image): samples are ordered by it."""
+        todo = sorted(self._groups[key], key=lambda s: s.context_length)
         while todo:
             chunk, rows = [], 0
             for sample in todo:
-                if chunk and rows + sample.rows > self.call_rows:
+                if chunk and (
+                    rows + sample.rows > self.call_rows
+                    or sample.context_length != chunk[0].context_length
+                ):
                     break
                 chunk.append(sample)
                 rows += sample.rows
