@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model import samplers
+from model import prompt_encoding, samplers
 from model.capabilities import Capabilities, describe
 from model.compiled import BucketedUNet
 from model.conditioning import Conditioning
@@ -138,9 +138,15 @@ class Pipeline:
         image: Image.Image | None,
         mask: Image.Image | None,
         strength: float | None,
+        clip_skip: int | None = None,
     ) -> tuple[str, float | None]:
         """(mode, strength) of a request, or GenerationError naming the parameter."""
         self.latent_shape(width, height)
+        if clip_skip is not None and not 1 <= clip_skip <= self.text.layers:
+            raise GenerationError(
+                f"clip_skip must be in 1..{self.text.layers} for this model, got {clip_skip}",
+                "clip_skip",
+            )
         if num_images < 1:
             raise GenerationError(f"num_images must be at least 1, got {num_images}", "num_images")
         if mask is not None and image is None:
@@ -175,10 +181,19 @@ class Pipeline:
         return mode, strength
 
     # ----------------------------------------------------------------- pieces
-    @torch.inference_mode()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings (N, 77, D) in the UNet's dtype."""
-        return self.text.encode(list(prompts)).to(self.device, self.dtype)
+    def embed_prompts(
+        self, prompts: Sequence[str], clip_skip: int | None = None
+    ) -> list[torch.Tensor]:
+        """Each prompt's text embedding (1, 77·k, D) in the UNet's dtype: A1111's 75-token
+        chunks and weights (model.prompt_encoding), not padded; one encoder call."""
+        embs = prompt_encoding.encode_prompts(self.text, list(prompts), clip_skip=clip_skip or 1)
+        return [e.hidden.to(self.device, self.dtype) for e in embs]
+
+    def encode_prompts(self, prompts: Sequence[str], clip_skip: int | None = None) -> torch.Tensor:
+        """Text embeddings (N, 77·k, D) in the UNet's dtype, shorter prompts padded with
+        empty-prompt chunks to the longest (so CFG's rows batch)."""
+        *embs, empty = self.embed_prompts([*prompts, ""], clip_skip)
+        return torch.cat(prompt_encoding.pad_to_longest(embs, empty))
 
     @torch.inference_mode()
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -318,17 +333,19 @@ class Pipeline:
         mask: Image.Image | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
+        clip_skip: int | None = None,
     ) -> list[Image.Image]:
         """Text-to-image, img2img (image) or inpainting (image + mask, white = repaint) for one
         prompt; image i uses the generator seeded with seed + i."""
         width, height = self.output_size(width, height, image)
         self.check(
             width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
-            image=image, mask=mask, strength=strength,
+            image=image, mask=mask, strength=strength, clip_skip=clip_skip,
         )  # fmt: skip
         guided = guidance_scale > 1.0
-        cond = self.encode_prompts([prompt])
-        uncond = self.encode_prompts([negative_prompt]) if guided else None
+        texts = [prompt, negative_prompt] if guided else [prompt]
+        cond, *rest = self.encode_prompts(texts, clip_skip).split(1)
+        uncond = rest[0] if rest else None
         job = self.begin(
             cond, uncond, width=width, height=height, steps=steps,
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,

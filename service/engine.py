@@ -15,6 +15,7 @@ caller, which decides what to write where; nothing runs on a hidden thread.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ import torch
 from model.denoise import denoise_step
 from model.pipeline import GenerationError, Pipeline
 from model.preview import preview_pixels
+from model.prompt_encoding import pad_to_longest
 from service.call_cost import CallCosts
 from service.engine_types import (
     GenerationRequest,
@@ -37,7 +39,7 @@ from service.engine_types import (
     Sample,
     StepOutput,
 )
-from service.prompt_cache import PromptCache
+from service.prompt_cache import PromptCache, prompt_key
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ class Engine:
         self.pipeline.check(
             width=width, height=height, steps=p.steps, sampler=p.sampler,
             num_images=p.num_images, image=request.image, mask=request.mask,
-            strength=p.strength,
+            strength=p.strength, clip_skip=p.clip_skip,
         )  # fmt: skip
         if request.rows > self.max_batch:
             raise GenerationError(
@@ -237,11 +239,13 @@ class Engine:
 
         Anything failing here (text encoder, VAE encoder, a bad image) fails the jobs being
         admitted and releases their rows; it never leaves them holding rows unfinished."""
-        texts = [
-            t for h in handles for t in (h.request.params.prompt, h.request.params.negative_prompt)
+        keys = [
+            prompt_key(text, p.clip_skip)
+            for p in (h.request.params for h in handles)
+            for text in (p.prompt, p.negative_prompt, "")  # "": padding chunks
         ]
         try:
-            embeddings = iter(self.prompts.get_many(texts))
+            embeddings = iter(self.prompts.get_many(keys))
         except Exception as exc:
             log.exception("encoding prompts failed for %d jobs", len(handles))
             for handle in handles:
@@ -250,8 +254,10 @@ class Engine:
                 )
             return
         for handle in handles:
-            cond, uncond = next(embeddings), next(embeddings)
+            cond, uncond, empty = next(embeddings), next(embeddings), next(embeddings)
             req, p = handle.request, handle.request.params
+            if req.guided:  # CFG's rows of one job share a length, as in generate()
+                cond, uncond = pad_to_longest([cond, uncond], empty)
             try:
                 handle.start = self.pipeline.begin(
                     cond, uncond if req.guided else None, width=p.width, height=p.height,  # type: ignore[arg-type]
@@ -285,9 +291,15 @@ class Engine:
         return min(live, key=lambda k: self._last_stepped.get(k, 0))
 
     def _advance(self, key: tuple[int, ...], out: StepOutput) -> None:
-        """One evaluation for every sample of the group, in calls of <= call_rows rows."""
-        # Samples closest to their end first: calls then hold jobs that leave together.
-        todo = sorted(self._groups[key], key=lambda s: s.row.traj.n_evals - s.row.state.k)
+        """One evaluation for every sample of the group, in calls of <= call_rows rows.
+
+        A call holds one text context length (prompts of different chunk counts never pad
+        each other, so a job's image stays its solo image); within a length, samples closest
+        to their end come first, so that calls hold jobs that leave together."""
+        todo = sorted(
+            self._groups[key],
+            key=lambda s: (s.context_length, s.row.traj.n_evals - s.row.state.k),
+        )
         pixels = key[2] * key[3]
         plan: list[int] = []
         while todo:
@@ -330,18 +342,22 @@ class Engine:
             todo = todo[len(chunk) :]
 
     def _plan_calls(self, todo: Sequence[Sample], pixels: int) -> list[int]:
-        """Samples per call for this step: the measured cheapest split, else greedy fill."""
-        rows = [s.rows for s in todo]
-        if self.call_costs is not None:
-            return self.call_costs.split(rows, pixels, self.call_rows)
-        counts, size = [], self.call_rows + 1
-        for r in rows:
-            if counts and size + r <= self.call_rows:
-                counts[-1] += 1
-                size += r
-            else:
-                counts.append(1)
-                size = r
+        """Samples per call for this step, per run of one context length: the measured
+        cheapest split, else filled greedily to call_rows."""
+        counts: list[int] = []
+        for _, run in itertools.groupby(todo, key=lambda s: s.context_length):
+            rows = [s.rows for s in run]
+            if self.call_costs is not None:
+                counts += self.call_costs.split(rows, pixels, self.call_rows)
+                continue
+            size = self.call_rows + 1
+            for r in rows:
+                if size + r <= self.call_rows:
+                    counts[-1] += 1
+                    size += r
+                else:
+                    counts.append(1)
+                    size = r
         return counts
 
     def _oom_message(self, sample: Sample) -> str:

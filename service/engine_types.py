@@ -149,6 +149,11 @@ class Sample:
         return (*self.row.state.x.shape, 0 if concat is None else concat.shape[1])
 
     @property
+    def context_length(self) -> int:
+        """Text positions (77 per prompt chunk): one UNet call holds one length."""
+        return int(self.row.cond.crossattn.shape[1])
+
+    @property
     def rows(self) -> int:
         return self.row.rows
 

@@ -1,7 +1,9 @@
 """LRU cache of text embeddings, so repeated prompts and the empty negative prompt cost nothing.
 
 One cache belongs to one engine, which serves one model: the model is part of the key by
-construction.
+construction. The key is everything else that changes an embedding: the prompt text (its
+weights and BREAKs are part of it) and the clip_skip it is encoded with (None and 1 are the
+same layer, so they share entries).
 """
 
 from __future__ import annotations
@@ -13,30 +15,38 @@ import torch
 
 from model.pipeline import Pipeline
 
+PromptKey = tuple[str, int]  # (prompt, clip_skip)
+
+
+def prompt_key(prompt: str, clip_skip: int | None = None) -> PromptKey:
+    """The cache key of a prompt encoded at `clip_skip` (None = the model's default, 1)."""
+    return (prompt, clip_skip or 1)
+
 
 class PromptCache:
-    """prompt -> (1, 77, D) embedding on the pipeline's device, least recently used evicted."""
+    """(prompt, clip_skip) -> (1, 77·k, D) embedding on the pipeline's device, LRU evicted."""
 
     def __init__(self, pipeline: Pipeline, capacity: int = 512) -> None:
         self.pipeline = pipeline
         self.capacity = capacity
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[PromptKey, torch.Tensor] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get_many(self, prompts: Sequence[str]) -> list[torch.Tensor]:
-        """Embeddings for `prompts`, encoding every uncached one in a single batch."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._entries))
-        if missing:
-            encoded = self.pipeline.encode_prompts(missing)  # (M, 77, D)
-            for prompt, emb in zip(missing, encoded.split(1), strict=True):
-                self._entries[prompt] = emb
+    def get_many(self, keys: Sequence[PromptKey]) -> list[torch.Tensor]:
+        """Embeddings for `keys`, encoding the uncached ones in one batch per clip_skip."""
+        missing = list(dict.fromkeys(k for k in keys if k not in self._entries))
+        for skip in dict.fromkeys(k[1] for k in missing):
+            group = [k for k in missing if k[1] == skip]
+            encoded = self.pipeline.embed_prompts([k[0] for k in group], skip)
+            for key, emb in zip(group, encoded, strict=True):
+                self._entries[key] = emb
         self.misses += len(missing)
-        self.hits += len(prompts) - len(missing)
+        self.hits += len(keys) - len(missing)
         out = []
-        for prompt in prompts:
-            self._entries.move_to_end(prompt)
-            out.append(self._entries[prompt])
+        for key in keys:
+            self._entries.move_to_end(key)
+            out.append(self._entries[key])
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
         return out

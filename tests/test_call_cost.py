@@ -52,7 +52,7 @@ def demo() -> Pipeline:
 
 def test_measure_times_every_candidate_size(demo: Pipeline) -> None:
     costs = measure(demo, 8, side=64, budget_s=60)
-    assert [w for w, _ in costs.points] == default_buckets(8) == [1, 2, 4, 8]
+    assert [w for w, _ in costs.points] == list(default_buckets(8)) == [1, 2, 4, 8]
     assert costs.pixels == 8 * 8 and all(s > 0 for _, s in costs.points)
     one = measure(demo, 8, side=64, budget_s=1e-9)  # the budget stops it after one size
     assert [w for w, _ in one.points] == [1]

@@ -65,6 +65,8 @@ SCHEDULERS: tuple[dict[str, Any], ...] = (
 _SCHEDULER_NAMES = {s["name"]: s["name"] for s in SCHEDULERS} | {
     s["label"].lower(): s["name"] for s in SCHEDULERS
 }
+CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's option name for clip skip
+_ACTED_ON_SETTINGS = {"sd_model_checkpoint", CLIP_SKIP_SETTING}
 # A1111's StableDiffusionProcessingTxt2Img API defaults for the fields acted on.
 TXT2IMG_DEFAULTS: dict[str, Any] = {
     "prompt": "", "negative_prompt": "", "seed": -1, "sampler_name": None,
@@ -198,8 +200,17 @@ async def txt2img_fields(
     model = overrides.get("sd_model_checkpoint") or await _default_model(c)
     if model:
         fields["model"] = _model_name(str(model))
+    clip_skip = overrides.get(CLIP_SKIP_SETTING)
+    if clip_skip is not None:
+        if not isinstance(clip_skip, int) or isinstance(clip_skip, bool):
+            raise A1111Error(
+                422,
+                "validation_error",
+                f"override_settings.{CLIP_SKIP_SETTING}: expected an integer",
+            )
+        fields["clip_skip"] = clip_skip
     ignored = sorted(k for k in body if k not in known)
-    ignored += sorted(f"override_settings.{k}" for k in overrides if k != "sd_model_checkpoint")
+    ignored += sorted(f"override_settings.{k}" for k in overrides if k not in _ACTED_ON_SETTINGS)
     return fields, ignored
 
 
@@ -243,7 +254,7 @@ def _info(record_params: dict[str, Any], fields: dict[str, Any], job_id: str,
         "infotexts": image_infotexts(record_params, n) if count else [],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime()),
-        "clip_skip": 1,
+        "clip_skip": fields.get("clip_skip") or 1,
         "is_using_inpainting_conditioning": False,
         "version": VERSION,
         "interrupted": interrupted,
