@@ -185,18 +185,18 @@ def model_input(
 def _noise(
     trajs: Sequence[Trajectory], states: Sequence[SampleState], x: Tensor
 ) -> tuple[Tensor, list[torch.Generator]]:
-    """Per-row noise (G, C, h, w) from each row's own generator where its step draws, else 0."""
+    """Per-row noise (G, C, h, w) from each row's own generator where its step draws, else 0
+    (one zero tensor for the rows, and for whole groups, that draw nothing)."""
+    drawing = [i for i, (tr, st) in enumerate(zip(trajs, states, strict=True)) if tr.draws[st.k]]
+    gens = [st.generator for st in states]
+    noise = torch.zeros_like(x)
     shape = (1, *x.shape[1:])
-    noises, gens = [], []
-    for traj, st in zip(trajs, states, strict=True):
-        if traj.draws[st.k]:
-            gen = _fork(st.generator)  # copy first: the input state keeps its position
-            noises.append(torch.randn(shape, generator=gen, dtype=torch.float32, device=gen.device))
-            gens.append(gen)
-        else:
-            noises.append(torch.zeros(shape))
-            gens.append(st.generator)
-    return torch.cat([n.to(x.device) for n in noises]), gens
+    for i in drawing:
+        gen = _fork(states[i].generator)  # copy first: the input state keeps its position
+        draw = torch.randn(shape, generator=gen, dtype=torch.float32, device=gen.device)
+        noise[i : i + 1] = draw.to(x.device)
+        gens[i] = gen
+    return noise, gens
 
 
 def advance(
@@ -216,11 +216,15 @@ def advance(
     for name, rows in groups.items():
         _, step, keys = SAMPLER_RULES[name]
         x = torch.cat([states[i].x for i in rows])  # (G, C, h, w)
+        if len(rows) == len(states):  # one sampler: the rows are the whole batch, in order
+            out = out_all
+        else:
+            out = out_all.index_select(0, torch.tensor(rows, device=out_all.device))
         coef = torch.tensor([trajs[i].coefs[states[i].k] for i in rows], dtype=torch.float32)
         cols = list(coef.to(x.device).view(len(rows), -1, 1, 1, 1).unbind(1))  # each (G, 1, 1, 1)
         mem = {key: torch.cat([states[i].memory[key] for i in rows]) for key in keys}
         noise, gens = _noise([trajs[i] for i in rows], [states[i] for i in rows], x)
-        x_new, mem_new = step(x, out_all[rows], mem, cols, noise)
+        x_new, mem_new = step(x, out, mem, cols, noise)
         for j, i in enumerate(rows):
             result[i] = SampleState(
                 x=x_new[j : j + 1],
