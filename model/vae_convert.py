@@ -149,7 +149,7 @@ def vae_from_ldm(
 
 def vae_state_dict_to_ldm(vae: AutoencoderKL) -> dict[str, Tensor]:
     """The VAE's weights under their original single-file names (`first_stage_model.` prefix)."""
-    return {LDM_VAE_PREFIX + k: v.detach() for k, v in vae.state_dict().items()}
+    return {LDM_VAE_PREFIX + k: v.detach().contiguous() for k, v in vae.state_dict().items()}
 
 
 # ---------------------------------------------------------------- diffusers layout

@@ -229,7 +229,9 @@ def test_inpainting_image_i_is_image_0_of_seed_plus_i(inpaint_models: Models) ->
     _, ours, _ = inpaint_models
     kw = {**BASE, "image": source_image(), "mask": hard_mask(), "steps": 3, "sampler": "euler_a"}
     both = _ours(ours, **kw, seed=10, num_images=2)
-    np.testing.assert_array_equal(both[1], _ours(ours, **kw, seed=11)[0])
+    # Same noise, same latents; the two images are decoded as one batch of two, and the CPU's
+    # channels_last convolutions round a batch of two slightly differently from one image.
+    assert max_diff(both[1], _ours(ours, **kw, seed=11)[0]) <= 1
     assert max_diff(both[0], both[1]) > 10
 
 
