@@ -20,9 +20,9 @@ from model import samplers
 from model.capabilities import Capabilities, describe
 from model.conditioning import Conditioning
 from model.denoise import Blend, Row, denoise_step
+from model.first_stage import FirstStage, Posterior
 from model.text import TextEncoder
 from model.unet import UNetModel, prefers_channels_last
-from model.vae import AutoencoderKL, LatentDistribution
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Pipeline:
     """A loaded model: UNet, VAE, text encoder and noise schedule on one device and dtype."""
 
     unet: UNetModel
-    vae: AutoencoderKL
+    vae: FirstStage  # KL (model.vae) or VQ (model.vq) autoencoder
     text: TextEncoder
     schedule: samplers.NoiseSchedule
     name: str = "model"
@@ -186,10 +186,9 @@ class Pipeline:
         ).float()
 
     @torch.inference_mode()
-    def encode_image(self, pixels: torch.Tensor) -> LatentDistribution:
-        """VAE posterior of (1, 3, H, W) pixels in [-1, 1], in float32 (unscaled)."""
-        mean, logvar = self.vae.encode(pixels.to(self.device, self.vae_dtype))
-        return LatentDistribution(mean.float(), logvar.float())
+    def encode_image(self, pixels: torch.Tensor) -> Posterior:
+        """First-stage posterior of (1, 3, H, W) pixels in [-1, 1], in float32 (unscaled)."""
+        return self.vae.encode(pixels.to(self.device, self.vae_dtype)).float()
 
     @torch.inference_mode()
     def begin(

@@ -68,3 +68,65 @@ def demo_inpainting_pipeline() -> Any:
         native_size=base.native_size,
         family="demo",
     )
+
+
+# diffusers VQModel configs: the shape of diffusers' own LDM pipeline tests (f=2), and an
+# irregular one (f=4, three levels, 16 norm groups, vq_embed_dim != latent_channels).
+VQ_TEST: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "latent_channels": 3,
+}
+VQ_IRREGULAR: dict[str, Any] = {
+    "block_out_channels": [16, 32, 48],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "vq_embed_dim": 5,
+    "num_vq_embeddings": 64,
+    "norm_num_groups": 16,
+    "scaling_factor": 0.7,
+}
+
+# diffusers UNet2DModel configs: diffusers' LDMPipeline / LDMSuperResolutionPipeline test UNets
+# (in_channels 3 / 6), and an irregular three-level one with scale-shift time embedding.
+UNET2D_UNCOND: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
+UNET2D_SR: dict[str, Any] = {**UNET2D_UNCOND, "in_channels": 6}
+UNET2D_IRREGULAR: dict[str, Any] = {
+    "block_out_channels": [16, 32, 48],
+    "layers_per_block": 1,
+    "sample_size": 16,
+    "in_channels": 5,
+    "out_channels": 5,
+    "down_block_types": ["AttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "AttnUpBlock2D"],
+    "attention_head_dim": 16,
+    "norm_num_groups": 8,
+    "resnet_time_scale_shift": "scale_shift",
+    "attn_norm_num_groups": 4,
+    "freq_shift": 1,
+    "flip_sin_to_cos": False,
+    "downsample_padding": 0,
+}
+
+# Scheduler configs of the published LDM folders (CompVis/ldm-celebahq-256,
+# ldm-super-resolution-4x-openimages): DDIM over the LDM paper's linear-in-sqrt betas.
+LDM_SCHEDULER: dict[str, Any] = {
+    "beta_start": 0.0015,
+    "beta_end": 0.0195,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+}
