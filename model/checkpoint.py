@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from model.ldm import is_ldm_folder, load_ldm_folder
 from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
 from model.text import text_encoder_from_ldm
@@ -47,6 +48,8 @@ HUB_FILES = [
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    "vqvae/config.json",  # the LDM families (model/ldm.py)
+    "vqvae/diffusion_pytorch_model.safetensors",
 ]
 
 
@@ -186,6 +189,8 @@ def load_diffusers_folder(
     """A diffusers pipeline folder: model_index.json plus unet/, vae/, text_encoder/, scheduler/."""
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    if is_ldm_folder(folder):
+        return load_ldm_folder(folder, device, dtype, name)
     unet_dir = folder / "unet"
     unet_json = _read_json(unet_dir / "config.json")
     unet_cfg = unet_config_from_diffusers(unet_json, source=str(unet_dir))

@@ -91,6 +91,9 @@ VQ_IRREGULAR: dict[str, Any] = {
     "norm_num_groups": 16,
     "scaling_factor": 0.7,
 }
+VQ_IRREGULAR_SR: dict[str, Any] = {**VQ_IRREGULAR, "latent_channels": 3, "vq_embed_dim": 3}
+"""diffusers' super-resolution pipeline draws in_channels // 2 latent channels beside the RGB
+low-res image, so an upscaler's latents have 3 channels."""
 
 # diffusers UNet2DModel configs: diffusers' LDMPipeline / LDMSuperResolutionPipeline test UNets
 # (in_channels 3 / 6), and an irregular three-level one with scale-shift time embedding.
@@ -120,13 +123,4 @@ UNET2D_IRREGULAR: dict[str, Any] = {
     "flip_sin_to_cos": False,
     "downsample_padding": 0,
 }
-
-# Scheduler configs of the published LDM folders (CompVis/ldm-celebahq-256,
-# ldm-super-resolution-4x-openimages): DDIM over the LDM paper's linear-in-sqrt betas.
-LDM_SCHEDULER: dict[str, Any] = {
-    "beta_start": 0.0015,
-    "beta_end": 0.0195,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-}
+UNET2D_IRREGULAR_SR: dict[str, Any] = {**UNET2D_IRREGULAR, "in_channels": 6, "out_channels": 3}
