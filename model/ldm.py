@@ -11,7 +11,6 @@ low-res RGB image as 3 extra input channels, so it is told apart by `in_channels
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from model.samplers import NoiseSchedule
 from model.unet import prefers_channels_last
 from model.unet2d import UNet2DModel, unet2d_config_from_diffusers, unet2d_state_dict_from_diffusers
 from model.vq_convert import vq_config_from_diffusers, vq_from_diffusers
-from model.weight_files import WeightFile, find_weights
+from model.weight_files import WeightFile, find_weights, read_json
 from model.weights import CheckpointError, build_module
 
 log = logging.getLogger(__name__)
@@ -44,23 +43,17 @@ def is_ldm_folder(folder: Path) -> bool:
     return (folder / "vqvae").is_dir() and not (folder / "text_encoder").is_dir()
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def load_ldm_folder(
     folder: Path, device: torch.device, dtype: torch.dtype, name: str | None = None
 ) -> Pipeline:
     """An LDMPipeline or LDMSuperResolutionPipeline folder: unet/, vqvae/, scheduler/."""
     unet_dir = folder / "unet"
-    unet_cfg = unet2d_config_from_diffusers(_json(unet_dir / "config.json"), source=str(unet_dir))
-    vq_cfg = vq_config_from_diffusers(_json(folder / "vqvae" / "config.json"), source=str(folder))
+    unet_cfg = unet2d_config_from_diffusers(
+        read_json(unet_dir / "config.json"), source=str(unet_dir)
+    )
+    vq_cfg = vq_config_from_diffusers(
+        read_json(folder / "vqvae" / "config.json"), source=str(folder)
+    )
     latent = vq_cfg.net.embed_dim
     upscaler = unet_cfg.in_channels == latent + 3
     if not upscaler and unet_cfg.in_channels != latent:
@@ -85,7 +78,7 @@ def load_ldm_folder(
     )
     sched_path = folder / "scheduler" / "scheduler_config.json"
     schedule = NoiseSchedule.from_config(
-        _json(sched_path) if sched_path.is_file() else LDM_SCHEDULER_CONFIG
+        read_json(sched_path) if sched_path.is_file() else LDM_SCHEDULER_CONFIG
     )
     family = "ldm-sr" if upscaler else "ldm"
     log.info("loaded %s folder %s on %s/%s", family, folder, device, dtype)
