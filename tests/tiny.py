@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -51,8 +52,6 @@ def randomize_(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
 
 def demo_inpainting_pipeline() -> Any:
     """The demo model's VAE and text encoder with a 9-channel (inpainting) demo-sized UNet."""
-    from dataclasses import replace
-
     from model.demo import DEMO_UNET, build_demo
     from model.pipeline import Pipeline
     from model.unet import UNetModel
@@ -124,3 +123,35 @@ UNET2D_IRREGULAR: dict[str, Any] = {
     "downsample_padding": 0,
 }
 UNET2D_IRREGULAR_SR: dict[str, Any] = {**UNET2D_IRREGULAR, "in_channels": 6, "out_channels": 3}
+
+
+def ldm_pipeline(kind: str) -> Any:
+    """A tiny random-weight LDM pipeline built from our own modules (no diffusers): "uncond"
+    (VQ_TEST + UNET2D_UNCOND) or "sr" (VQ_TEST + UNET2D_SR, a 2x upscaler), with a coarse
+    16-entry codebook: random UNets leave final latents in the thousands, where the rounding
+    differences between batch sizes could flip a near-tie codebook choice (tests/
+    test_ldm_families.py shows such flips are near-ties; batching tests compare pixels)."""
+    from model.ldm import LDM_SCHEDULER_CONFIG
+    from model.pipeline import Pipeline
+    from model.samplers import NoiseSchedule
+    from model.unet2d import UNet2DModel, unet2d_config_from_diffusers
+    from model.vq import VQAutoencoder
+    from model.vq_convert import vq_config_from_diffusers
+
+    unet_cfg = unet2d_config_from_diffusers(
+        UNET2D_UNCOND if kind == "uncond" else UNET2D_SR, source="tiny"
+    )
+    vq_cfg = vq_config_from_diffusers({**VQ_TEST, "num_vq_embeddings": 16})
+    if kind == "sr":  # the super-resolution pipeline decodes its latents unscaled
+        vq_cfg = replace(vq_cfg, net=replace(vq_cfg.net, scaling_factor=1.0))
+    vq = randomize_(VQAutoencoder(vq_cfg), seed=41, scale=0.1).eval().requires_grad_(False)
+    unet = randomize_(UNet2DModel(unet_cfg), seed=42, scale=0.05).eval().requires_grad_(False)
+    return Pipeline(
+        unet=unet,
+        vae=vq,
+        text=None,
+        schedule=NoiseSchedule.from_config(LDM_SCHEDULER_CONFIG),
+        name=f"tiny-{kind}",
+        native_size=unet_cfg.sample_size * vq.downsampling_factor,
+        family="ldm" if kind == "uncond" else "ldm-sr",
+    )
