@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,8 +77,14 @@ def low_res_image(size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def build_reference(family: str, shape: str) -> LDMPipeline | LDMSuperResolutionPipeline:
+def build_reference(
+    family: str, shape: str, n_embed: int | None = None
+) -> LDMPipeline | LDMSuperResolutionPipeline:
+    """The tiny diffusers pipeline; `n_embed` overrides the codebook size (see tests/tiny.py
+    ldm_pipeline on why batching tests use a coarse one)."""
     vq_cfg, unet_cfg = SHAPES[family][shape]
+    if n_embed is not None:
+        vq_cfg = {**vq_cfg, "num_vq_embeddings": n_embed}
     vq = randomize_(VQModel(**vq_cfg), seed=41, scale=0.1).eval()
     unet = randomize_(UNet2DModel(**unet_cfg), seed=42, scale=0.05).eval()
     cls = LDMPipeline if family == "uncond" else LDMSuperResolutionPipeline
@@ -91,10 +98,15 @@ def models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     family, shape = request.param
     ref = build_reference(family, shape)
     folder = tmp_path_factory.mktemp(f"{family}-{shape}") / "pipeline"
-    ref.save_pretrained(folder, safe_serialization=True)
-    config = {"_class_name": "DDIMScheduler", **LDM_SCHEDULER_CONFIG}
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    save_reference(ref, folder)
     return ref, load_pipeline(str(folder), device="cpu"), family, shape
+
+
+def save_reference(ref: Any, folder: Path, scheduler: dict[str, Any] | None = None) -> None:
+    """The diffusers folder, with the published folders' scheduler config (or `scheduler`)."""
+    ref.save_pretrained(folder, safe_serialization=True)
+    config = {"_class_name": "DDIMScheduler", **(scheduler or LDM_SCHEDULER_CONFIG)}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
 
 
 def reference_images(ref: Any, family: str, shape: str, sampler: str, n: int) -> np.ndarray:
