@@ -164,9 +164,10 @@ class Pipeline:
             raise GenerationError(f"{self.name} takes no prompt", "prompt")
         mode = self.mode_of(image, mask)
         if mode not in self.capabilities.modes:
+            inpainter = mode == "img2img" and "inpaint" in self.capabilities.modes
             raise GenerationError(
                 f"{self.name} cannot run {mode}; it runs {', '.join(self.capabilities.modes)}",
-                "mask" if mode == "img2img" else "image",
+                "mask" if mode == "inpaint" or inpainter else "image",
             )
         if mask is not None and image is not None and mask.size != image.size:
             raise GenerationError(
