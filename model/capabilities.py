@@ -22,15 +22,18 @@ _FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2"}
 class Capabilities:
     """A model's family, modes, shapes and per-sampler step limits."""
 
-    family: str  # sd1 | sd2 | sd1-inpainting | sd2-inpainting | demo | custom
-    modes: tuple[str, ...]  # of txt2img, img2img, inpaint
+    family: str  # sd1 | sd2 | sd1-inpainting | sd2-inpainting | ldm | ldm-sr | demo | custom
+    modes: tuple[str, ...]  # of txt2img, img2img, inpaint, unconditional, upscale
     latent_factor: int  # pixels per latent side (f)
     latent_channels: int
     unet_in_channels: int
     native_size: int  # the side a request without width/height gets
     prediction_type: str  # epsilon | v_prediction
     max_steps: dict[str, int]  # sampler name -> most steps it can plan
-    text_layers: int = 1  # text encoder blocks: the largest clip_skip
+    text_layers: int = 1  # text encoder blocks: the largest clip_skip (0: no text encoder)
+    takes_prompt: bool = True  # False: unconditional and upscaling models
+    upscale_factor: int | None = None  # upscale: output side / input side (rounded down to 32)
+    max_output_pixels: int | None = None  # upscale: the largest output
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -42,13 +45,18 @@ def describe(pipe: Pipeline) -> Capabilities:
     """The capabilities of a loaded pipeline (computed from its parts, never configured)."""
     sched = pipe.schedule
     in_ch = pipe.unet.config.in_channels
-    if pipe.concat_inpainting:
-        modes: tuple[str, ...] = ("inpaint",)
+    if pipe.upscaler:
+        modes: tuple[str, ...] = ("upscale",)
+    elif not pipe.takes_prompt:
+        modes = ("unconditional",) if in_ch == pipe.latent_channels else ()
+    elif pipe.concat_inpainting:
+        modes = ("inpaint",)
     elif in_ch == pipe.latent_channels:
         modes = ("txt2img", "img2img", "inpaint")
     else:
         modes = ()
-    family = pipe.family or _FAMILY_BY_CONTEXT.get(pipe.unet.config.context_dim, "custom")
+    context = getattr(pipe.unet.config, "context_dim", None)  # None: a UNet2DModel
+    family = pipe.family or _FAMILY_BY_CONTEXT.get(context or 0, "custom")
     if pipe.concat_inpainting and not family.endswith("-inpainting"):
         family += "-inpainting"
     limits = {name: sched.num_train_timesteps for name in SAMPLER_RULES}
@@ -62,5 +70,8 @@ def describe(pipe: Pipeline) -> Capabilities:
         native_size=pipe.native_size,
         prediction_type=sched.prediction_type,
         max_steps=limits,
-        text_layers=pipe.text.layers,
+        text_layers=pipe.text.layers if pipe.text is not None else 0,
+        takes_prompt=pipe.takes_prompt,
+        upscale_factor=pipe.vae_scale_factor if pipe.upscaler else None,
+        max_output_pixels=pipe.max_upscale_pixels if pipe.upscaler else None,
     )

@@ -7,7 +7,6 @@ with a CheckpointError naming the file and the reason.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from model.ldm import is_ldm_folder, load_ldm_folder
 from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
 from model.text import text_encoder_from_ldm
@@ -29,7 +29,7 @@ from model.unet_convert import (
     unet_state_dict_from_diffusers,
 )
 from model.vae_convert import vae_from_diffusers, vae_from_ldm
-from model.weight_files import WeightFile, find_weights
+from model.weight_files import WeightFile, find_weights, read_json
 from model.weights import CheckpointError, build_module
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ HUB_FILES = [
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    "vqvae/config.json",  # the LDM families (model/ldm.py)
+    "vqvae/diffusion_pytorch_model.safetensors",
 ]
 
 
@@ -168,26 +170,16 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pi
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def load_diffusers_folder(
     folder: Path, device: torch.device, dtype: torch.dtype, name: str | None = None
 ) -> Pipeline:
     """A diffusers pipeline folder: model_index.json plus unet/, vae/, text_encoder/, scheduler/."""
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    if is_ldm_folder(folder):
+        return load_ldm_folder(folder, device, dtype, name)
     unet_dir = folder / "unet"
-    unet_json = _read_json(unet_dir / "config.json")
+    unet_json = read_json(unet_dir / "config.json")
     unet_cfg = unet_config_from_diffusers(unet_json, source=str(unet_dir))
     weights = WeightFile(find_weights(unet_dir, "diffusion_pytorch_model"))
     nhwc = prefers_channels_last(device)  # read conv weights NHWC once (see Pipeline)
@@ -204,7 +196,7 @@ def load_diffusers_folder(
     vae = vae_from_diffusers(folder / "vae", device=device, dtype=dtype)
     text = text_encoder_from_diffusers(folder, device=device, dtype=dtype)
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    sched_cfg = _read_json(sched_path) if sched_path.is_file() else None
+    sched_cfg = read_json(sched_path) if sched_path.is_file() else None
     schedule = NoiseSchedule.from_config(sched_cfg)
     log.info("loaded diffusers folder %s on %s/%s", folder, device, dtype)
     side = unet_json.get("sample_size") or 64  # latent side; a few configs give [h, w]

@@ -2,7 +2,9 @@
 
 `crossattn` is the text context the spatial transformers attend to; `concat` holds spatially
 aligned channels appended to the (scaled) latents — the inpainting UNets' mask and masked-image
-latents, the paper's concatenation conditioning. Later families add their kinds here (pooled
+latents, the paper's concatenation conditioning; with `scale_concat` they go through the
+sampler's input scaling with the latents, as diffusers' LDMSuperResolutionPipeline scales its
+low-res image. A model without text conditioning gets an empty (B, 0, 0) `crossattn`. Later families add their kinds here (pooled
 vectors, class labels, time ids) so that the UNet, the denoise step and the engine carry them
 without new parameters. Rows of a batch are concatenated in one place (`cat`).
 """
@@ -28,6 +30,7 @@ class Conditioning:
 
     crossattn: Tensor  # (B, N, D) text context
     concat: Tensor | None = None  # (B, C_extra, h, w) appended to the UNet input after scaling
+    scale_concat: bool = False  # concat is input-scaled with the latents (LDM super-resolution)
 
     @property
     def rows(self) -> int:
@@ -38,6 +41,7 @@ class Conditioning:
         return Conditioning(
             crossattn=self.crossattn.expand(n, -1, -1),
             concat=None if self.concat is None else self.concat.expand(n, -1, -1, -1),
+            scale_concat=self.scale_concat,
         )
 
     def with_text(self, crossattn: Tensor) -> Conditioning:
@@ -48,6 +52,7 @@ class Conditioning:
         return Conditioning(
             crossattn=self.crossattn.to(device, dtype),
             concat=None if self.concat is None else self.concat.to(device, dtype),
+            scale_concat=self.scale_concat,
         )
 
     def map_rows(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
@@ -67,8 +72,9 @@ class Conditioning:
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
         """Rows of several conditionings as one batch; all must carry the same kinds."""
-        kinds = {c.concat is None for c in items}
+        kinds = {(c.concat is None, c.scale_concat) for c in items}
         if len(kinds) != 1:
             raise ValueError("cannot batch conditionings with and without concat channels")
         concat = None if items[0].concat is None else torch.cat([c.concat for c in items])  # type: ignore[misc]
-        return Conditioning(crossattn=torch.cat([c.crossattn for c in items]), concat=concat)
+        crossattn = torch.cat([c.crossattn for c in items])
+        return Conditioning(crossattn, concat=concat, scale_concat=items[0].scale_concat)

@@ -11,7 +11,7 @@ the noised source's trajectory (diffusers' StableDiffusionInpaintPipeline blend 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -63,6 +63,10 @@ def denoise_step(unet: UNetFn, rows: Sequence[Row]) -> list[SampleState]:
     if guided:
         idx = torch.tensor(guided, device=x_in.device)
         x_in, t = torch.cat([x_in, x_in[idx]]), torch.cat([t, t[idx]])  # (n + g, ...)
+    if cond.scale_concat and cond.concat is not None:  # as the latents: x / in_scale
+        scale = [r.traj.in_scale[r.state.k] for r in rows]
+        scale = torch.tensor(scale + [scale[i] for i in guided], device=x_in.device)
+        cond = replace(cond, concat=cond.concat / scale.view(-1, 1, 1, 1).to(cond.concat.dtype))
     out = unet(x_in, t, cond)  # (n + g, C, h, w) float32
     model_out = out[:n]
     if guided:

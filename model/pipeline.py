@@ -21,13 +21,15 @@ from model.capabilities import Capabilities, describe
 from model.compiled import BucketedUNet
 from model.conditioning import Conditioning
 from model.denoise import Blend, Row, denoise_step
+from model.first_stage import FirstStage, Posterior
 from model.text import TextEncoder
 from model.unet import UNetModel, prefers_channels_last
-from model.vae import AutoencoderKL, LatentDistribution
+from model.unet2d import UNet2DModel
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipeline defaults
+UPSCALE_INPUT_MULTIPLE = 32  # LDMSuperResolutionPipeline resizes its input down to multiples of 32
 
 
 class GenerationError(ValueError):
@@ -55,16 +57,19 @@ def _pil_rgb(image: Image.Image, width: int, height: int) -> Image.Image:
 
 @dataclass
 class Pipeline:
-    """A loaded model: UNet, VAE, text encoder and noise schedule on one device and dtype."""
+    """A loaded model: UNet, first stage, text encoder (None: unconditional or upscaler) and
+    noise schedule on one device and dtype."""
 
-    unet: UNetModel
-    vae: AutoencoderKL
-    text: TextEncoder
+    unet: UNetModel | UNet2DModel
+    vae: FirstStage  # KL (model.vae) or VQ (model.vq) autoencoder
+    text: TextEncoder | None
     schedule: samplers.NoiseSchedule
     name: str = "model"
     decode_chunk: int = 4  # images decoded per VAE call: bounds activation memory at 512x512+
     native_size: int = 512  # the side the model was trained at (a request without a size)
     family: str | None = None  # None: told from the text context width (sd1 / sd2)
+    decode_tile: int = 128  # latents with more positions than this squared decode in tiles
+    max_upscale_pixels: int = 2048 * 2048  # an upscaler's largest output (UNet memory bound)
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
     _compiled: BucketedUNet | None = field(default=None, init=False, repr=False)
 
@@ -77,7 +82,7 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.out[2].weight.device
+        return next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -94,6 +99,15 @@ class Pipeline:
     @property
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
+
+    @property
+    def takes_prompt(self) -> bool:
+        return self.text is not None
+
+    @property
+    def upscaler(self) -> bool:
+        """A text-free UNet taking the low-res RGB image as concat channels (LDM super-resolution)."""
+        return self.text is None and self.unet.config.in_channels == self.latent_channels + 3
 
     @property
     def concat_inpainting(self) -> bool:
@@ -123,7 +137,9 @@ class Pipeline:
         """The requested size, else the input image's rounded down to the latent factor,
         else the model's native size."""
         f = self.vae_scale_factor
-        if image is not None:
+        if image is not None and self.upscaler:
+            w0, h0 = (f * (s - s % UPSCALE_INPUT_MULTIPLE) for s in image.size)
+        elif image is not None:
             w0, h0 = (s - s % f for s in image.size)
         else:
             w0 = h0 = self.native_size
@@ -142,23 +158,30 @@ class Pipeline:
         mask: Image.Image | None,
         strength: float | None,
         clip_skip: int | None = None,
+        prompt: str = "",
     ) -> tuple[str, float | None]:
         """(mode, strength) of a request, or GenerationError naming the parameter."""
         self.latent_shape(width, height)
-        if clip_skip is not None and not 1 <= clip_skip <= self.text.layers:
+        layers = self.text.layers if self.text is not None else 0
+        if clip_skip is not None and not 1 <= clip_skip <= layers:
             raise GenerationError(
-                f"clip_skip must be in 1..{self.text.layers} for this model, got {clip_skip}",
+                f"clip_skip must be in 1..{layers} for this model, got {clip_skip}"
+                if layers
+                else f"{self.name} has no text encoder: clip_skip does not apply",
                 "clip_skip",
             )
         if num_images < 1:
             raise GenerationError(f"num_images must be at least 1, got {num_images}", "num_images")
         if mask is not None and image is None:
             raise GenerationError("a mask needs an image to inpaint", "mask")
-        mode = "txt2img" if image is None else "img2img" if mask is None else "inpaint"
+        if prompt and not self.takes_prompt:
+            raise GenerationError(f"{self.name} takes no prompt", "prompt")
+        mode = self.mode_of(image, mask)
         if mode not in self.capabilities.modes:
+            inpainter = mode == "img2img" and "inpaint" in self.capabilities.modes
             raise GenerationError(
                 f"{self.name} cannot run {mode}; it runs {', '.join(self.capabilities.modes)}",
-                "mask" if mode == "img2img" else "image",
+                "mask" if mode == "inpaint" or inpainter else "image",
             )
         if mask is not None and image is not None and mask.size != image.size:
             raise GenerationError(
@@ -166,11 +189,24 @@ class Pipeline:
                 f"{image.size[0]}x{image.size[1]}; they must be the same size",
                 "mask",
             )
-        if mode == "txt2img" and strength is not None:
+        if mode == "upscale" and image is not None:
+            expected = self.output_size(None, None, image)
+            if (width, height) != expected or 0 in image.size:
+                raise GenerationError(
+                    f"an upscaler's output is {self.vae_scale_factor}x the input rounded down to "
+                    f"multiples of {UPSCALE_INPUT_MULTIPLE}: {expected[0]}x{expected[1]} here, "
+                    f"got {width}x{height}",
+                    "width",
+                )
+            if width * height > self.max_upscale_pixels:
+                raise GenerationError(
+                    f"the output {width}x{height} exceeds {self.max_upscale_pixels} pixels", "image"
+                )
+        if mode not in DEFAULT_STRENGTH and strength is not None:
             raise GenerationError("strength needs an image (img2img or inpainting)", "strength")
         strength = DEFAULT_STRENGTH.get(mode) if strength is None else strength
         try:
-            start = samplers.start_step(steps, strength) if mode != "txt2img" else 0
+            start = samplers.start_step(steps, strength) if mode in DEFAULT_STRENGTH else 0
             samplers.plan(sampler, steps, self.schedule, start)
         except ValueError as exc:
             name = (
@@ -183,18 +219,32 @@ class Pipeline:
             raise GenerationError(str(exc), name) from None
         return mode, strength
 
+    def mode_of(self, image: Image.Image | None, mask: Image.Image | None) -> str:
+        """The mode a request's inputs ask for on this model."""
+        modes = self.capabilities.modes
+        if image is None:
+            return "unconditional" if "unconditional" in modes else "txt2img"
+        if mask is None:
+            return "upscale" if "upscale" in modes else "img2img"
+        return "inpaint"
+
     # ----------------------------------------------------------------- pieces
     def embed_prompts(
         self, prompts: Sequence[str], clip_skip: int | None = None
     ) -> list[torch.Tensor]:
         """Each prompt's text embedding (1, 77·k, D) in the UNet's dtype: A1111's 75-token
-        chunks and weights (model.prompt_encoding), not padded; one encoder call."""
+        chunks and weights (model.prompt_encoding), not padded; one encoder call. A text-free
+        model gets (1, 0, 0) per prompt."""
+        if self.text is None:
+            return [torch.zeros((1, 0, 0), device=self.device, dtype=self.dtype) for _ in prompts]
         embs = prompt_encoding.encode_prompts(self.text, list(prompts), clip_skip=clip_skip or 1)
         return [e.hidden.to(self.device, self.dtype) for e in embs]
 
     def encode_prompts(self, prompts: Sequence[str], clip_skip: int | None = None) -> torch.Tensor:
         """Text embeddings (N, 77·k, D) in the UNet's dtype, shorter prompts padded with
-        empty-prompt chunks to the longest (so CFG's rows batch)."""
+        empty-prompt chunks to the longest (so CFG's rows batch); (N, 0, 0) without text."""
+        if self.text is None:
+            return torch.zeros((len(prompts), 0, 0), device=self.device, dtype=self.dtype)
         *embs, empty = self.embed_prompts([*prompts, ""], clip_skip)
         return torch.cat(prompt_encoding.pad_to_longest(embs, empty))
 
@@ -225,10 +275,9 @@ class Pipeline:
         return self._compiled.warm((c, h, w), Conditioning(emb, concat=concat))
 
     @torch.inference_mode()
-    def encode_image(self, pixels: torch.Tensor) -> LatentDistribution:
-        """VAE posterior of (1, 3, H, W) pixels in [-1, 1], in float32 (unscaled)."""
-        mean, logvar = self.vae.encode(pixels.to(self.device, self.vae_dtype))
-        return LatentDistribution(mean.float(), logvar.float())
+    def encode_image(self, pixels: torch.Tensor) -> Posterior:
+        """First-stage posterior of (1, 3, H, W) pixels in [-1, 1], in float32 (unscaled)."""
+        return self.vae.encode(pixels.to(self.device, self.vae_dtype)).float()
 
     @torch.inference_mode()
     def begin(
@@ -256,15 +305,16 @@ class Pipeline:
             image=image, mask=mask, strength=strength,
         )  # fmt: skip
         shape = self.latent_shape(width, height)
-        start = samplers.start_step(steps, strength) if mode != "txt2img" else 0
+        start = samplers.start_step(steps, strength) if mode in DEFAULT_STRENGTH else 0
         traj = samplers.plan(sampler, steps, self.schedule, start)
         sf = self.vae.scaling_factor
-        source = _pil_rgb(image, width, height) if image is not None else None
+        size = (width, height) if mode != "upscale" else shape[:1:-1]  # the low-res input's
+        source = _pil_rgb(image, *size) if image is not None else None
         pixels = None
         if source is not None:
             arr = np.asarray(source, dtype=np.float32) / 255.0  # (H, W, 3)
             pixels = torch.from_numpy(arr).permute(2, 0, 1)[None] * 2 - 1  # (1, 3, H, W)
-        pure_noise = mode == "txt2img" or (mode == "inpaint" and strength == 1.0)
+        pure_noise = mode not in DEFAULT_STRENGTH or (mode == "inpaint" and strength == 1.0)
         blend = mode == "inpaint" and not self.concat_inpainting
         posterior = (
             self.encode_image(pixels) if pixels is not None and (not pure_noise or blend) else None
@@ -278,7 +328,8 @@ class Pipeline:
             mask_px = (mask_px >= 0.5).float()  # binarised as diffusers' mask processor does
             masked = self.encode_image(pixels * (mask_px < 0.5))  # type: ignore[operator]
             mask_lat = F.interpolate(mask_px, size=shape[2:]).to(self.device)  # nearest
-        guided = guidance_scale > 1.0  # as diffusers: no unconditional pass at or below 1
+        guided = guidance_scale > 1.0 and self.takes_prompt  # as diffusers: no CFG at or below 1
+        lowres = pixels.to(self.device) if mode == "upscale" else None  # type: ignore[union-attr]
         rows = []
         for i in range(num_images):
             gen = torch.Generator("cpu").manual_seed(seed + i)
@@ -288,12 +339,12 @@ class Pipeline:
                 state = samplers.from_noise(traj, noise, gen)
             else:
                 state = samplers.start_noised(traj, clean, noise, gen)  # type: ignore[arg-type]
-            concat = None
+            concat = lowres  # (1, 3, h, w) for an upscaler, else None
             if masked is not None:
                 masked_lat = masked.sample(gen) * sf
                 if self.concat_inpainting:
                     concat = torch.cat([mask_lat, masked_lat], dim=1)  # type: ignore[list-item]
-            c = Conditioning(cond, concat=concat)
+            c = Conditioning(cond, concat=concat, scale_concat=mode == "upscale")
             u = c.with_text(uncond) if guided and uncond is not None else None
             b = Blend(mask_lat, clean, noise) if blend else None  # type: ignore[arg-type]
             rows.append(Row(traj, state, c, u, float(guidance_scale), b))
@@ -304,11 +355,14 @@ class Pipeline:
 
     @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """Final latents (B, C, h, w) -> uint8 images (B, H, W, 3), as diffusers converts them."""
+        """Final latents (B, C, h, w) -> uint8 images (B, H, W, 3), as diffusers converts them;
+        latents larger than `decode_tile` squared decode in tiles of that side (bounded memory)."""
         chunks = []
+        h, w = latents.shape[2:]
+        tile = self.decode_tile if h * w > self.decode_tile**2 else None
         for part in latents.split(self.decode_chunk):
             z = part.to(self.device, self.vae_dtype) / self.vae.scaling_factor
-            images = self.vae.decode(z).float()  # (b, 3, H, W) in [-1, 1]
+            images = self.vae.decode(z, tile=tile).float()  # (b, 3, H, W) in [-1, 1]
             images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
             chunks.append((images * 255).round().astype(np.uint8))
         return np.concatenate(chunks)
@@ -323,7 +377,7 @@ class Pipeline:
     # ----------------------------------------------------------------- one job
     def generate(
         self,
-        prompt: str,
+        prompt: str = "",
         negative_prompt: str = "",
         width: int | None = None,
         height: int | None = None,
@@ -339,11 +393,12 @@ class Pipeline:
         clip_skip: int | None = None,
     ) -> list[Image.Image]:
         """Text-to-image, img2img (image) or inpainting (image + mask, white = repaint) for one
-        prompt; image i uses the generator seeded with seed + i."""
+        prompt; unconditional models take no prompt, upscalers the low-res `image`; image i
+        uses the generator seeded with seed + i."""
         width, height = self.output_size(width, height, image)
         self.check(
             width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
-            image=image, mask=mask, strength=strength, clip_skip=clip_skip,
+            image=image, mask=mask, strength=strength, clip_skip=clip_skip, prompt=prompt,
         )  # fmt: skip
         guided = guidance_scale > 1.0
         texts = [prompt, negative_prompt] if guided else [prompt]

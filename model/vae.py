@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.first_stage import decode_in_tiles
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -33,14 +35,12 @@ class VAEConfig:
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     norm_groups: int = 32
-    double_z: bool = True  # the encoder emits mean and logvar (always, for a KL autoencoder)
+    double_z: bool = True  # the encoder emits mean and logvar (KL); False: one latent (VQ)
     scaling_factor: float = 0.18215
 
     def __post_init__(self) -> None:
         if not self.ch_mult or min(self.ch_mult) < 1 or self.ch < 1 or self.num_res_blocks < 1:
             raise ValueError(f"VAEConfig: invalid widths/depth in {self}")
-        if not self.double_z:
-            raise ValueError("VAEConfig: a KL autoencoder needs double_z=True (mean and logvar)")
         bad = [w for w in self.widths if w % self.norm_groups]
         if bad:
             raise ValueError(
@@ -78,6 +78,9 @@ class LatentDistribution(NamedTuple):
 
     def mode(self) -> Tensor:
         return self.mean
+
+    def float(self) -> LatentDistribution:
+        return LatentDistribution(self.mean.float(), self.logvar.float())
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """Draw z = mean + std * eps; eps comes from `generator` (on its own device) if given."""
@@ -186,7 +189,7 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Images (B, in, H, W) -> moments (B, 2*z, H/f, W/f)."""
+    """Images (B, in, H, W) -> moments (B, 2*z, H/f, W/f), or latents (B, z, ...) without double_z."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
@@ -203,14 +206,14 @@ class Encoder(nn.Module):
             self.down.append(Level(blocks, None if last else Downsample(c), "downsample"))
         self.mid = MidBlock(c, g)
         self.norm_out = _norm(c, g)
-        self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(c, (2 if cfg.double_z else 1) * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (B, ch, H, W)
         for level in self.down:
             h = level(h)
         h = self.mid(h)  # (B, C_last, H/f, W/f)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2*z, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2*z or z, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -245,6 +248,8 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
+        if not config.double_z:
+            raise ValueError("AutoencoderKL needs double_z=True (mean and logvar)")
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
@@ -274,10 +279,14 @@ class AutoencoderKL(nn.Module):
         mean, logvar = moments.chunk(2, dim=1)
         return LatentDistribution(mean, logvar.clamp(-30.0, 20.0))
 
-    def decode(self, z: Tensor) -> Tensor:
+    def decode(self, z: Tensor, tile: int | None = None) -> Tensor:
         """Unscaled latents (B, embed, h, w), i.e. `latents / scaling_factor` -> images in about [-1, 1].
 
         The input is cast to the weights' dtype; the output is not clamped (callers clamp).
+        With `tile`, the decoder runs on overlapping tiles of that latent side (bounded memory,
+        see model.first_stage.decode_in_tiles).
         """
-        z = z.to(self.post_quant_conv.weight.dtype)
-        return self.decoder(self.post_quant_conv(z))  # (B, out, h*f, w*f)
+        h = self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype))  # pointwise
+        if tile is None:
+            return self.decoder(h)  # (B, out, h*f, w*f)
+        return decode_in_tiles(self.decoder, h, self.downsampling_factor, tile, tile // 4)

@@ -55,13 +55,15 @@ def vae_config_from_ldm(
     *,
     norm_groups: int | None = None,
     source: str = "checkpoint",
+    double_z: bool = True,
 ) -> VAEConfig:
     """Detect the architecture from tensor shapes of the original-layout VAE weights.
 
     `state_dict` holds the VAE keys with the `first_stage_model.` prefix stripped
     (`encoder.conv_in.weight`, ...), which is also the layout of standalone `.ckpt` VAEs.
     The group-norm count is not stored in a checkpoint: unless given, it is 32 (every SD VAE)
-    reduced to gcd(32, all widths) so narrow test/demo models still load.
+    reduced to gcd(32, all widths) so narrow test/demo models still load. `double_z=False`
+    reads a VQ autoencoder's encoder/decoder (model/vq_convert.py).
     """
     ch, in_channels = _shape(state_dict, "encoder.conv_in.weight", source)[:2]
     levels = _count(state_dict, "encoder.down.{}.block.0.conv1.weight")
@@ -76,10 +78,11 @@ def vae_config_from_ldm(
         raise CheckpointError(f"{source}: VAE level widths {widths} are not multiples of ch={ch}")
     z_channels = _shape(state_dict, "decoder.conv_in.weight", source)[1]
     enc_out = _shape(state_dict, "encoder.conv_out.weight", source)[0]
-    if enc_out != 2 * z_channels:
+    if enc_out != (2 if double_z else 1) * z_channels:
+        kind = "KL autoencoder (mean and logvar)" if double_z else "VQ autoencoder (one latent)"
         raise CheckpointError(
             f"{source}: VAE encoder emits {enc_out} channels for {z_channels} latent channels; "
-            "only KL autoencoders (double_z, mean and logvar) are supported"
+            f"not a {kind}"
         )
     attn = next(
         (k for k in state_dict if ".attn." in k and k.startswith(("encoder.", "decoder."))), None
@@ -100,6 +103,7 @@ def vae_config_from_ldm(
             ch_mult=tuple(w // ch for w in widths),
             num_res_blocks=n_res,
             norm_groups=groups,
+            double_z=double_z,
             scaling_factor=scaling_factor,
         )
     except ValueError as e:
@@ -125,6 +129,20 @@ def vae_from_ldm(
     else must match key for key and shape for shape.
     """
     config = vae_config_from_ldm(state_dict, scaling_factor, norm_groups=norm_groups, source=source)
+    return build_module(
+        lambda: AutoencoderKL(config),
+        ldm_first_stage_tensors(state_dict, source),
+        what="VAE",
+        source=source,
+        device=device,
+        dtype=dtype,
+        key_prefix=LDM_VAE_PREFIX,
+    )
+
+
+def ldm_first_stage_tensors(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Original-layout first-stage tensors as our modules hold them: training-only `loss.*`
+    entries dropped, attention weights stored as linear (out, in) matrices viewed as 1x1 convs."""
     sd: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         if key.startswith("loss."):
@@ -133,18 +151,8 @@ def vae_from_ldm(
             value = value[:, :, None, None]  # (C, C) -> (C, C, 1, 1)
         sd[key] = value
     if len(sd) != len(state_dict):
-        log.debug(
-            "%s: dropped %d training-only loss.* VAE entries", source, len(state_dict) - len(sd)
-        )
-    return build_module(
-        lambda: AutoencoderKL(config),
-        sd,
-        what="VAE",
-        source=source,
-        device=device,
-        dtype=dtype,
-        key_prefix=LDM_VAE_PREFIX,
-    )
+        log.debug("%s: dropped %d training-only loss.* entries", source, len(state_dict) - len(sd))
+    return sd
 
 
 def vae_state_dict_to_ldm(vae: AutoencoderKL) -> dict[str, Tensor]:
@@ -301,13 +309,30 @@ def vae_state_dict_from_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str,
     return out
 
 
-def _read_weights(path: Path, source: str) -> dict[str, Tensor]:
+def read_weights(path: Path, source: str) -> dict[str, Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"{source}: cannot read VAE weights {path.name}: {e}") from e
+
+
+def read_diffusers_first_stage(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], Path]:
+    """(config.json, weights renamed to the original layout, weight file) of a diffusers
+    autoencoder folder (`vae/` or `vqvae/`): AutoencoderKL and VQModel share the layout."""
+    source = str(folder)
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{source}: cannot read VAE config.json: {e}") from e
+    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(
+            f"{source}: no VAE weights found (looked for {', '.join(WEIGHT_FILES)})"
+        )
+    log.debug("loading diffusers autoencoder from %s", weights)
+    return raw, vae_state_dict_from_diffusers(read_weights(weights, source)), weights
 
 
 def vae_from_diffusers(
@@ -318,20 +343,8 @@ def vae_from_diffusers(
 ) -> AutoencoderKL:
     """Load a diffusers AutoencoderKL folder (the `vae/` subfolder of a pipeline), strictly."""
     folder = Path(folder)
-    source = str(folder)
-    cfg_path = folder / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{source}: cannot read VAE config.json: {e}") from e
-    config = vae_config_from_diffusers(raw, source=source)
-    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(
-            f"{source}: no VAE weights found (looked for {', '.join(WEIGHT_FILES)})"
-        )
-    log.debug("loading diffusers VAE from %s", weights)
-    sd = vae_state_dict_from_diffusers(_read_weights(weights, source))
+    raw, sd, weights = read_diffusers_first_stage(folder)
+    config = vae_config_from_diffusers(raw, source=str(folder))
     return build_module(
         lambda: AutoencoderKL(config),
         sd,

@@ -16,6 +16,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -232,3 +233,16 @@ def find_weights(folder: Path, stem: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise CheckpointError(f"{folder}: no weights ({stem}.safetensors or {stem}.bin)")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A diffusers config file as a dict; a CheckpointError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data

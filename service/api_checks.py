@@ -44,8 +44,6 @@ def check_limits(body: JobRequest, s: Settings) -> None:
             raise ApiError(422, "invalid_text", f"{name}: control characters", name)
     if body.model is not None and any(_bad_char(c) for c in body.model):
         raise ApiError(422, "invalid_text", "model: control characters", "model")
-    if not body.prompt.strip():
-        raise ApiError(422, "validation_error", "prompt: must not be blank", "prompt")
     for name in ("width", "height"):
         side = getattr(body, name)
         if side is not None:
@@ -95,6 +93,8 @@ def check_against_model(
     registered) only the deployment's limits apply and the sizes stay as given."""
     image, mask = images.get("image"), images.get("mask")
     if caps is None:
+        if not body.prompt.strip():  # a prompt-free model's workers say so once registered
+            raise ApiError(422, "validation_error", "prompt: must not be blank", "prompt")
         return body.width, body.height
     try:
         width, height = check_capabilities(

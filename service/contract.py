@@ -13,6 +13,7 @@ the field at submit, never a 202 that fails in the worker. Torch-free: the API i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,8 +36,9 @@ DEFAULT_SAMPLER = "euler_a"
 MAX_SEED = 2**32 - 1
 MAX_CLIP_SKIP = 12  # AUTOMATIC1111's range; a model may allow fewer (capabilities text_layers)
 IMAGE_FIELDS: tuple[str, ...] = ("image", "mask")  # carried as files, never in parameters JSON
-MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
+MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "unconditional", "upscale")
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # as model.pipeline (and diffusers)
+UPSCALE_INPUT_MULTIPLE = 32  # mirrors model.pipeline: upscaler inputs round down to it
 
 
 class ContractError(ValueError):
@@ -58,7 +60,11 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1, description="Text to render; length limit is a setting.")
+    prompt: str = Field(
+        default="",
+        description="Text to render; length limit is a setting. Required, except by models "
+        "that take none (unconditional models and upscalers: capabilities.takes_prompt).",
+    )
     negative_prompt: str = ""
     width: int | None = Field(
         default=None,
@@ -75,8 +81,8 @@ class GenerationParams(BaseModel):
     num_images: int = Field(default=1, description="Images from consecutive seeds.")
     image: str | None = Field(
         default=None,
-        description="img2img init image, or the inpainting source (with mask): base64 or a "
-        "data: URL of a PNG, JPEG or WebP file.",
+        description="img2img init image, the inpainting source (with mask), or an upscaler's "
+        "low-res input: base64 or a data: URL of a PNG, JPEG or WebP file.",
     )
     mask: str | None = Field(
         default=None,
@@ -103,15 +109,20 @@ class GenerationParams(BaseModel):
         "layer it was trained on; at most the model's text_layers.",
     )
 
-    def mode(self) -> str:
-        return mode_of(self.image is not None, self.mask is not None)
+    def mode(self, modes: Sequence[str] = ()) -> str:
+        return mode_of(self.image is not None, self.mask is not None, modes)
 
 
 GENERATION_FIELDS: tuple[str, ...] = tuple(GenerationParams.model_fields)
 
 
-def mode_of(has_image: bool, has_mask: bool) -> str:
-    return "txt2img" if not has_image else "inpaint" if has_mask else "img2img"
+def mode_of(has_image: bool, has_mask: bool, modes: Sequence[str] = ()) -> str:
+    """The mode a request's inputs ask for on a model running `modes` (as model.Pipeline.mode_of)."""
+    if not has_image:
+        return "unconditional" if "unconditional" in modes else "txt2img"
+    if not has_mask:
+        return "upscale" if "upscale" in modes else "img2img"
+    return "inpaint"
 
 
 def steps_skipped(steps: int, strength: float) -> int:
@@ -124,7 +135,10 @@ def resolved_size(
 ) -> tuple[int, int]:
     """(width, height): as requested, else the image's rounded down, else the native size."""
     f = int(caps["latent_factor"])
-    if image_size is not None:
+    if image_size is not None and caps.get("upscale_factor"):
+        up, m = int(caps["upscale_factor"]), UPSCALE_INPUT_MULTIPLE
+        w0, h0 = (up * (s - s % m) for s in image_size)
+    elif image_size is not None:
         w0, h0 = (s - s % f for s in image_size)
     else:
         w0 = h0 = int(caps["native_size"])
@@ -138,7 +152,12 @@ def check_capabilities(
     mask_size: tuple[int, int] | None = None,
 ) -> tuple[int, int]:
     """The request's (width, height) if the model can run it; else ContractError naming the field."""
-    mode = mode_of(image_size is not None, mask_size is not None)
+    mode = mode_of(image_size is not None, mask_size is not None, caps["modes"])
+    if caps.get("takes_prompt", True) and not params.prompt.strip():
+        raise ContractError("prompt", "must not be blank", code="validation_error")
+    if not caps.get("takes_prompt", True) and (params.prompt or params.negative_prompt):
+        field = "prompt" if params.prompt else "negative_prompt"
+        raise ContractError(field, f"this model ({caps['family']}) takes no prompt")
     if mode not in caps["modes"]:
         runs = ", ".join(caps["modes"]) or "nothing"
         field = {"txt2img": "image", "inpaint": "mask"}.get(mode, "image")
@@ -152,9 +171,23 @@ def check_capabilities(
             "mask",
             f"mask is {mask_size[0]}x{mask_size[1]} but image is {image_size[0]}x{image_size[1]}",
         )
-    if mode == "txt2img" and params.strength is not None:
+    if mode not in DEFAULT_STRENGTH and params.strength is not None:
         raise ContractError("strength", "strength needs an image (img2img or inpainting)")
     width, height = resolved_size(params, caps, image_size)
+    if mode == "upscale":
+        expected = resolved_size(
+            params.model_copy(update={"width": None, "height": None}), caps, image_size
+        )
+        if (width, height) != expected or 0 in expected:
+            raise ContractError(
+                "width",
+                f"an upscaler's output is {caps['upscale_factor']}x the input rounded down to "
+                f"multiples of {UPSCALE_INPUT_MULTIPLE}: {expected[0]}x{expected[1]} here",
+            )
+        if width * height > int(caps.get("max_output_pixels") or width * height):
+            raise ContractError(
+                "image", f"the output {width}x{height} exceeds {caps['max_output_pixels']} pixels"
+            )
     f = int(caps["latent_factor"])
     for name, side in (("width", width), ("height", height)):
         if side <= 0 or side % f:
@@ -171,7 +204,7 @@ def check_capabilities(
         raise ContractError(
             "steps", f"{params.sampler} runs at most {most} steps on this model, got {params.steps}"
         )
-    if mode != "txt2img":
+    if mode in DEFAULT_STRENGTH:
         strength = params.strength if params.strength is not None else DEFAULT_STRENGTH[mode]
         if steps_skipped(params.steps, strength) >= params.steps:
             raise ContractError(

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,13 +100,16 @@ class Engine:
         """
         p = request.params
         width, height = self.pipeline.output_size(p.width, p.height, request.image)
-        if (width, height) != (p.width, p.height):
-            params = p.model_copy(update={"width": width, "height": height})
+        update: dict[str, Any] = {"width": width, "height": height}
+        if not self.pipeline.takes_prompt:  # no text encoder, no CFG: one UNet row per image
+            update["guidance_scale"] = min(p.guidance_scale, 1.0)
+        if any(getattr(p, k) != v for k, v in update.items()):
+            params = p.model_copy(update=update)
             request = dataclasses.replace(request, params=params)
         self.pipeline.check(
             width=width, height=height, steps=p.steps, sampler=p.sampler,
             num_images=p.num_images, image=request.image, mask=request.mask,
-            strength=p.strength, clip_skip=p.clip_skip,
+            strength=p.strength, clip_skip=p.clip_skip, prompt=p.prompt,
         )  # fmt: skip
         if request.rows > self.max_batch:
             raise GenerationError(

@@ -42,8 +42,10 @@ Decisions (each answer has status, stable ``code`` and ``field`` = the caller's 
   threshold) map to the same answer. Metadata bombs (PNG zTXt/iTXt/iCCP chunks) are
   bounded by Pillow's ``MAX_TEXT_CHUNK`` (1 MiB decompressed per chunk) and
   ``MAX_TEXT_MEMORY``, whose ValueError → 422 ``invalid_image``.
-- Sides: without ``resize_to`` both sides must lie in [min_side, max_side] and be
-  multiples of ``side_multiple`` → else 422 ``invalid_image_size`` (checked on the header,
+- Sides: without ``resize_to`` both sides must lie in [min(min_side, min_input_side),
+  max_side] (an upscaler's input is smaller than its output; outputs are checked against
+  min_side once resolved) and be multiples of ``side_multiple`` → else 422
+  ``invalid_image_size`` (checked on the header,
   before decoding). With ``resize_to=(w, h)`` (itself held to the same rules) any image
   within the pixel limit is stretched to exactly (w, h): Lanczos for pictures, nearest
   for masks so no new grey levels appear at stroke edges.
@@ -192,6 +194,8 @@ def _check_sides(size: tuple[int, int], settings: Settings, field: str, what: st
     lo, hi, multiple = settings.min_side, settings.max_side, settings.side_multiple
     width, height = size
     step = multiple if what == "resize target" else 1
+    if what != "resize target":  # an upscaler's low-res input may be smaller than any output
+        lo = min(lo, settings.min_input_side)
     if all(lo <= s <= hi and s % step == 0 for s in (width, height)):
         return
     rule = f" and a multiple of {multiple}" if step > 1 else ""

@@ -113,6 +113,7 @@ class Settings(BaseSettings):
 
     # Request limits (validated by the API so that they stay configurable).
     min_side: int = Field(default=64, ge=8)
+    min_input_side: int = Field(default=32, ge=1)  # input images: an upscaler's are small
     max_side: int = Field(default=2048, ge=8)
     side_multiple: int = Field(default=8, ge=1)
     min_steps: int = Field(default=1, ge=1)

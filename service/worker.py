@@ -473,6 +473,10 @@ def warm_up(pipeline: Pipeline, settings: Settings | None = None) -> CallCosts |
     elif "inpaint" in pipeline.capabilities.modes:
         image, mask = Image.new("RGB", (side, side)), Image.new("L", (side, side), 255)
         pipeline.generate("warm-up", image=image, mask=mask, steps=1, sampler="euler")
+    elif "unconditional" in pipeline.capabilities.modes:
+        pipeline.generate(width=side, height=side, steps=1, sampler="euler")
+    elif "upscale" in pipeline.capabilities.modes:
+        pipeline.generate(image=Image.new("RGB", (32, 32)), steps=1, sampler="euler")
     log.info("warm-up took %.2fs", time.perf_counter() - start)
     if settings is not None and settings.compile_unet:
         mode = settings.compile_mode

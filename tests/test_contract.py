@@ -16,6 +16,7 @@ from service.contract import (
     DEFAULT_STRENGTH,
     GENERATION_FIELDS,
     SAMPLER_NAMES,
+    UPSCALE_INPUT_MULTIPLE,
     ContractError,
     GenerationParams,
     check_capabilities,
@@ -30,9 +31,7 @@ def test_generate_keywords_are_the_contract_fields() -> None:
     for name in GENERATION_FIELDS:
         default = params[name].default
         field = GenerationParams.model_fields[name]
-        if name == "prompt":
-            assert default is inspect.Parameter.empty and field.is_required()
-        elif name == "seed":  # None at the API means "draw one"; the library's default is 0
+        if name == "seed":  # None at the API means "draw one"; the library's default is 0
             assert default == 0 and field.default is None
         else:
             assert default == field.default, name
@@ -52,6 +51,7 @@ def test_cli_generate_has_a_flag_per_field() -> None:
 def test_sampler_names_and_strength_rule_mirror_the_model() -> None:
     assert SAMPLER_NAMES == samplers.SAMPLER_NAMES
     assert DEFAULT_STRENGTH == __import__("model.pipeline").pipeline.DEFAULT_STRENGTH
+    assert UPSCALE_INPUT_MULTIPLE == __import__("model.pipeline").pipeline.UPSCALE_INPUT_MULTIPLE
     for steps in range(1, 40):
         for strength in (0.01, 0.1, 0.25, 0.3, 1 / 3, 0.5, 0.55, 0.7, 0.75, 0.999, 1.0):
             ours = steps_skipped(steps, strength)

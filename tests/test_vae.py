@@ -259,7 +259,7 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="norm_groups=32 does not divide"):
         VAEConfig(ch=16)
     with pytest.raises(ValueError, match="double_z"):
-        VAEConfig(double_z=False)
+        AutoencoderKL(VAEConfig(double_z=False))
     assert VAEConfig().downsampling_factor == 8 and CONFIGS["f4"].downsampling_factor == 4
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -53,8 +54,6 @@ def randomize_(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
 
 def demo_inpainting_pipeline() -> Any:
     """The demo model's VAE and text encoder with a 9-channel (inpainting) demo-sized UNet."""
-    from dataclasses import replace
-
     from model.demo import DEMO_UNET, build_demo
     from model.pipeline import Pipeline
     from model.unet import UNetModel
@@ -86,3 +85,102 @@ def max_pixel_diff(images: Sequence[Any], expected: Sequence[np.ndarray]) -> int
     assert len(images) == len(expected)
     got = [np.asarray(im.convert("RGB")).astype(int) for im in images]
     return max(int(np.abs(g - e.astype(int)).max()) for g, e in zip(got, expected, strict=True))
+
+
+# diffusers VQModel configs: the shape of diffusers' own LDM pipeline tests (f=2), and an
+# irregular one (f=4, three levels, 16 norm groups, vq_embed_dim != latent_channels).
+VQ_TEST: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "latent_channels": 3,
+}
+VQ_IRREGULAR: dict[str, Any] = {
+    "block_out_channels": [16, 32, 48],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "vq_embed_dim": 5,
+    "num_vq_embeddings": 64,
+    "norm_num_groups": 16,
+    "scaling_factor": 0.7,
+}
+VQ_IRREGULAR_SR: dict[str, Any] = {**VQ_IRREGULAR, "latent_channels": 3, "vq_embed_dim": 3}
+"""diffusers' super-resolution pipeline draws in_channels // 2 latent channels beside the RGB
+low-res image, so an upscaler's latents have 3 channels."""
+
+# diffusers UNet2DModel configs: diffusers' LDMPipeline / LDMSuperResolutionPipeline test UNets
+# (in_channels 3 / 6), and an irregular three-level one with scale-shift time embedding.
+UNET2D_UNCOND: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
+UNET2D_SR: dict[str, Any] = {**UNET2D_UNCOND, "in_channels": 6}
+UNET2D_IRREGULAR: dict[str, Any] = {
+    "block_out_channels": [16, 32, 48],
+    "layers_per_block": 1,
+    "sample_size": 16,
+    "in_channels": 5,
+    "out_channels": 5,
+    "down_block_types": ["AttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "AttnUpBlock2D"],
+    "attention_head_dim": 16,
+    "norm_num_groups": 8,
+    "resnet_time_scale_shift": "scale_shift",
+    "attn_norm_num_groups": 4,
+    "freq_shift": 1,
+    "flip_sin_to_cos": False,
+    "downsample_padding": 0,
+}
+UNET2D_IRREGULAR_SR: dict[str, Any] = {**UNET2D_IRREGULAR, "in_channels": 6, "out_channels": 3}
+
+
+BATCHING_SCHEDULER: dict[str, Any] = {
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.0005,
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+}
+"""A gentle noise schedule (alpha-bar stays above 0.8) for tests that compare batched with solo
+images of VQ models: a random UNet predicts no noise, so under a real schedule its final
+latents reach the thousands, where the rounding differences between batch sizes (relative
+1e-6) can flip a near-tie codebook choice and move a patch of pixels (tests/
+test_ldm_families.py shows such flips are near-ties). Here the latents stay small."""
+
+
+def ldm_pipeline(kind: str) -> Any:
+    """A tiny random-weight LDM pipeline built from our own modules (no diffusers): "uncond"
+    (VQ_TEST + UNET2D_UNCOND) or "sr" (VQ_TEST + UNET2D_SR, a 2x upscaler), with a coarse
+    16-entry codebook and BATCHING_SCHEDULER, for batching tests."""
+    from model.pipeline import Pipeline
+    from model.samplers import NoiseSchedule
+    from model.unet2d import UNet2DModel, unet2d_config_from_diffusers
+    from model.vq import VQAutoencoder
+    from model.vq_convert import vq_config_from_diffusers
+
+    unet_cfg = unet2d_config_from_diffusers(
+        UNET2D_UNCOND if kind == "uncond" else UNET2D_SR, source="tiny"
+    )
+    vq_cfg = vq_config_from_diffusers({**VQ_TEST, "num_vq_embeddings": 16})
+    if kind == "sr":  # the super-resolution pipeline decodes its latents unscaled
+        vq_cfg = replace(vq_cfg, net=replace(vq_cfg.net, scaling_factor=1.0))
+    vq = randomize_(VQAutoencoder(vq_cfg), seed=41, scale=0.1).eval().requires_grad_(False)
+    unet = randomize_(UNet2DModel(unet_cfg), seed=42, scale=0.05).eval().requires_grad_(False)
+    return Pipeline(
+        unet=unet,
+        vae=vq,
+        text=None,
+        schedule=NoiseSchedule.from_config(BATCHING_SCHEDULER),
+        name=f"tiny-{kind}",
+        native_size=unet_cfg.sample_size * vq.downsampling_factor,
+        family="ldm" if kind == "uncond" else "ldm-sr",
+    )
