@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -218,6 +219,29 @@ class Pipeline:
             )
             raise GenerationError(str(exc), name) from None
         return mode, strength
+
+    def probe_inputs(self, side: int) -> dict[str, Any]:
+        """`generate()` keywords for a throwaway job of this model's first mode with a
+        side x side output (warm-up, call-cost measurement): whatever inputs the mode needs."""
+        f = self.vae_scale_factor
+        side = max(f, side // f * f)
+        mode = self.capabilities.modes[0]
+        if mode == "upscale":
+            low = max(UPSCALE_INPUT_MULTIPLE, side // f)
+            image = Image.new("RGB", (low, low))
+            width, height = self.output_size(None, None, image)
+            return {"image": image, "width": width, "height": height}
+        kw: dict[str, Any] = {"width": side, "height": side}
+        if mode == "inpaint":
+            kw |= {
+                "image": Image.new("RGB", (side, side)),
+                "mask": Image.new("L", (side, side), 255),
+            }
+        elif mode == "img2img":
+            kw["image"] = Image.new("RGB", (side, side))
+        if self.takes_prompt:
+            kw["prompt"] = "warm-up"
+        return kw
 
     def mode_of(self, image: Image.Image | None, mask: Image.Image | None) -> str:
         """The mode a request's inputs ask for on this model."""

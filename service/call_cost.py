@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from model.compiled import default_buckets
 from model.denoise import denoise_step
@@ -102,19 +101,16 @@ def measure(pipeline: Pipeline, max_rows: int, side: int | None = None,
     """Time real denoising steps of 1, 2, 4, ... rows at ``side`` pixels (default: the
     model's native size); stops early once the measurements used ``budget_s`` (the larger
     sizes are then extrapolated from the last segment)."""
-    side = side or pipeline.native_size
-    f = pipeline.vae_scale_factor
-    side = max(f, side // f * f)
-    image = mask = None
-    if "txt2img" not in pipeline.capabilities.modes:
-        image, mask = Image.new("RGB", (side, side)), Image.new("L", (side, side), 255)
+    probe = pipeline.probe_inputs(side or pipeline.native_size)
     emb = pipeline.encode_prompts([""])
+    width, height = probe["width"], probe["height"]
     points: list[tuple[float, float]] = []
     spent = 0.0
     for rows in default_buckets(max_rows):
         job = pipeline.begin(
-            emb, None, width=side, height=side, steps=2, guidance_scale=1.0, sampler="euler",
-            seed=0, num_images=rows, image=image, mask=mask, strength=None if image is None else 1.0,
+            emb, None, width=width, height=height, steps=2, guidance_scale=1.0,
+            sampler="euler", seed=0, num_images=rows, image=probe.get("image"),
+            mask=probe.get("mask"),
         )  # fmt: skip
         times = []
         for _ in range(repeats + 1):  # the first call of a new size warms it up
@@ -127,7 +123,8 @@ def measure(pipeline: Pipeline, max_rows: int, side: int | None = None,
         points.append((float(rows), min(times[1:])))
         if spent > budget_s:
             break
-    costs = CallCosts(tuple(points), (side // f) ** 2)
-    log.info("UNet call costs at %dx%d: %s", side, side,
+    f = pipeline.vae_scale_factor
+    costs = CallCosts(tuple(points), (width // f) * (height // f))
+    log.info("UNet call costs at %dx%d: %s", width, height,
              ", ".join(f"{int(w)} rows {s * 1000:.1f} ms" for w, s in points))  # fmt: skip
     return costs

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-from PIL import Image
 from redis.exceptions import RedisError
 
 from model.compiled import default_buckets
@@ -465,18 +464,9 @@ async def serve(
 def warm_up(pipeline: Pipeline, settings: Settings | None = None) -> CallCosts | None:
     """One tiny generation so first requests don't pay for lazy initialisation; then, with
     ``call_sizing`` on, the UNet's call costs on this device (service.call_cost)."""
-    f = pipeline.vae_scale_factor
     start = time.perf_counter()
-    side = 8 * f
-    if "txt2img" in pipeline.capabilities.modes:
-        pipeline.generate("warm-up", width=side, height=side, steps=1, sampler="euler")
-    elif "inpaint" in pipeline.capabilities.modes:
-        image, mask = Image.new("RGB", (side, side)), Image.new("L", (side, side), 255)
-        pipeline.generate("warm-up", image=image, mask=mask, steps=1, sampler="euler")
-    elif "unconditional" in pipeline.capabilities.modes:
-        pipeline.generate(width=side, height=side, steps=1, sampler="euler")
-    elif "upscale" in pipeline.capabilities.modes:
-        pipeline.generate(image=Image.new("RGB", (32, 32)), steps=1, sampler="euler")
+    pipeline.generate(**pipeline.probe_inputs(8 * pipeline.vae_scale_factor), steps=1,
+                      sampler="euler")  # fmt: skip
     log.info("warm-up took %.2fs", time.perf_counter() - start)
     if settings is not None and settings.compile_unet:
         mode = settings.compile_mode
