@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from model.ldm import is_ldm_folder, load_ldm_folder
+from model.ldm import is_ldm_folder, is_ldm_text_folder, load_ldm_folder, load_ldm_text_folder
 from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
 from model.text import text_encoder_from_ldm
@@ -48,6 +48,8 @@ HUB_FILES = [
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
     "vqvae/config.json",  # the LDM families (model/ldm.py)
+    "bert/config.json",
+    "bert/model.safetensors",
     "vqvae/diffusion_pytorch_model.safetensors",
 ]
 
@@ -178,6 +180,8 @@ def load_diffusers_folder(
         raise CheckpointError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     if is_ldm_folder(folder):
         return load_ldm_folder(folder, device, dtype, name)
+    if is_ldm_text_folder(folder):
+        return load_ldm_text_folder(folder, device, dtype, name)
     unet_dir = folder / "unet"
     unet_json = read_json(unet_dir / "config.json")
     unet_cfg = unet_config_from_diffusers(unet_json, source=str(unet_dir))

@@ -1,7 +1,9 @@
-"""The LDM paper's text-free families from diffusers folders: unconditional (LDMPipeline,
+"""The LDM paper's own families from diffusers folders: unconditional (LDMPipeline,
 CompVis/ldm-celebahq-256) and super-resolution (LDMSuperResolutionPipeline,
 CompVis/ldm-super-resolution-4x-openimages) — a VQ first stage (`vqvae/`) and a UNet2DModel
-(`unet/`), no text encoder.
+(`unet/`), no text encoder — and text-to-image (LDMTextToImagePipeline,
+CompVis/ldm-text2im-large-256: a KL autoencoder in `vqvae/`, LDMBert in `bert/` with its BERT
+`tokenizer/`, a UNet2DConditionModel).
 
 What the folders leave implicit follows the diffusers pipelines: the unconditional pipeline
 divides final latents by the VQ config's `scaling_factor` before decoding, the
@@ -40,7 +42,74 @@ config; the published folders carry DDIM configs over it."""
 
 def is_ldm_folder(folder: Path) -> bool:
     """A diffusers folder of the text-free LDM families: a `vqvae/` and no text encoder."""
-    return (folder / "vqvae").is_dir() and not (folder / "text_encoder").is_dir()
+    return (
+        (folder / "vqvae").is_dir()
+        and not (folder / "text_encoder").is_dir()
+        and not (folder / "bert").is_dir()
+    )
+
+
+def is_ldm_text_folder(folder: Path) -> bool:
+    """An LDMTextToImagePipeline folder: `bert/` and `vqvae/`."""
+    return (folder / "bert").is_dir() and (folder / "vqvae").is_dir()
+
+
+def load_ldm_text_folder(
+    folder: Path, device: torch.device, dtype: torch.dtype, name: str | None = None
+) -> Pipeline:
+    """An LDMTextToImagePipeline folder: unet/, vqvae/ (KL), bert/, tokenizer/, scheduler/."""
+    from transformers import BertTokenizer
+
+    from model.ldmbert import (
+        BertTextEncoder,
+        LDMBert,
+        ldmbert_config_from_diffusers,
+        ldmbert_state_dict_from_diffusers,
+    )
+    from model.unet import UNetModel
+    from model.unet_convert import unet_config_from_diffusers, unet_state_dict_from_diffusers
+    from model.vae_convert import vae_from_diffusers
+
+    unet_dir = folder / "unet"
+    unet_json = read_json(unet_dir / "config.json")
+    unet_cfg = unet_config_from_diffusers(unet_json, source=str(unet_dir))
+    weights = WeightFile(find_weights(unet_dir, "diffusion_pytorch_model"))
+    nhwc = prefers_channels_last(device)
+    raw = weights.read(list(weights.shapes()), device=device, dtype=dtype, channels_last=nhwc)
+    unet = build_module(
+        lambda: UNetModel(unet_cfg),
+        unet_state_dict_from_diffusers(raw, unet_cfg, source=str(weights.path)),
+        what="UNet", source=str(weights.path), device=device, dtype=dtype,
+    )  # fmt: skip
+    del raw
+    bert_dir = folder / "bert"
+    bert_cfg = ldmbert_config_from_diffusers(
+        read_json(bert_dir / "config.json"), source=str(bert_dir)
+    )
+    stem = "model" if any(bert_dir.glob("model*")) else "pytorch_model"  # transformers' names
+    bert_file = WeightFile(find_weights(bert_dir, stem))
+    bert_raw = bert_file.read(list(bert_file.shapes()), device=device, dtype=dtype)
+    bert = build_module(
+        lambda: LDMBert(bert_cfg), ldmbert_state_dict_from_diffusers(bert_raw),
+        what="LDMBert", source=str(bert_file.path), device=device, dtype=dtype,
+    )  # fmt: skip
+    tokenizer = BertTokenizer.from_pretrained(str(folder / "tokenizer"))
+    vae = vae_from_diffusers(folder / "vqvae", device=device, dtype=dtype)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    schedule = NoiseSchedule.from_config(
+        read_json(sched_path) if sched_path.is_file() else LDM_SCHEDULER_CONFIG
+    )
+    log.info("loaded ldm-text2im folder %s on %s/%s", folder, device, dtype)
+    side = unet_json.get("sample_size") or 32
+    return Pipeline(
+        unet=unet,
+        vae=vae,
+        text=BertTextEncoder(bert, tokenizer),  # type: ignore[arg-type]
+        schedule=schedule,
+        name=name or folder.name,
+        native_size=int(side[0] if isinstance(side, list) else side) * vae.downsampling_factor,
+        family="ldm-text2im",
+    )
 
 
 def load_ldm_folder(
