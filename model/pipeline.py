@@ -8,8 +8,10 @@ a job served by the engine and a `generate()` call with the same parameters give
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ from model import samplers
 from model.capabilities import Capabilities, describe
 from model.conditioning import Conditioning
 from model.denoise import Blend, Row, denoise_step
+from model.lora_files import LoraError
+from model.lora_layers import AdapterSet
+from model.lora_library import LoraLibrary
 from model.text import TextEncoder
 from model.unet import UNetModel, prefers_channels_last
 from model.vae import AutoencoderKL, LatentDistribution
@@ -64,7 +69,10 @@ class Pipeline:
     decode_chunk: int = 4  # images decoded per VAE call: bounds activation memory at 512x512+
     native_size: int = 512  # the side the model was trained at (a request without a size)
     family: str | None = None  # None: told from the text context width (sd1 / sd2)
+    lora_dir: Path | None = None  # where request-named LoRA adapters live
+    lora_cache_bytes: int = 1 << 30  # adapter weights kept in memory (LRU beyond)
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
+    _loras: LoraLibrary | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if prefers_channels_last(self.device):  # loaders read conv weights NHWC already
@@ -124,6 +132,27 @@ class Pipeline:
             w0 = h0 = self.native_size
         return (width or w0, height or h0)
 
+    @property
+    def loras(self) -> LoraLibrary:
+        """This model's LoRA adapters (made on first use, so a model without any pays nothing)."""
+        if self._loras is None:
+            self._loras = LoraLibrary(
+                {"unet": self.unet, "text": self.text.model}, self.lora_dir,
+                budget_bytes=self.lora_cache_bytes, device=self.device, dtype=self.dtype,
+            )  # fmt: skip
+        return self._loras
+
+    def adapter_set(
+        self, specs: Sequence[Mapping[str, Any]], *, allow_paths: bool = True
+    ) -> AdapterSet:
+        """A job's [{"name", "scale"}] loaded; GenerationError on `loras` naming file and key."""
+        if not specs:
+            return ()
+        try:
+            return self.loras.adapter_set(specs, allow_paths=allow_paths)
+        except LoraError as exc:
+            raise GenerationError(str(exc), "loras") from None
+
     # ----------------------------------------------------------------- checks
     def check(
         self,
@@ -174,16 +203,23 @@ class Pipeline:
 
     # ----------------------------------------------------------------- pieces
     @torch.inference_mode()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings (N, 77, D) in the UNet's dtype."""
-        return self.text.encode(list(prompts)).to(self.device, self.dtype)
+    def encode_prompts(
+        self, prompts: Sequence[str], adapters: Sequence[AdapterSet] | None = None
+    ) -> torch.Tensor:
+        """Text embeddings (N, 77, D) in the UNet's dtype; `adapters`: each prompt's LoRAs."""
+        if not adapters or not any(adapters):
+            return self.text.encode(list(prompts)).to(self.device, self.dtype)
+        with self.loras.applied("text", adapters):
+            return self.text.encode(list(prompts)).to(self.device, self.dtype)
 
     @torch.inference_mode()
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One UNet call; float32 latents in, float32 model output out."""
-        return self.unet(
-            x.to(self.device), t.to(self.device), cond.to(self.device, self.dtype)
-        ).float()
+        x, t, cond = x.to(self.device), t.to(self.device), cond.to(self.device, self.dtype)
+        if cond.loras is None:
+            return self.unet(x, t, cond).float()
+        with self.loras.applied("unet", cond.loras):
+            return self.unet(x, t, cond).float()
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> LatentDistribution:
@@ -208,6 +244,7 @@ class Pipeline:
         mask: Image.Image | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
+        adapters: AdapterSet = (),
     ) -> JobStart:
         """Rows for one job's images (prompt embeddings (1, N, D) given), following the noise
         convention: image i draws from Generator("cpu").manual_seed(seed + i), in the order the
@@ -254,7 +291,7 @@ class Pipeline:
                 masked_lat = masked.sample(gen) * sf
                 if self.concat_inpainting:
                     concat = torch.cat([mask_lat, masked_lat], dim=1)  # type: ignore[list-item]
-            c = Conditioning(cond, concat=concat)
+            c = Conditioning(cond, concat=concat, loras=(adapters,) if adapters else None)
             u = c.with_text(uncond) if guided and uncond is not None else None
             b = Blend(mask_lat, clean, noise) if blend else None  # type: ignore[arg-type]
             rows.append(Row(traj, state, c, u, float(guidance_scale), b))
@@ -297,21 +334,25 @@ class Pipeline:
         mask: Image.Image | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
+        loras: Sequence[Mapping[str, Any]] = (),
     ) -> list[Image.Image]:
         """Text-to-image, img2img (image) or inpainting (image + mask, white = repaint) for one
-        prompt; image i uses the generator seeded with seed + i."""
+        prompt; image i uses the generator seeded with seed + i; `loras` [{"name", "scale"}]
+        (a name in lora_dir, or a .safetensors path)."""
         width, height = self.output_size(width, height, image)
         self.check(
             width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
             image=image, mask=mask, strength=strength,
         )  # fmt: skip
         guided = guidance_scale > 1.0
-        cond = self.encode_prompts([prompt])
-        uncond = self.encode_prompts([negative_prompt]) if guided else None
+        adapters = self.adapter_set(loras)
+        cond = self.encode_prompts([prompt], [adapters])
+        uncond = self.encode_prompts([negative_prompt], [adapters]) if guided else None
         job = self.begin(
             cond, uncond, width=width, height=height, steps=steps,
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,
             image=image, mask=mask, strength=strength, keep_unmasked=keep_unmasked,
+            adapters=adapters,
         )  # fmt: skip
         rows = job.rows
         while not rows[0].finished:
