@@ -30,10 +30,12 @@ class Capabilities:
     native_size: int  # the side a request without width/height gets
     prediction_type: str  # epsilon | v_prediction
     max_steps: dict[str, int]  # sampler name -> most steps it can plan
+    loras: tuple[str, ...] = ()  # LoRA adapter names requests may use (its lora_dir's files)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["modes"] = list(self.modes)
+        data["loras"] = list(self.loras)
         return data
 
 
@@ -61,4 +63,5 @@ def describe(pipe: Pipeline) -> Capabilities:
         native_size=pipe.native_size,
         prediction_type=sched.prediction_type,
         max_steps=limits,
+        loras=tuple(pipe.loras.names()) if pipe.lora_dir is not None else (),
     )

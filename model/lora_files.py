@@ -68,7 +68,7 @@ class LoraFile:
     """A loaded adapter: per part ("unet", "text"), module name -> weight. Compared by identity."""
 
     key: str  # the file (and its version): one adapter file is one adapter
-    parts: dict[str, dict[str, LoraWeight]] = field(default_factory=dict)
+    parts: dict[str, dict[str, LoraWeight]] = field(default_factory=dict, repr=False)
 
     def weights(self, part: str) -> dict[str, LoraWeight]:
         return self.parts.get(part, {})

@@ -83,19 +83,18 @@ class LoraLibrary:
         key = (str(path), stat.st_mtime_ns, stat.st_size)  # a replaced file is read again
         if key in self._cache:
             self._cache.move_to_end(key)
-            return self._cache[key]
-        adapter = read_lora(path, self.targets, device=self.device, dtype=self.dtype)
-        adapter = replace(adapter, key=f"{path}@{stat.st_mtime_ns}:{stat.st_size}")
-        for part, weights in adapter.parts.items():
-            install(self.networks[part], list(weights), self.slots[part])
-        self._cache[key] = adapter
+        else:
+            adapter = read_lora(path, self.targets, device=self.device, dtype=self.dtype)
+            adapter = replace(adapter, key=f"{path}@{stat.st_mtime_ns}:{stat.st_size}")
+            for part, weights in adapter.parts.items():
+                install(self.networks[part], list(weights), self.slots[part])
+            self._cache[key] = adapter
+            log.info("LoRA %s loaded (%d bytes)", path, adapter.nbytes)
+        # Jobs running with a dropped adapter keep their reference; it is freed after them.
         while len(self._cache) > 1 and self.cached_bytes() > self.budget_bytes:
             dropped = self._cache.popitem(last=False)[1]
-            log.info(
-                "LoRA %s dropped from memory (budget %d bytes)", dropped.key, self.budget_bytes
-            )
-        log.info("LoRA %s loaded (%d bytes)", path, adapter.nbytes)
-        return adapter
+            log.info("LoRA %s dropped (budget %d bytes)", dropped.key, self.budget_bytes)
+        return self._cache[key]
 
     def cached_bytes(self) -> int:
         return sum(a.nbytes for a in self._cache.values())
