@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -86,3 +87,31 @@ def write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
+
+
+def kohya_unet_and_text(
+    unet: nn.Module, text: nn.Module, *, rank: int, alpha: float | None, seed: int
+) -> dict[str, Tensor]:
+    """kohya LoCon over every UNet Linear / Conv2d and every text-encoder Linear, named as
+    files name them (`lora_te_text_model_...`); the UNet in whatever spelling `unet` has."""
+    return kohya_tensors(
+        {
+            "lora_unet_": (unet, layers(unet)),
+            "lora_te_text_model_": (text, layers(text, kinds=(nn.Linear,))),
+        },
+        rank=rank,
+        alpha=alpha,
+        seed=seed,
+    )
+
+
+def write_demo_loras(pipe: Any, folder: Path) -> Path:
+    """For the demo model: `ink` (kohya, LDM spelling, UNet + text), `neon` (PEFT, UNet
+    attention) and `broken` (not safetensors)."""
+    unet, te = pipe.unet, pipe.text.model
+    kohya = kohya_unet_and_text(unet, te, rank=4, alpha=2.0, seed=3)
+    attn = [n for n in layers(unet) if ".attn" in n]
+    write(folder / "ink.safetensors", kohya)
+    write(folder / "neon.safetensors", peft_tensors({"unet": (unet, attn)}, rank=8, seed=4))
+    (folder / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    return folder

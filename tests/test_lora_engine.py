@@ -20,30 +20,10 @@ from tests import lora_kit
 from tests.test_engine import assert_all_equal_solo, max_diff, req, run_until_idle, solo
 
 
-def write_demo_loras(pipe: Pipeline, folder: Path) -> Path:
-    """Two adapters for the demo model: kohya (LDM spelling, UNet + text, LoCon) and PEFT."""
-    unet, te = pipe.unet, pipe.text.model
-    kohya = lora_kit.kohya_tensors(
-        {
-            "lora_unet_": (unet, lora_kit.layers(unet)),
-            "lora_te_text_model_": (te, lora_kit.layers(te, kinds=(torch.nn.Linear,))),
-        },
-        rank=4,
-        alpha=2.0,
-        seed=3,
-    )
-    attn = [n for n in lora_kit.layers(unet) if ".attn" in n]
-    peft = lora_kit.peft_tensors({"unet": (unet, attn)}, rank=8, seed=4)
-    lora_kit.write(folder / "ink.safetensors", kohya)
-    lora_kit.write(folder / "neon.safetensors", peft)
-    (folder / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     pipe = load_pipeline("demo", device="cpu")
-    pipe.lora_dir = write_demo_loras(pipe, tmp_path_factory.mktemp("loras"))
+    pipe.lora_dir = lora_kit.write_demo_loras(pipe, tmp_path_factory.mktemp("loras"))
     return pipe
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from diffusers import StableDiffusionPipeline
 
 from model import load_pipeline
@@ -32,15 +31,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("lora")
     ref.save_pretrained(root / "pipeline", safe_serialization=True)
     unet, te = ref.unet, ref.text_encoder
-    kohya = lora_kit.kohya_tensors(
-        {
-            "lora_unet_": (unet, lora_kit.layers(unet)),
-            "lora_te_text_model_": (te, lora_kit.layers(te, kinds=(torch.nn.Linear,))),
-        },
-        rank=4,
-        alpha=2.0,
-        seed=1,
-    )
+    kohya = lora_kit.kohya_unet_and_text(unet, te, rank=4, alpha=2.0, seed=1)
     unet_attn = [n for n in lora_kit.layers(unet) if n.endswith(ATTN)]
     te_attn = [n for n in lora_kit.layers(te) if n.endswith(("q_proj", "v_proj"))]
     peft = lora_kit.peft_tensors(
