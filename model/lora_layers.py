@@ -78,13 +78,8 @@ class LoraConv2d(nn.Conv2d, _Adapted):
         return self._delta(x, out) if self.lora_slot.groups else out
 
     def _low_rank(self, x: Tensor, w: LoraWeight) -> Tensor:
-        """down with the layer's stride, padding and dilation (LoCon), then the 1x1 up."""
-        if w.down.shape[2:] == (1, 1) and self.kernel_size == (1, 1):
-            h = F.conv2d(x, w.down, stride=self.stride)
-        else:
-            h = F.conv2d(
-                x, w.down, stride=self.stride, padding=self.padding, dilation=self.dilation
-            )
+        """down with the layer's kernel size, stride, padding and dilation (LoCon), 1x1 up."""
+        h = F.conv2d(x, w.down, stride=self.stride, padding=self.padding, dilation=self.dilation)
         return F.conv2d(h, w.up)  # (n, out, H', W')
 
 

@@ -202,9 +202,8 @@ class Engine:
         adapters = {}
         for handle in handles:  # a missing or corrupt adapter fails only the job naming it
             try:
-                adapters[handle.id] = self.pipeline.adapter_set(
-                    handle.request.params.model_dump()["loras"], allow_paths=False
-                )
+                specs = [lo.model_dump() for lo in handle.request.params.loras]
+                adapters[handle.id] = self.pipeline.adapter_set(specs, allow_paths=False)
             except GenerationError as exc:
                 self._fail_unstarted(handle, str(exc), out)
         handles = [h for h in handles if h.id in adapters]

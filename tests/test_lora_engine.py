@@ -16,6 +16,7 @@ from model.pipeline import GenerationError, Pipeline
 from service.contract import LORA_NAME_PATTERN, GenerationParams
 from service.engine import Engine
 from service.engine_types import JobState
+from service.infotext import infotext
 from tests import lora_kit
 from tests.test_engine import assert_all_equal_solo, max_diff, req, run_until_idle, solo
 
@@ -117,5 +118,8 @@ def test_names_and_tags_follow_the_contract(demo: Pipeline) -> None:
         ("ink", 0.5),
         ("neon", 1.0),
     ]
+    prompt_line = infotext(p.model_dump(), 1).splitlines()[0]  # A1111's PNG Info keeps the tags
+    assert prompt_line == "a fox <lora:ink:0.5> <lora:neon:1>"
+    assert GenerationParams(prompt=prompt_line).loras == p.loras
     with pytest.raises(ValueError, match="named twice"):
         GenerationParams(prompt="<lora:ink> fox", loras=[{"name": "ink"}])
