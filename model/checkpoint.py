@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from model.embeddings import install_embeddings
 from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
 from model.text import text_encoder_from_ldm
@@ -66,12 +67,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(
-    source: str, device: Any = None, dtype: Any = None, lora_dir: Any = None
+    source: str,
+    device: Any = None,
+    dtype: Any = None,
+    lora_dir: Any = None,
+    embeddings_dir: Any = None,
 ) -> Pipeline:
     """Load a Pipeline from a .safetensors/.ckpt file, a diffusers folder, a hub repo id or 'demo'
-    (`lora_dir`: the folder of LoRA adapters its requests may name)."""
+    (`lora_dir`: the folder of LoRA adapters its requests may name; `embeddings_dir`: the
+    textual-inversion embeddings its prompts may use by name)."""
     pipe = _load_source(source, device, dtype)
     pipe.lora_dir = Path(lora_dir).expanduser() if lora_dir is not None else None
+    if embeddings_dir is not None:
+        pipe.embeddings = install_embeddings(pipe.text, Path(embeddings_dir).expanduser())
     return pipe
 
 

@@ -22,6 +22,7 @@ from model import samplers
 from model.capabilities import Capabilities, describe
 from model.conditioning import Conditioning
 from model.denoise import Blend, Row, denoise_step
+from model.embeddings import expand_prompt
 from model.lora_files import LoraError
 from model.lora_layers import AdapterSet
 from model.lora_library import LoraLibrary
@@ -71,6 +72,7 @@ class Pipeline:
     family: str | None = None  # None: told from the text context width (sd1 / sd2)
     lora_dir: Path | None = None  # where request-named LoRA adapters live
     lora_cache_bytes: int = 1 << 30  # adapter weights kept in memory (LRU beyond)
+    embeddings: dict[str, int] = field(default_factory=dict)  # textual inversion: word -> vectors
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
     _loras: LoraLibrary | None = field(default=None, init=False, repr=False)
 
@@ -207,6 +209,8 @@ class Pipeline:
         self, prompts: Sequence[str], adapters: Sequence[AdapterSet] | None = None
     ) -> torch.Tensor:
         """Text embeddings (N, 77, D) in the UNet's dtype; `adapters`: each prompt's LoRAs."""
+        if self.embeddings:
+            prompts = [expand_prompt(p, self.embeddings, self.text) for p in prompts]
         if not adapters or not any(adapters):
             return self.text.encode(list(prompts)).to(self.device, self.dtype)
         with self.loras.applied("text", adapters):

@@ -127,7 +127,10 @@ def cmd_worker(settings: Settings) -> int:
 
     if settings.model == "demo":
         log.info(DEMO_NOTE)
-    pipeline = load_pipeline(settings.model, device=settings.device, lora_dir=settings.lora_dir)
+    pipeline = load_pipeline(
+        settings.model, device=settings.device, lora_dir=settings.lora_dir,
+        embeddings_dir=settings.embeddings_dir,
+    )  # fmt: skip
     pipeline.lora_cache_bytes = settings.lora_cache_mb << 20
     warm_up(pipeline)
     asyncio.run(serve(settings, pipeline))
@@ -164,7 +167,10 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     except (ValidationError, OSError) as exc:
         print(f"ldmserve generate: error: {exc}", file=sys.stderr)
         return 2
-    pipe = load_pipeline(source, device=args.device or settings.device, lora_dir=settings.lora_dir)
+    pipe = load_pipeline(
+        source, device=args.device or settings.device, lora_dir=settings.lora_dir,
+        embeddings_dir=settings.embeddings_dir,
+    )  # fmt: skip
     start = time.perf_counter()
     seed = params.seed or 0
     kwargs = params.model_dump(exclude=set(IMAGE_FIELDS)) | {"seed": seed} | images_in

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     lora_dir: Path | None = Field(
         default=None, description="Workers: the folder of <name>.safetensors LoRA adapters."
     )
+    embeddings_dir: Path | None = Field(
+        default=None,
+        description="Workers: textual-inversion embeddings (<word>.pt / .safetensors) prompts may use.",
+    )
     lora_cache_mb: int = Field(
         default=1024, ge=0, description="Workers: LoRA weights kept in memory (LRU beyond)."
     )
