@@ -13,7 +13,7 @@ the duration of one call (`applied`); with no adapters in the call a layer costs
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -49,33 +49,34 @@ class _Adapted:
     lora_slot: LoraSlot
     lora_name: str
 
-    def _delta(self, x: Tensor, out: Tensor) -> Tensor:
+    def _delta(
+        self, x: Tensor, out: Tensor, low_rank: Callable[[Tensor, LoraWeight], Tensor]
+    ) -> Tensor:
+        """out + each adapter's scaled low_rank(x[rows]) on its rows."""
         for group in self.lora_slot.groups:
             w = group.adapter.weights(self.lora_slot.part).get(self.lora_name)
             if w is None:
                 continue
-            h = self._low_rank(x.index_select(0, group.rows), w)  # (n, ...) like out[rows]
+            h = low_rank(x.index_select(0, group.rows), w)  # (n, ...) like out[rows]
             scale = (group.scales * w.scale).to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
             out = out.index_add(0, group.rows, h * scale)
         return out
-
-    def _low_rank(self, x: Tensor, w: LoraWeight) -> Tensor:
-        raise NotImplementedError
 
 
 class LoraLinear(nn.Linear, _Adapted):
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
-        return self._delta(x, out) if self.lora_slot.groups else out
+        return self._delta(x, out, self._low_rank) if self.lora_slot.groups else out
 
-    def _low_rank(self, x: Tensor, w: LoraWeight) -> Tensor:
+    @staticmethod
+    def _low_rank(x: Tensor, w: LoraWeight) -> Tensor:
         return F.linear(F.linear(x, w.down), w.up)  # (n, ..., r) -> (n, ..., out)
 
 
 class LoraConv2d(nn.Conv2d, _Adapted):
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
-        return self._delta(x, out) if self.lora_slot.groups else out
+        return self._delta(x, out, self._low_rank) if self.lora_slot.groups else out
 
     def _low_rank(self, x: Tensor, w: LoraWeight) -> Tensor:
         """down with the layer's kernel size, stride, padding and dilation (LoCon), 1x1 up."""

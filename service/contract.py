@@ -137,10 +137,7 @@ class GenerationParams(BaseModel):
         if "<lora:" in self.prompt:
             self.prompt, tagged = lora_tags(self.prompt)
             self.loras = [*self.loras, *tagged]
-        names = [lo.name for lo in self.loras]
-        if twice := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"loras: {twice[0]!r} is named twice")
-        return self
+        return self  # a name given twice applies twice (its multipliers add up)
 
     def mode(self) -> str:
         return mode_of(self.image is not None, self.mask is not None)

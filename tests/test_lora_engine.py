@@ -121,5 +121,7 @@ def test_names_and_tags_follow_the_contract(demo: Pipeline) -> None:
     prompt_line = infotext(p.model_dump(), 1).splitlines()[0]  # A1111's PNG Info keeps the tags
     assert prompt_line == "a fox <lora:ink:0.5> <lora:neon:1>"
     assert GenerationParams(prompt=prompt_line).loras == p.loras
-    with pytest.raises(ValueError, match="named twice"):
-        GenerationParams(prompt="<lora:ink> fox", loras=[{"name": "ink"}])
+    twice = demo.adapter_set([{"name": "ink", "scale": 0.25}, {"name": "ink", "scale": 0.5}])
+    once = demo.adapter_set([{"name": "ink", "scale": 0.75}])
+    a, b = demo.encode_prompts(["owl", "owl"], [twice, once])
+    assert torch.allclose(a, b, atol=1e-5), "a name given twice: the multipliers add up"
