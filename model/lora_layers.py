@@ -59,7 +59,7 @@ class _Adapted:
                 continue
             h = low_rank(x.index_select(0, group.rows), w)  # (n, ...) like out[rows]
             scale = (group.scales * w.scale).to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
-            out = out.index_add(0, group.rows, h * scale)
+            out.index_add_(0, group.rows, h * scale)  # out is this layer's own fresh output
         return out
 
 
