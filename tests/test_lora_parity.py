@@ -1,5 +1,6 @@
 """LoRA parity: generate() with adapters equals diffusers' StableDiffusionPipeline after
-`load_lora_weights` + `set_adapters(names, weights)` (unfused), on a tiny random SD 1.x model.
+`load_lora_weights` + `set_adapters(names, weights)` (unfused), on tiny random SD 1.x and SD 2.x
+models (SD 2.x: linear proj_in/out, OpenCLIP-style text tower as diffusers ships it).
 
 kohya-ss files adapt every Linear and Conv2d of the UNet (LoCon: 3x3 convolutions with their
 own kernel, stride and padding) and the text encoder's attention and MLP; diffusers/PEFT files
@@ -25,10 +26,12 @@ KW = {**PARITY_KW, "num_images": 1, "steps": 6}
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    ref = build_reference("sd1")
-    root = tmp_path_factory.mktemp("lora")
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def setup(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    ref = build_reference(request.param)
+    root = tmp_path_factory.mktemp(f"lora-{request.param}")
     ref.save_pretrained(root / "pipeline", safe_serialization=True)
     unet, te = ref.unet, ref.text_encoder
     kohya = lora_kit.kohya_unet_and_text(unet, te, rank=4, alpha=2.0, seed=1)
@@ -44,6 +47,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     return {
         "ref": ref,
+        "family": request.param,
         "folder": root / "pipeline",
         "kohya": lora_kit.write(root / "loras" / "style_k.safetensors", kohya),
         "peft": lora_kit.write(root / "loras" / "style_p.safetensors", peft, meta),
@@ -86,7 +90,7 @@ def test_lora_generate_matches_diffusers(setup: dict[str, Any], adapters: dict[s
     got = _ours(ours, specs)
     expected = _reference(setup, adapters)
     diff = np.abs(got.astype(int) - expected.astype(int)).max()
-    print(f"LoRA parity {adapters}: max pixel difference {diff}/255")  # noqa: T201
+    print(f"LoRA parity {setup['family']} {adapters}: max pixel difference {diff}/255")  # noqa: T201
     assert diff <= 2, f"max pixel difference {diff} > 2/255"
     assert np.abs(got.astype(int) - plain.astype(int)).max() > 20, "the adapters must matter"
     assert np.array_equal(_ours(ours, []), plain), "no adapter left applied after the job"
