@@ -10,8 +10,18 @@ if TYPE_CHECKING:
 __all__ = ["Pipeline", "load_pipeline"]
 
 
-def load_pipeline(source: str, device: Any = None, dtype: Any = None) -> Pipeline:
-    """Load a pipeline from a checkpoint file, a diffusers folder, a hub repo id or "demo"."""
+def load_pipeline(
+    source: str,
+    device: Any = None,
+    dtype: Any = None,
+    lora_dir: Any = None,
+    embeddings_dir: Any = None,
+) -> Pipeline:
+    """Load a pipeline from a checkpoint file, a diffusers folder, a hub repo id or "demo";
+    `lora_dir` holds the LoRA adapters requests may name, `embeddings_dir` the textual-inversion
+    embeddings prompts may use."""
     from model.checkpoint import load_pipeline as _load
 
-    return _load(source, device=device, dtype=dtype)
+    return _load(
+        source, device=device, dtype=dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir
+    )

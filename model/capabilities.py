@@ -34,10 +34,12 @@ class Capabilities:
     takes_prompt: bool = True  # False: unconditional and upscaling models
     upscale_factor: int | None = None  # upscale: output side / input side (rounded down to 32)
     max_output_pixels: int | None = None  # upscale: the largest output
+    loras: tuple[str, ...] = ()  # LoRA adapter names requests may use (its lora_dir's files)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["modes"] = list(self.modes)
+        data["loras"] = list(self.loras)
         return data
 
 
@@ -74,4 +76,5 @@ def describe(pipe: Pipeline) -> Capabilities:
         takes_prompt=pipe.takes_prompt,
         upscale_factor=pipe.vae_scale_factor if pipe.upscaler else None,
         max_output_pixels=pipe.max_upscale_pixels if pipe.upscaler else None,
+        loras=tuple(pipe.loras.names()) if pipe.lora_dir is not None else (),
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from model.embeddings import install_embeddings
 from model.ldm import is_ldm_folder, is_ldm_text_folder, load_ldm_folder, load_ldm_text_folder
 from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
@@ -69,8 +70,24 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def load_pipeline(source: str, device: Any = None, dtype: Any = None) -> Pipeline:
-    """Load a Pipeline from a .safetensors/.ckpt file, a diffusers folder, a hub repo id or 'demo'."""
+def load_pipeline(
+    source: str,
+    device: Any = None,
+    dtype: Any = None,
+    lora_dir: Any = None,
+    embeddings_dir: Any = None,
+) -> Pipeline:
+    """Load a Pipeline from a .safetensors/.ckpt file, a diffusers folder, a hub repo id or 'demo'
+    (`lora_dir`: the folder of LoRA adapters its requests may name; `embeddings_dir`: the
+    textual-inversion embeddings its prompts may use by name)."""
+    pipe = _load_source(source, device, dtype)
+    pipe.lora_dir = Path(lora_dir).expanduser() if lora_dir is not None else None
+    if embeddings_dir is not None:
+        pipe.embeddings = install_embeddings(pipe.text, Path(embeddings_dir).expanduser())
+    return pipe
+
+
+def _load_source(source: str, device: Any, dtype: Any) -> Pipeline:
     dev = torch.device(device) if device is not None else default_device()
     dt = dtype if dtype is not None else default_dtype(dev)
     if source == "demo":

@@ -7,9 +7,11 @@ a job served by the engine and a `generate()` call with the same parameters give
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,11 @@ from model.capabilities import Capabilities, describe
 from model.compiled import BucketedUNet
 from model.conditioning import Conditioning
 from model.denoise import Blend, Row, denoise_step
+from model.embeddings import expand_prompt
 from model.first_stage import FirstStage, Posterior
+from model.lora_files import LoraError
+from model.lora_layers import AdapterSet
+from model.lora_library import LoraLibrary
 from model.text import TextEncoder
 from model.unet import UNetModel, prefers_channels_last
 from model.unet2d import UNet2DModel
@@ -71,8 +77,12 @@ class Pipeline:
     family: str | None = None  # None: told from the text context width (sd1 / sd2)
     decode_tile: int = 128  # latents with more positions than this squared decode in tiles
     max_upscale_pixels: int = 2048 * 2048  # an upscaler's largest output (UNet memory bound)
+    lora_dir: Path | None = None  # where request-named LoRA adapters live
+    lora_cache_bytes: int = 1 << 30  # adapter weights kept in memory (LRU beyond)
+    embeddings: dict[str, int] = field(default_factory=dict)  # textual inversion: word -> vectors
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
     _compiled: BucketedUNet | None = field(default=None, init=False, repr=False)
+    _loras: LoraLibrary | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if prefers_channels_last(self.device):  # loaders read conv weights NHWC already
@@ -145,6 +155,28 @@ class Pipeline:
         else:
             w0 = h0 = self.native_size
         return (width or w0, height or h0)
+
+    @property
+    def loras(self) -> LoraLibrary:
+        """This model's LoRA adapters (made on first use, so a model without any pays nothing)."""
+        if self._loras is None:
+            self._loras = LoraLibrary(
+                {"unet": self.unet, **({"text": self.text.model} if self.text else {})},
+                self.lora_dir,
+                budget_bytes=self.lora_cache_bytes, device=self.device, dtype=self.dtype,
+            )  # fmt: skip
+        return self._loras
+
+    def adapter_set(
+        self, specs: Sequence[Mapping[str, Any]], *, allow_paths: bool = True
+    ) -> AdapterSet:
+        """A job's [{"name", "scale"}] loaded; GenerationError on `loras` naming file and key."""
+        if not specs:
+            return ()
+        try:
+            return self.loras.adapter_set(specs, allow_paths=allow_paths)
+        except LoraError as exc:
+            raise GenerationError(str(exc), "loras") from None
 
     # ----------------------------------------------------------------- checks
     def check(
@@ -254,35 +286,67 @@ class Pipeline:
 
     # ----------------------------------------------------------------- pieces
     def embed_prompts(
-        self, prompts: Sequence[str], clip_skip: int | None = None
+        self,
+        prompts: Sequence[str],
+        clip_skip: int | None = None,
+        adapters: Sequence[AdapterSet] | None = None,
     ) -> list[torch.Tensor]:
         """Each prompt's text embedding (1, 77·k, D) in the UNet's dtype: A1111's 75-token
-        chunks and weights (model.prompt_encoding), not padded; one encoder call. A text-free
-        model gets (1, 0, 0) per prompt."""
+        chunks and weights (model.prompt_encoding), not padded; one encoder call per adapter
+        set (`adapters`: each prompt's LoRAs, their text-encoder parts applied); textual
+        inversion words expanded. A text-free model gets (1, 0, 0) per prompt."""
         if self.text is None:
             return [torch.zeros((1, 0, 0), device=self.device, dtype=self.dtype) for _ in prompts]
-        embs = prompt_encoding.encode_prompts(self.text, list(prompts), clip_skip=clip_skip or 1)
-        return [e.hidden.to(self.device, self.dtype) for e in embs]
+        prompts = list(prompts)
+        if self.embeddings:
+            prompts = [expand_prompt(p, self.embeddings, self.text) for p in prompts]
+        sets = list(adapters) if adapters else [()] * len(prompts)
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        for adapter_set in dict.fromkeys(sets):  # prompts sharing adapters encode together
+            idx = [i for i, a in enumerate(sets) if a == adapter_set]
+            chunks = [prompt_encoding.chunk_prompt(self.text, prompts[i]) for i in idx]
+            rows = sum(c.count for c in chunks)  # the encoder call's batch: every chunk
+            scope = (
+                self.loras.applied("text", [adapter_set] * rows)
+                if adapter_set
+                else contextlib.nullcontext()
+            )
+            with scope:
+                embs = prompt_encoding.encode_chunks(self.text, chunks, clip_skip=clip_skip or 1)
+            for i, e in zip(idx, embs, strict=True):
+                out[i] = e.hidden.to(self.device, self.dtype)
+        return out  # type: ignore[return-value]
 
-    def encode_prompts(self, prompts: Sequence[str], clip_skip: int | None = None) -> torch.Tensor:
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        clip_skip: int | None = None,
+        adapters: Sequence[AdapterSet] | None = None,
+    ) -> torch.Tensor:
         """Text embeddings (N, 77·k, D) in the UNet's dtype, shorter prompts padded with
         empty-prompt chunks to the longest (so CFG's rows batch); (N, 0, 0) without text."""
         if self.text is None:
             return torch.zeros((len(prompts), 0, 0), device=self.device, dtype=self.dtype)
-        *embs, empty = self.embed_prompts([*prompts, ""], clip_skip)
+        sets = list(adapters) if adapters else [()] * len(prompts)
+        pad_set = sets[0] if sets and all(a == sets[0] for a in sets) else ()  # a job's own
+        *embs, empty = self.embed_prompts([*prompts, ""], clip_skip, [*sets, pad_set])
         return torch.cat(prompt_encoding.pad_to_longest(embs, empty))
 
     @torch.inference_mode()
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One UNet call; float32 latents in, float32 model output out."""
-        unet = self._compiled or self.unet
-        return unet(x.to(self.device), t.to(self.device), cond.to(self.device, self.dtype)).float()
+        x, t, cond = x.to(self.device), t.to(self.device), cond.to(self.device, self.dtype)
+        if cond.loras is None:
+            unet = self._compiled or self.unet
+            return unet(x, t, cond).float()
+        with self.loras.applied("unet", cond.loras):  # eager: adapters change per call
+            return self.unet(x, t, cond).float()
 
     def compile_unet(
         self, buckets: Sequence[int], mode: str | None = None, backend: str = "inductor"
     ) -> BucketedUNet:
         """Run the UNet through torch.compile at bucketed batch sizes (model.compiled); call
-        `warm_compiled` to compile before serving."""
+        `warm_compiled` to compile before serving. Calls with LoRA rows stay eager."""
         self._compiled = BucketedUNet(self.unet, buckets, mode, backend)
         return self._compiled
 
@@ -320,6 +384,7 @@ class Pipeline:
         mask: Image.Image | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
+        adapters: AdapterSet = (),
     ) -> JobStart:
         """Rows for one job's images (prompt embeddings (1, N, D) given), following the noise
         convention: image i draws from Generator("cpu").manual_seed(seed + i), in the order the
@@ -368,7 +433,10 @@ class Pipeline:
                 masked_lat = masked.sample(gen) * sf
                 if self.concat_inpainting:
                     concat = torch.cat([mask_lat, masked_lat], dim=1)  # type: ignore[list-item]
-            c = Conditioning(cond, concat=concat, scale_concat=mode == "upscale")
+            c = Conditioning(
+                cond, concat=concat, scale_concat=mode == "upscale",
+                loras=(adapters,) if adapters else None,
+            )  # fmt: skip
             u = c.with_text(uncond) if guided and uncond is not None else None
             b = Blend(mask_lat, clean, noise) if blend else None  # type: ignore[arg-type]
             rows.append(Row(traj, state, c, u, float(guidance_scale), b))
@@ -415,23 +483,27 @@ class Pipeline:
         strength: float | None = None,
         keep_unmasked: bool = False,
         clip_skip: int | None = None,
+        loras: Sequence[Mapping[str, Any]] = (),
     ) -> list[Image.Image]:
         """Text-to-image, img2img (image) or inpainting (image + mask, white = repaint) for one
         prompt; unconditional models take no prompt, upscalers the low-res `image`; image i
-        uses the generator seeded with seed + i."""
+        uses the generator seeded with seed + i; `loras` [{"name", "scale"}] (a name in
+        lora_dir, or a .safetensors path)."""
         width, height = self.output_size(width, height, image)
         self.check(
             width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
             image=image, mask=mask, strength=strength, clip_skip=clip_skip, prompt=prompt,
         )  # fmt: skip
         guided = guidance_scale > 1.0
+        adapters = self.adapter_set(loras)
         texts = [prompt, negative_prompt] if guided else [prompt]
-        cond, *rest = self.encode_prompts(texts, clip_skip).split(1)
+        cond, *rest = self.encode_prompts(texts, clip_skip, [adapters] * len(texts)).split(1)
         uncond = rest[0] if rest else None
         job = self.begin(
             cond, uncond, width=width, height=height, steps=steps,
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,
             image=image, mask=mask, strength=strength, keep_unmasked=keep_unmasked,
+            adapters=adapters,
         )  # fmt: skip
         rows = job.rows
         while not rows[0].finished:

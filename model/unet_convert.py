@@ -225,3 +225,33 @@ def unet_state_dict_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Our weights under the single-file prefix (for writing checkpoints), in the default
     layout whatever the module's (safetensors stores only contiguous tensors)."""
     return {LDM_PREFIX + k: v.contiguous() for k, v in unet.state_dict().items()}
+
+
+def diffusers_module_names(cfg: UNetConfig, names: list[str]) -> dict[str, str]:
+    """Our module names -> diffusers' (the inverse of unet_state_dict_from_diffusers' renames),
+    for adapter files that address modules by their diffusers names."""
+    ours_to_theirs = {
+        ours: (theirs, resnet) for theirs, (ours, resnet) in _diffusers_prefix_map(cfg).items()
+    }
+    resnet_back = {ours: theirs for theirs, ours in _RESNET_RENAMES.items()}
+    out: dict[str, str] = {}
+    for name in names:
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            head = ".".join(parts[:cut])
+            if head not in ours_to_theirs:
+                continue
+            theirs, resnet = ours_to_theirs[head]
+            rest = ".".join(parts[cut:])
+            if resnet:
+                rest = next(
+                    (
+                        t + rest[len(o) :]
+                        for o, t in resnet_back.items()
+                        if rest == o or rest.startswith(o + ".")
+                    ),
+                    rest,
+                )
+            out[name] = f"{theirs}.{rest}" if rest else theirs
+            break
+    return out

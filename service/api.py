@@ -54,6 +54,8 @@ from service.schemas import (
     JobStatus,
     JobView,
     Links,
+    LoraInfo,
+    LoraList,
     ModelInfo,
     ModelList,
     SamplerList,
@@ -311,6 +313,18 @@ async def list_models(queue: QueueDep, settings: SettingsDep) -> ModelList:
             )
         )
     return ModelList(models=models)
+
+
+@router.get("/v1/loras", response_model=LoraList, responses=_ERRORS)
+async def list_loras(queue: QueueDep, settings: SettingsDep) -> LoraList:
+    """The LoRA adapters (`loras[].name`) the served models' workers last published."""
+    names = sorted({settings.model, *(w.model for w in await queue.live_workers())})
+    models: dict[str, list[str]] = {}
+    for model in names:
+        caps = await queue.capabilities(model) or {}
+        for lora in caps.get("loras", []):
+            models.setdefault(lora, []).append(model)
+    return LoraList(loras=[LoraInfo(name=n, models=m) for n, m in sorted(models.items())])
 
 
 @router.get("/v1/samplers", response_model=SamplerList)

@@ -56,6 +56,8 @@ def check_limits(body: JobRequest, s: Settings) -> None:
         )
     if not 1 <= body.num_images <= s.max_num_images:
         raise _out_of_range("num_images", f"must be between 1 and {s.max_num_images}")
+    if len(body.loras) > s.max_loras_per_job:
+        raise _out_of_range("loras", f"at most {s.max_loras_per_job} per job")
 
 
 def check_side(name: str, side: int, s: Settings) -> None:

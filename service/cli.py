@@ -73,6 +73,12 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in GenerationParams.model_fields.items():
         flag = "--" + name.replace("_", "-")
         doc = (info.description or "").replace("%", "%%")  # argparse formats help with %
+        if name == "loras":
+            parser.add_argument(
+                flag, action="append", type=lora_flag, metavar="NAME[:SCALE]",
+                help="a LoRA adapter in LDMSERVE_LORA_DIR (repeat for more)",
+            )  # fmt: skip
+            continue
         if name in IMAGE_FIELDS:
             what = doc.split(":")[0]  # the contract's text up to its HTTP encoding
             parser.add_argument(flag, metavar="PATH", help=f"{what}: a PNG, JPEG or WebP file")
@@ -88,6 +94,15 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, type=kind, required=info.is_required(), default=info.default, help=doc
             )
+
+
+def lora_flag(value: str) -> dict[str, Any]:
+    """`--loras NAME[:SCALE]` as the contract's {"name", "scale"}."""
+    name, _, scale = value.rpartition(":") if ":" in value else (value, "", "")
+    try:
+        return {"name": name, "scale": float(scale) if scale else 1.0}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME or NAME:SCALE") from None
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -112,7 +127,11 @@ def cmd_worker(settings: Settings) -> int:
 
     if settings.model == "demo":
         log.info(DEMO_NOTE)
-    pipeline = load_pipeline(settings.model, device=settings.device)
+    pipeline = load_pipeline(
+        settings.model, device=settings.device, lora_dir=settings.lora_dir,
+        embeddings_dir=settings.embeddings_dir,
+    )  # fmt: skip
+    pipeline.lora_cache_bytes = settings.lora_cache_mb << 20
     costs = warm_up(pipeline, settings)
     asyncio.run(serve(settings, pipeline, call_costs=costs))
     return 0
@@ -148,7 +167,10 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     except (ValidationError, OSError) as exc:
         print(f"ldmserve generate: error: {exc}", file=sys.stderr)
         return 2
-    pipe = load_pipeline(source, device=args.device or settings.device)
+    pipe = load_pipeline(
+        source, device=args.device or settings.device, lora_dir=settings.lora_dir,
+        embeddings_dir=settings.embeddings_dir,
+    )  # fmt: skip
     start = time.perf_counter()
     seed = params.seed or 0
     kwargs = params.model_dump(exclude=set(IMAGE_FIELDS)) | {"seed": seed} | images_in

@@ -13,10 +13,11 @@ the field at submit, never a 202 that fails in the worker. Torch-free: the API i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Mirrors model.samplers.SAMPLER_NAMES (a test asserts they agree); the API may not import model.
 SAMPLER_NAMES: tuple[str, ...] = (
@@ -39,6 +40,10 @@ IMAGE_FIELDS: tuple[str, ...] = ("image", "mask")  # carried as files, never in 
 MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "unconditional", "upscale")
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # as model.pipeline (and diffusers)
 UPSCALE_INPUT_MULTIPLE = 32  # mirrors model.pipeline: upscaler inputs round down to it
+# A LoRA name, never a path (mirrors model.lora_library.NAME; a test asserts they agree).
+LORA_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,127}$"
+# AUTOMATIC1111's extra-network syntax in prompts: <lora:name> or <lora:name:multiplier>.
+LORA_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
 
 
 class ContractError(ValueError):
@@ -48,6 +53,33 @@ class ContractError(ValueError):
         super().__init__(message)
         self.field = field
         self.code = code
+
+
+class LoraRequest(BaseModel):
+    """One LoRA adapter a job applies: a name the model's workers have, and its multiplier."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    name: str = Field(
+        pattern=LORA_NAME_PATTERN,
+        description="`<name>.safetensors` in the workers' LoRA directory (GET /v1/loras).",
+    )
+    scale: float = Field(
+        default=1.0, ge=-8, le=8, description="Multiplier (alpha/rank applied too)."
+    )
+
+
+def lora_tags(prompt: str) -> tuple[str, list[LoraRequest]]:
+    """The prompt without its `<lora:name:multiplier>` tags, and the adapters they name."""
+    found = []
+    for match in LORA_TAG.finditer(prompt):
+        name, mult = match[1].strip(), (match[2] or "1").strip()
+        try:
+            scale = float(mult)
+        except ValueError:
+            raise ValueError(f"prompt: {match[0]} has no number as its multiplier") from None
+        found.append(LoraRequest(name=name, scale=scale))
+    return LORA_TAG.sub("", prompt).strip(), found
 
 
 class GenerationParams(BaseModel):
@@ -108,6 +140,19 @@ class GenerationParams(BaseModel):
         "(default), 2 = the penultimate (AUTOMATIC1111's 'Clip skip'). SD 2.x counts from the "
         "layer it was trained on; at most the model's text_layers.",
     )
+    loras: list[LoraRequest] = Field(
+        default=[],
+        description="LoRA adapters [{name, scale}]; `<lora:name:scale>` in the prompt adds "
+        "one (and is removed from the prompt). At most a configured number per job.",
+    )
+
+    @model_validator(mode="after")
+    def _prompt_loras(self) -> GenerationParams:
+        """AUTOMATIC1111's `<lora:...>` tags move from the prompt into `loras`."""
+        if "<lora:" in self.prompt:
+            self.prompt, tagged = lora_tags(self.prompt)
+            self.loras = [*self.loras, *tagged]
+        return self  # a name given twice applies twice (its multipliers add up)
 
     def mode(self, modes: Sequence[str] = ()) -> str:
         return mode_of(self.image is not None, self.mask is not None, modes)
@@ -199,6 +244,12 @@ def check_capabilities(
         raise ContractError(
             "clip_skip", f"this model's text encoder has {layers} layers, got {params.clip_skip}"
         )
+    if "loras" in caps:  # workers that publish their adapters
+        for lora in params.loras:
+            if lora.name not in caps["loras"]:
+                raise ContractError(
+                    "loras", f"unknown LoRA {lora.name!r}; GET /v1/loras lists them", "unknown_lora"
+                )
     most = int(caps["max_steps"].get(params.sampler, 0))
     if params.steps > most:
         raise ContractError(

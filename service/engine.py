@@ -243,13 +243,22 @@ class Engine:
 
         Anything failing here (text encoder, VAE encoder, a bad image) fails the jobs being
         admitted and releases their rows; it never leaves them holding rows unfinished."""
+        adapters = {}
+        for handle in handles:  # a missing or corrupt adapter fails only the job naming it
+            try:
+                specs = [lo.model_dump() for lo in handle.request.params.loras]
+                adapters[handle.id] = self.pipeline.adapter_set(specs, allow_paths=False)
+            except GenerationError as exc:
+                self._fail_unstarted(handle, str(exc), out)
+        handles = [h for h in handles if h.id in adapters]
         keys = [
             prompt_key(text, p.clip_skip)
             for p in (h.request.params for h in handles)
             for text in (p.prompt, p.negative_prompt, "")  # "": padding chunks
         ]
         try:
-            embeddings = iter(self.prompts.get_many(keys))
+            sets = [adapters[h.id] for h in handles for _ in range(3)]
+            embeddings = iter(self.prompts.get_many(keys, sets))
         except Exception as exc:
             log.exception("encoding prompts failed for %d jobs", len(handles))
             for handle in handles:
@@ -268,6 +277,7 @@ class Engine:
                     steps=p.steps, guidance_scale=p.guidance_scale, sampler=p.sampler,
                     seed=p.seed or 0, num_images=p.num_images, image=req.image, mask=req.mask,
                     strength=p.strength, keep_unmasked=p.keep_unmasked,
+                    adapters=adapters[handle.id],
                 )  # fmt: skip
             except Exception as exc:
                 log.exception("job %s could not start", handle.id)

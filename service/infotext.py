@@ -72,7 +72,12 @@ def infotext(params: Mapping[str, Any], seed: int, model: str | None = None) -> 
     if params.get("clip_skip") and int(params["clip_skip"]) > 1:  # A1111 writes it only then
         fields.append(("Clip skip", int(params["clip_skip"])))
     fields.append(("Version", VERSION))
-    lines = [str(params.get("prompt", ""))]
+    # A1111 keeps its <lora:name:multiplier> tags in the prompt; ldmserve stores them in
+    # `loras`, so they are written back where A1111 users (and its PNG Info) expect them.
+    tags = "".join(
+        f" <lora:{lo['name']}:{_number(lo.get('scale', 1.0))}>" for lo in params.get("loras") or []
+    )
+    lines = [str(params.get("prompt", "")) + tags]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))

@@ -31,6 +31,7 @@ def limits_schema(s: Settings) -> dict[str, dict[str, Any]]:
         "steps": {"minimum": s.min_steps, "maximum": s.max_steps},
         "guidance_scale": {"minimum": s.min_guidance, "maximum": s.max_guidance},
         "num_images": {"minimum": 1, "maximum": s.max_num_images},
+        "loras": {"maxItems": s.max_loras_per_job},
     }
 
 

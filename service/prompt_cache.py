@@ -2,8 +2,9 @@
 
 One cache belongs to one engine, which serves one model: the model is part of the key by
 construction. The key is everything else that changes an embedding: the prompt text (its
-weights and BREAKs are part of it) and the clip_skip it is encoded with (None and 1 are the
-same layer, so they share entries).
+weights and BREAKs are part of it), the clip_skip it is encoded with (None and 1 are the
+same layer, so they share entries) and the text-encoder part of the job's LoRA adapters
+(file version and multiplier).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
+from model.lora_layers import AdapterSet
+from model.lora_library import text_signature
 from model.pipeline import Pipeline
 
 PromptKey = tuple[str, int]  # (prompt, clip_skip)
+CacheKey = tuple[str, int, tuple[tuple[str, float], ...]]  # + text-encoder adapters
 
 
 def prompt_key(prompt: str, clip_skip: int | None = None) -> PromptKey:
@@ -24,27 +28,34 @@ def prompt_key(prompt: str, clip_skip: int | None = None) -> PromptKey:
 
 
 class PromptCache:
-    """(prompt, clip_skip) -> (1, 77·k, D) embedding on the pipeline's device, LRU evicted."""
+    """(prompt, clip_skip, adapters) -> (1, 77·k, D) embedding on the pipeline's device, LRU."""
 
     def __init__(self, pipeline: Pipeline, capacity: int = 512) -> None:
         self.pipeline = pipeline
         self.capacity = capacity
-        self._entries: OrderedDict[PromptKey, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, torch.Tensor] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get_many(self, keys: Sequence[PromptKey]) -> list[torch.Tensor]:
-        """Embeddings for `keys`, encoding the uncached ones in one batch per clip_skip."""
-        missing = list(dict.fromkeys(k for k in keys if k not in self._entries))
-        for skip in dict.fromkeys(k[1] for k in missing):
-            group = [k for k in missing if k[1] == skip]
-            encoded = self.pipeline.embed_prompts([k[0] for k in group], skip)
+    def get_many(
+        self, keys: Sequence[PromptKey], adapters: Sequence[AdapterSet] | None = None
+    ) -> list[torch.Tensor]:
+        """Embeddings for `keys` (each with its job's adapters), encoding the uncached ones in
+        one batch per clip_skip, each prompt with its own text-encoder adapters."""
+        sets = list(adapters) if adapters is not None else [()] * len(keys)
+        full = [(p, skip, text_signature(a)) for (p, skip), a in zip(keys, sets, strict=True)]
+        todo = {k: a for k, a in zip(full, sets, strict=True) if k not in self._entries}
+        for skip in dict.fromkeys(k[1] for k in todo):
+            group = [k for k in todo if k[1] == skip]
+            encoded = self.pipeline.embed_prompts(
+                [k[0] for k in group], skip, [todo[k] for k in group]
+            )
             for key, emb in zip(group, encoded, strict=True):
                 self._entries[key] = emb
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
+        self.misses += len(todo)
+        self.hits += len(keys) - len(todo)
         out = []
-        for key in keys:
+        for key in full:
             self._entries.move_to_end(key)
             out.append(self._entries[key])
         while len(self._entries) > self.capacity:

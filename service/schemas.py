@@ -208,6 +208,19 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
+class LoraInfo(BaseModel):
+    """A LoRA adapter jobs may name, and the models whose workers have it."""
+
+    name: str
+    models: list[str]
+
+
+class LoraList(BaseModel):
+    """``GET /v1/loras``."""
+
+    loras: list[LoraInfo]
+
+
 class SamplerList(BaseModel):
     """``GET /v1/samplers``."""
 

@@ -121,6 +121,17 @@ class Settings(BaseSettings):
     min_guidance: float = 0.0
     max_guidance: float = 30.0
     max_num_images: int = Field(default=8, ge=1)
+    max_loras_per_job: int = Field(default=4, ge=0, description="LoRA adapters one job may use.")
+    lora_dir: Path | None = Field(
+        default=None, description="Workers: the folder of <name>.safetensors LoRA adapters."
+    )
+    embeddings_dir: Path | None = Field(
+        default=None,
+        description="Workers: textual-inversion embeddings (<word>.pt / .safetensors) prompts may use.",
+    )
+    lora_cache_mb: int = Field(
+        default=1024, ge=0, description="Workers: LoRA weights kept in memory (LRU beyond)."
+    )
     max_prompt_chars: int = Field(default=2000, ge=1)
     max_body_bytes: int = Field(default=65536, ge=1024)
     max_image_body_bytes: int = Field(

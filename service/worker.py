@@ -18,11 +18,12 @@ import signal
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from redis.exceptions import RedisError
 
+from model.capabilities import describe
 from model.compiled import default_buckets
 from model.pipeline import GenerationError, Pipeline
 from service import call_cost
@@ -204,6 +205,10 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while not self._closed.is_set():
+            # adapters added to (or removed from) the LoRA directory are published as they come
+            caps = describe(self.pipeline).to_dict()
+            if caps != self.info.capabilities:
+                self.info = replace(self.info, capabilities=caps)
             try:
                 await self.queue.heartbeat(self.info)
             except (RedisError, OSError) as exc:

@@ -33,6 +33,8 @@ CASES = {
     "vs_previous": ["bench/vs_previous.py", "--quick"],
     # redis-server + the queue's two sides in-process; seconds
     "capacity": ["bench/capacity.py", "--quick"],
+    # one UNet call over 4 LoRA adapters vs without (tiny UNet)
+    "lora": ["bench/lora.py", "--quick"],
 }
 
 

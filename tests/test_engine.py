@@ -278,7 +278,7 @@ def test_failure_during_admission_fails_the_jobs_and_frees_their_rows(
     holding rows, never finished."""
     engine = Engine(demo, max_batch=6)
 
-    def broken(prompts: Any) -> Any:
+    def broken(prompts: Any, adapters: Any = None) -> Any:
         raise RuntimeError("text encoder exploded")
 
     monkeypatch.setattr(engine.prompts, "get_many", broken)

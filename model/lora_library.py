@@ -1,0 +1,118 @@
+"""A pipeline's LoRA adapters: names resolved in its directory, loaded once, kept within a
+byte budget (least recently used dropped first), layers made adaptable as adapters arrive.
+
+A request names adapters (`<name>.safetensors` in the directory); the Python API may also
+give a file path. A file that cannot be read or does not fit the model raises LoraError for
+the job that asked for it, naming the file and key; nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.lora_files import LoraError, LoraFile, Targets, read_lora, text_targets, unet_targets
+from model.lora_layers import AdapterSet, LoraSlot, applied, install
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,127}$")  # a name, never a path
+SUFFIX = ".safetensors"
+
+
+class LoraLibrary:
+    """Adapters for one pipeline's UNet and text encoder."""
+
+    def __init__(
+        self,
+        networks: Mapping[str, nn.Module],
+        directory: Path | None,
+        *,
+        budget_bytes: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.networks = dict(networks)  # part -> module ("unet", "text")
+        self.directory = directory
+        self.budget_bytes = budget_bytes
+        self.device, self.dtype = device, dtype
+        self.slots = {part: LoraSlot(part) for part in self.networks}
+        self._targets: dict[str, Targets] | None = None
+        self._cache: OrderedDict[tuple[str, int, int], LoraFile] = OrderedDict()
+
+    @property
+    def targets(self) -> dict[str, Targets]:
+        if self._targets is None:
+            finders = {"unet": unet_targets, "text": text_targets}
+            self._targets = {p: finders[p](m) for p, m in self.networks.items()}
+        return self._targets
+
+    def names(self) -> list[str]:
+        """The adapters a request may name: the directory's `*.safetensors`, by stem."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        return sorted(p.stem for p in self.directory.glob("*" + SUFFIX) if NAME.match(p.stem))
+
+    def resolve(self, name: str, *, allow_paths: bool) -> Path:
+        """The file a name means; LoraError when there is none."""
+        if allow_paths and (name.endswith(SUFFIX) or "/" in name):
+            path = Path(name).expanduser()
+            if not path.is_file():
+                raise LoraError(f"LoRA file {name} does not exist")
+            return path.resolve()
+        if not NAME.match(name) or self.directory is None:
+            raise LoraError(f"unknown LoRA {name!r}: no adapter directory holds it")
+        path = self.directory / (name + SUFFIX)
+        if not path.is_file():
+            raise LoraError(f"unknown LoRA {name!r}: not in {self.directory}")
+        return path.resolve()
+
+    def load(self, name: str, *, allow_paths: bool = True) -> LoraFile:
+        """The adapter, read at most once while it stays within the budget."""
+        path = self.resolve(name, allow_paths=allow_paths)
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)  # a replaced file is read again
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
+            adapter = read_lora(path, self.targets, device=self.device, dtype=self.dtype)
+            adapter = replace(adapter, key=f"{path}@{stat.st_mtime_ns}:{stat.st_size}")
+            for part, weights in adapter.parts.items():
+                install(self.networks[part], list(weights), self.slots[part])
+            self._cache[key] = adapter
+            log.info("LoRA %s loaded (%d bytes)", path, adapter.nbytes)
+        # Jobs running with a dropped adapter keep their reference; it is freed after them.
+        while len(self._cache) > 1 and self.cached_bytes() > self.budget_bytes:
+            dropped = self._cache.popitem(last=False)[1]
+            log.info("LoRA %s dropped (budget %d bytes)", dropped.key, self.budget_bytes)
+        return self._cache[key]
+
+    def cached_bytes(self) -> int:
+        return sum(a.nbytes for a in self._cache.values())
+
+    def adapter_set(self, specs: Sequence[Mapping[str, Any]], *, allow_paths: bool) -> AdapterSet:
+        """[{"name", "scale"}] -> the loaded adapters with their multipliers."""
+        return tuple(
+            (self.load(str(s["name"]), allow_paths=allow_paths), float(s.get("scale", 1.0)))
+            for s in specs
+        )
+
+    @contextmanager
+    def applied(self, part: str, per_row: Sequence[AdapterSet] | None) -> Iterator[None]:
+        """The rows' adapters active in `part` for one call."""
+        with applied(self.slots[part], per_row, self.device):
+            yield
+
+
+def text_signature(adapters: AdapterSet) -> tuple[tuple[str, float], ...]:
+    """What of a row's adapters changes its text embedding (a prompt cache key part)."""
+    return tuple((a.key, scale) for a, scale in adapters if a.weights("text"))
