@@ -2,18 +2,21 @@
 
 `crossattn` is the text context the spatial transformers attend to; `concat` holds spatially
 aligned channels appended to the (scaled) latents — the inpainting UNets' mask and masked-image
-latents, the paper's concatenation conditioning. Later families add their kinds here (pooled
-vectors, class labels, time ids) so that the UNet, the denoise step and the engine carry them
-without new parameters. Rows of a batch are concatenated in one place (`cat`).
+latents, the paper's concatenation conditioning. The added embedding's inputs ride along per
+row: SDXL's pooled text vector and micro-conditioning time ids, or class labels (the x4
+upscaler's noise level). So the UNet, the denoise step and the engine carry every kind without
+new parameters; rows of a batch are concatenated in one place (`cat`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
+
+_OPTIONAL = ("concat", "pooled", "time_ids", "class_labels")
 
 
 @dataclass(frozen=True)
@@ -22,33 +25,55 @@ class Conditioning:
 
     crossattn: Tensor  # (B, N, D) text context
     concat: Tensor | None = None  # (B, C_extra, h, w) appended to the UNet input after scaling
+    pooled: Tensor | None = None  # (B, P) pooled text embedding (SDXL's text_embeds)
+    time_ids: Tensor | None = None  # (B, K) micro-conditioning (SDXL: sizes, crop, aesthetics)
+    class_labels: Tensor | None = None  # (B,) or (B, P): what a class embedding embeds
 
     @property
     def rows(self) -> int:
         return self.crossattn.shape[0]
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The optional kinds this value carries (rows batch together only with equal kinds)."""
+        return tuple(k for k in _OPTIONAL if getattr(self, k) is not None)
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
+        """The same kinds, each tensor passed through `fn`."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Conditioning(**{k: None if v is None else fn(v) for k, v in values.items()})
+
     def expand(self, n: int) -> Conditioning:
         """The same single-row conditioning for n rows (a view, no copy)."""
-        return Conditioning(
-            crossattn=self.crossattn.expand(n, -1, -1),
-            concat=None if self.concat is None else self.concat.expand(n, -1, -1, -1),
-        )
+        return self._map(lambda v: v.expand(n, *v.shape[1:]))
 
-    def with_text(self, crossattn: Tensor) -> Conditioning:
-        """The same spatial conditioning with another text context (CFG's unconditional row)."""
-        return replace(self, crossattn=crossattn)
+    def with_text(
+        self, crossattn: Tensor, pooled: Tensor | None = None, time_ids: Tensor | None = None
+    ) -> Conditioning:
+        """The same spatial conditioning with another text (CFG's unconditional row): its own
+        context and, where given, its own pooled vector and time ids."""
+        return replace(
+            self,
+            crossattn=crossattn,
+            pooled=self.pooled if pooled is None else pooled,
+            time_ids=self.time_ids if time_ids is None else time_ids,
+        )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
-        return Conditioning(
-            crossattn=self.crossattn.to(device, dtype),
-            concat=None if self.concat is None else self.concat.to(device, dtype),
-        )
+        """On `device`; floating tensors in `dtype` (integer class labels stay integers)."""
+        return self._map(lambda v: v.to(device, dtype) if v.is_floating_point() else v.to(device))
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
         """Rows of several conditionings as one batch; all must carry the same kinds."""
-        kinds = {c.concat is None for c in items}
+        kinds = {c.kinds for c in items}
         if len(kinds) != 1:
-            raise ValueError("cannot batch conditionings with and without concat channels")
-        concat = None if items[0].concat is None else torch.cat([c.concat for c in items])  # type: ignore[misc]
-        return Conditioning(crossattn=torch.cat([c.crossattn for c in items]), concat=concat)
+            raise ValueError(f"cannot batch conditionings of different kinds: {sorted(kinds)}")
+        return Conditioning(
+            **{
+                f.name: None
+                if getattr(items[0], f.name) is None
+                else torch.cat([getattr(c, f.name) for c in items])
+                for f in fields(Conditioning)
+            }
+        )
