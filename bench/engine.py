@@ -80,13 +80,13 @@ def run_static_batch(pipe: Any, batch: list[Job]) -> np.ndarray:
     from model.denoise import denoise_step
 
     head = batch[0]
-    cond = pipe.encode_prompts([j.prompt for j in batch])
+    cond = pipe.encode_prompts([j.prompt for j in batch]).split()
     uncond = pipe.encode_prompts([""])
     rows = [
         row
         for i, j in enumerate(batch)
         for row in pipe.begin(
-            cond[i : i + 1], uncond, width=head.width, height=head.height, steps=head.steps,
+            cond[i], uncond, width=head.width, height=head.height, steps=head.steps,
             guidance_scale=j.guidance, sampler=head.sampler, seed=j.seed, num_images=1,
         ).rows
     ]  # fmt: skip

@@ -15,14 +15,14 @@ from model.sampler_rules import SAMPLER_RULES
 if TYPE_CHECKING:
     from model.pipeline import Pipeline
 
-_FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2"}
+_FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
 
 
 @dataclass(frozen=True)
 class Capabilities:
     """A model's family, modes, shapes and per-sampler step limits."""
 
-    family: str  # sd1 | sd2 | sd1-inpainting | sd2-inpainting | demo | custom
+    family: str  # sd1 | sd2 | sdxl | sdxl-refiner | <family>-inpainting | demo | custom
     modes: tuple[str, ...]  # of txt2img, img2img, inpaint
     latent_factor: int  # pixels per latent side (f)
     latent_channels: int
@@ -30,6 +30,7 @@ class Capabilities:
     native_size: int  # the side a request without width/height gets
     prediction_type: str  # epsilon | v_prediction
     max_steps: dict[str, int]  # sampler name -> most steps it can plan
+    two_prompts: bool = False  # prompt_2 / negative_prompt_2 (SDXL's second text encoder)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -61,4 +62,5 @@ def describe(pipe: Pipeline) -> Capabilities:
         native_size=pipe.native_size,
         prediction_type=sched.prediction_type,
         max_steps=limits,
+        two_prompts=pipe.two_prompts,
     )

@@ -17,8 +17,9 @@ import torch
 
 from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
-from model.text import text_encoder_from_ldm
+from model.text import TextEncoder, text_encoder_from_ldm
 from model.text_diffusers import text_encoder_from_diffusers
+from model.text_sdxl import SDXLTextEncoder, sdxl_text_from_diffusers
 from model.unet import UNetModel, prefers_channels_last
 from model.unet_convert import (
     LDM_PREFIX as UNET_PREFIX,
@@ -41,12 +42,15 @@ HUB_FILES = [
     "model_index.json",
     "scheduler/*.json",
     "tokenizer/*",
+    "tokenizer_2/*",
     "unet/config.json",
     "vae/config.json",
     "text_encoder/config.json",
+    "text_encoder_2/config.json",
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    "text_encoder_2/model.safetensors",
 ]
 
 
@@ -183,9 +187,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 def load_diffusers_folder(
     folder: Path, device: torch.device, dtype: torch.dtype, name: str | None = None
 ) -> Pipeline:
-    """A diffusers pipeline folder: model_index.json plus unet/, vae/, text_encoder/, scheduler/."""
+    """A diffusers pipeline folder: model_index.json plus unet/, vae/, text_encoder/, scheduler/
+    (SDXL: text_encoder_2/ too; its refiner has text_encoder_2/ only)."""
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    index = _read_json(folder / "model_index.json")
     unet_dir = folder / "unet"
     unet_json = _read_json(unet_dir / "config.json")
     unet_cfg = unet_config_from_diffusers(unet_json, source=str(unet_dir))
@@ -201,8 +207,18 @@ def load_diffusers_folder(
         dtype=dtype,
     )
     del raw
-    vae = vae_from_diffusers(folder / "vae", device=device, dtype=dtype)
-    text = text_encoder_from_diffusers(folder, device=device, dtype=dtype)
+    text: TextEncoder | SDXLTextEncoder
+    if (folder / "text_encoder_2" / "config.json").is_file():
+        text = sdxl_text_from_diffusers(folder, device=device, dtype=dtype)
+        family: str | None = "sdxl" if text.first is not None else "sdxl-refiner"
+        zero_negative = bool(index.get("force_zeros_for_empty_prompt", True))  # diffusers' default
+        # SDXL's VAE overflows in fp16: where its config says so, it runs in float32.
+        upcast = _read_json(folder / "vae" / "config.json").get("force_upcast", True)
+        vae_dtype = torch.float32 if upcast and dtype == torch.float16 else dtype
+    else:
+        text = text_encoder_from_diffusers(folder, device=device, dtype=dtype)
+        family, zero_negative, vae_dtype = None, False, dtype
+    vae = vae_from_diffusers(folder / "vae", device=device, dtype=vae_dtype)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched_cfg = _read_json(sched_path) if sched_path.is_file() else None
     schedule = NoiseSchedule.from_config(sched_cfg)
@@ -216,4 +232,6 @@ def load_diffusers_folder(
         schedule=schedule,
         name=name or folder.name,
         native_size=native,
+        family=family,
+        zero_empty_negative=zero_negative,
     )

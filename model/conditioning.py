@@ -47,6 +47,10 @@ class Conditioning:
         """The same single-row conditioning for n rows (a view, no copy)."""
         return self._map(lambda v: v.expand(n, *v.shape[1:]))
 
+    def split(self) -> list[Conditioning]:
+        """One single-row conditioning per row (views, no copy)."""
+        return [self._map(lambda v, i=i: v[i : i + 1]) for i in range(self.rows)]
+
     def with_text(
         self, crossattn: Tensor, pooled: Tensor | None = None, time_ids: Tensor | None = None
     ) -> Conditioning:

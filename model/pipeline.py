@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,12 +21,14 @@ from model.capabilities import Capabilities, describe
 from model.conditioning import Conditioning
 from model.denoise import Blend, Row, denoise_step
 from model.text import TextEncoder
+from model.text_sdxl import SDXLTextEncoder
 from model.unet import UNetModel, prefers_channels_last
 from model.vae import AutoencoderKL, LatentDistribution
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipeline defaults
+DEFAULT_AESTHETIC_SCORES = (6.0, 2.5)  # SDXL refiner: (aesthetic_score, negative_...), diffusers'
 
 
 class GenerationError(ValueError):
@@ -54,21 +56,24 @@ def _pil_rgb(image: Image.Image, width: int, height: int) -> Image.Image:
 
 @dataclass
 class Pipeline:
-    """A loaded model: UNet, VAE, text encoder and noise schedule on one device and dtype."""
+    """A loaded model: UNet, VAE, text encoder(s) and noise schedule on one device and dtype."""
 
     unet: UNetModel
     vae: AutoencoderKL
-    text: TextEncoder
+    text: TextEncoder | SDXLTextEncoder
     schedule: samplers.NoiseSchedule
     name: str = "model"
     decode_chunk: int = 4  # images decoded per VAE call: bounds activation memory at 512x512+
     native_size: int = 512  # the side the model was trained at (a request without a size)
     family: str | None = None  # None: told from the text context width (sd1 / sd2)
+    # SDXL's model_index.json: an empty negative prompt conditions on zeros, not on "".
+    zero_empty_negative: bool = False
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if prefers_channels_last(self.device):  # loaders read conv weights NHWC already
             self.unet.use_channels_last()
+        self.time_id_count  # noqa: B018  (an SDXL UNet that its text encoder cannot feed fails here)
 
     @property
     def device(self) -> torch.device:
@@ -89,6 +94,44 @@ class Pipeline:
     @property
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
+
+    @property
+    def two_prompts(self) -> bool:
+        """SDXL base: a second prompt (and negative prompt) for the second text encoder."""
+        return isinstance(self.text, SDXLTextEncoder) and self.text.first is not None
+
+    @property
+    def time_id_count(self) -> int:
+        """Micro-conditioning values per row: 6 (SDXL sizes and crop), 5 (the refiner's sizes,
+        crop and aesthetic score), 0 (no added embedding); read from the UNet's shape."""
+        cfg = self.unet.config
+        if cfg.label != "text_time":
+            return 0
+        pooled = self.text.pooled_dim if isinstance(self.text, SDXLTextEncoder) else 0
+        count, rest = divmod((cfg.adm_in_channels or 0) - pooled, cfg.addition_time_embed_dim)
+        if rest or count not in (5, 6) or not pooled:
+            raise ValueError(
+                f"{self.name}: the UNet's added embedding takes {cfg.adm_in_channels} inputs, "
+                f"which a {pooled}-d pooled text vector and time ids of "
+                f"{cfg.addition_time_embed_dim} channels cannot fill"
+            )
+        return count
+
+    def time_ids(
+        self, width: int, height: int, aesthetic: tuple[float, float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(conditional, unconditional) time ids (1, K) of an image, as diffusers' SDXL
+        pipelines build them: original size, crop top-left (0, 0), then target size (base)
+        or the aesthetic score (refiner); sizes are (height, width) of the output."""
+        count = self.time_id_count
+        if not count:
+            return None
+        sizes = [float(height), float(width), 0.0, 0.0]
+        if count == 6:
+            ids = torch.tensor([[*sizes, float(height), float(width)]])
+            return ids, ids
+        score, negative = DEFAULT_AESTHETIC_SCORES if aesthetic is None else aesthetic
+        return torch.tensor([[*sizes, score]]), torch.tensor([[*sizes, negative]])
 
     @property
     def concat_inpainting(self) -> bool:
@@ -136,9 +179,14 @@ class Pipeline:
         image: Image.Image | None,
         mask: Image.Image | None,
         strength: float | None,
+        prompt_2: str | None = None,
+        negative_prompt_2: str | None = None,
     ) -> tuple[str, float | None]:
         """(mode, strength) of a request, or GenerationError naming the parameter."""
         self.latent_shape(width, height)
+        for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
+            if value is not None and not self.two_prompts:
+                raise GenerationError(f"{self.name} has one text encoder: no {name}", name)
         if num_images < 1:
             raise GenerationError(f"num_images must be at least 1, got {num_images}", "num_images")
         if mask is not None and image is None:
@@ -174,9 +222,26 @@ class Pipeline:
 
     # ----------------------------------------------------------------- pieces
     @torch.inference_mode()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings (N, 77, D) in the UNet's dtype."""
-        return self.text.encode(list(prompts)).to(self.device, self.dtype)
+    def encode_prompts(
+        self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None
+    ) -> Conditioning:
+        """The text part of N rows' conditioning: context (N, 77, D) in the UNet's dtype, and
+        SDXL's pooled vectors (`prompts_2` feed its second encoder; default: `prompts`)."""
+        if isinstance(self.text, SDXLTextEncoder):
+            second = list(prompts if prompts_2 is None else prompts_2)
+            context, pooled = self.text.encode(list(prompts), second)
+            return Conditioning(context, pooled=pooled).to(self.device, self.dtype)
+        return Conditioning(self.text.encode(list(prompts)).to(self.device, self.dtype))
+
+    def unconditional(self, negative_prompt: str, encoded: Conditioning) -> Conditioning:
+        """CFG's unconditional text: the encoded negative prompt, or zeros where the model
+        asks for them for an empty one (SDXL's force_zeros_for_empty_prompt)."""
+        if self.zero_empty_negative and negative_prompt == "":
+            return Conditioning(
+                torch.zeros_like(encoded.crossattn),
+                pooled=None if encoded.pooled is None else torch.zeros_like(encoded.pooled),
+            )
+        return encoded
 
     @torch.inference_mode()
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -194,8 +259,8 @@ class Pipeline:
     @torch.inference_mode()
     def begin(
         self,
-        cond: torch.Tensor,
-        uncond: torch.Tensor | None,
+        cond: Conditioning,
+        uncond: Conditioning | None,
         *,
         width: int,
         height: int,
@@ -208,8 +273,10 @@ class Pipeline:
         mask: Image.Image | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
+        aesthetic: tuple[float, float] | None = None,
     ) -> JobStart:
-        """Rows for one job's images (prompt embeddings (1, N, D) given), following the noise
+        """Rows for one job's images (one row of text conditioning given: `encode_prompts`,
+        `unconditional`), following the noise
         convention: image i draws from Generator("cpu").manual_seed(seed + i), in the order the
         diffusers pipeline of the mode draws (source posterior, noise, masked-image posterior)."""
         mode, strength = self.check(
@@ -240,6 +307,8 @@ class Pipeline:
             masked = self.encode_image(pixels * (mask_px < 0.5))  # type: ignore[operator]
             mask_lat = F.interpolate(mask_px, size=shape[2:]).to(self.device)  # nearest
         guided = guidance_scale > 1.0  # as diffusers: no unconditional pass at or below 1
+        ids = self.time_ids(width, height, aesthetic)
+        text = replace(cond, time_ids=None if ids is None else ids[0].to(self.device))
         rows = []
         for i in range(num_images):
             gen = torch.Generator("cpu").manual_seed(seed + i)
@@ -254,8 +323,11 @@ class Pipeline:
                 masked_lat = masked.sample(gen) * sf
                 if self.concat_inpainting:
                     concat = torch.cat([mask_lat, masked_lat], dim=1)  # type: ignore[list-item]
-            c = Conditioning(cond, concat=concat)
-            u = c.with_text(uncond) if guided and uncond is not None else None
+            c = replace(text, concat=concat)
+            u = None
+            if guided and uncond is not None:
+                u_ids = None if ids is None else ids[1].to(self.device)
+                u = c.with_text(uncond.crossattn, uncond.pooled, u_ids)
             b = Blend(mask_lat, clean, noise) if blend else None  # type: ignore[arg-type]
             rows.append(Row(traj, state, c, u, float(guidance_scale), b))
         if keep_unmasked and mask_px is not None and source is not None:
@@ -297,17 +369,26 @@ class Pipeline:
         mask: Image.Image | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
+        prompt_2: str | None = None,
+        negative_prompt_2: str | None = None,
     ) -> list[Image.Image]:
         """Text-to-image, img2img (image) or inpainting (image + mask, white = repaint) for one
-        prompt; image i uses the generator seeded with seed + i."""
+        prompt; image i uses the generator seeded with seed + i. SDXL's second text encoder
+        reads `prompt_2` / `negative_prompt_2` (default: the first ones, as diffusers)."""
         width, height = self.output_size(width, height, image)
         self.check(
             width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
-            image=image, mask=mask, strength=strength,
+            image=image, mask=mask, strength=strength, prompt_2=prompt_2,
+            negative_prompt_2=negative_prompt_2,
         )  # fmt: skip
         guided = guidance_scale > 1.0
-        cond = self.encode_prompts([prompt])
-        uncond = self.encode_prompts([negative_prompt]) if guided else None
+        cond = self.encode_prompts([prompt], [prompt_2 or prompt])
+        uncond = None
+        if guided:
+            negative = self.encode_prompts(
+                [negative_prompt], [negative_prompt_2 or negative_prompt]
+            )
+            uncond = self.unconditional(negative_prompt, negative)
         job = self.begin(
             cond, uncond, width=width, height=height, steps=steps,
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,

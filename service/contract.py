@@ -93,6 +93,15 @@ class GenerationParams(BaseModel):
         description="Inpainting: copy the source's pixels outside the mask into the result "
         "exactly (AUTOMATIC1111 / InvokeAI behaviour); default as diffusers.",
     )
+    prompt_2: str | None = Field(
+        default=None,
+        description="SDXL: the prompt of the second text encoder (OpenCLIP ViT-bigG); "
+        "default: prompt.",
+    )
+    negative_prompt_2: str | None = Field(
+        default=None,
+        description="SDXL: the second encoder's negative prompt; default: negative_prompt.",
+    )
 
     def mode(self) -> str:
         return mode_of(self.image is not None, self.mask is not None)
@@ -138,6 +147,9 @@ def check_capabilities(
         raise ContractError(
             field, f"this model ({caps['family']}) cannot run {mode}; it runs {runs}"
         )
+    for name in ("prompt_2", "negative_prompt_2"):
+        if getattr(params, name) is not None and not caps.get("two_prompts", False):
+            raise ContractError(name, f"this model ({caps['family']}) has one text encoder")
     if mask_size is not None and image_size is not None and mask_size != image_size:
         raise ContractError(
             "mask",

@@ -94,7 +94,7 @@ class Engine:
         self.pipeline.check(
             width=width, height=height, steps=p.steps, sampler=p.sampler,
             num_images=p.num_images, image=request.image, mask=request.mask,
-            strength=p.strength,
+            strength=p.strength, prompt_2=p.prompt_2, negative_prompt_2=p.negative_prompt_2,
         )  # fmt: skip
         if request.rows > self.max_batch:
             raise GenerationError(
@@ -200,7 +200,12 @@ class Engine:
         Anything failing here (text encoder, VAE encoder, a bad image) fails the jobs being
         admitted and releases their rows; it never leaves them holding rows unfinished."""
         texts = [
-            t for h in handles for t in (h.request.params.prompt, h.request.params.negative_prompt)
+            pair
+            for p in (h.request.params for h in handles)
+            for pair in (
+                (p.prompt, p.prompt_2 or p.prompt),
+                (p.negative_prompt, p.negative_prompt_2 or p.negative_prompt),
+            )
         ]
         try:
             embeddings = iter(self.prompts.get_many(texts))
@@ -212,8 +217,9 @@ class Engine:
                 )
             return
         for handle in handles:
-            cond, uncond = next(embeddings), next(embeddings)
             req, p = handle.request, handle.request.params
+            cond = next(embeddings)
+            uncond = self.pipeline.unconditional(p.negative_prompt, next(embeddings))
             try:
                 handle.start = self.pipeline.begin(
                     cond, uncond if req.guided else None, width=p.width, height=p.height,  # type: ignore[arg-type]
