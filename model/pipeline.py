@@ -7,8 +7,9 @@ a job served by the engine and a `generate()` call with the same parameters give
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -31,6 +32,10 @@ DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipeline defau
 DEFAULT_AESTHETIC_SCORES = (6.0, 2.5)  # SDXL refiner: (aesthetic_score, negative_...), diffusers'
 
 
+class NonFiniteDecodeError(RuntimeError):
+    """The VAE gave NaN or inf even in float32: such an image is never returned."""
+
+
 class GenerationError(ValueError):
     """A generation request the pipeline cannot run; the message says which parameter and why."""
 
@@ -46,6 +51,10 @@ class JobStart:
     rows: list[Row]
     source: np.ndarray | None = None  # (H, W, 3) uint8: kept pixels when keep_unmasked
     keep: np.ndarray | None = None  # (H, W, 1) bool: pixels to keep from `source`
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def _pil_rgb(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -69,6 +78,7 @@ class Pipeline:
     # SDXL's model_index.json: an empty negative prompt conditions on zeros, not on "".
     zero_empty_negative: bool = False
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
+    _vae_fp32: AutoencoderKL | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if prefers_channels_last(self.device):  # loaders read conv weights NHWC already
@@ -93,7 +103,7 @@ class Pipeline:
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        return _dtype_of(self.vae)
 
     @property
     def two_prompts(self) -> bool:
@@ -250,11 +260,38 @@ class Pipeline:
             x.to(self.device), t.to(self.device), cond.to(self.device, self.dtype)
         ).float()
 
+    def _float32_vae(self) -> AutoencoderKL:
+        """A float32 copy of a half-precision VAE, made on first need (SDXL's VAE overflows
+        in fp16 where its checkpoint does not ask for float32 itself)."""
+        if self._vae_fp32 is None:
+            self._vae_fp32 = copy.deepcopy(self.vae).float()
+        return self._vae_fp32
+
+    def _finite_vae(self, run: Callable[[AutoencoderKL], torch.Tensor], what: str) -> torch.Tensor:
+        """`run(vae)` in float32 out; where half precision gave NaN or inf, run again with the
+        VAE in float32; still non-finite: NonFiniteDecodeError (never a black "image")."""
+        out = run(self.vae).float()
+        if torch.isfinite(out).all():
+            return out
+        if self.vae_dtype != torch.float32:
+            log.warning("%s: VAE %s gave non-finite values in %s; retrying in float32",
+                        self.name, what, self.vae_dtype)  # fmt: skip
+            out = run(self._float32_vae()).float()
+            if torch.isfinite(out).all():
+                return out
+        raise NonFiniteDecodeError(
+            f"the VAE {what} gave non-finite values (NaN or inf), in float32 too: "
+            "the weights or the latents are broken"
+        )
+
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> LatentDistribution:
         """VAE posterior of (1, 3, H, W) pixels in [-1, 1], in float32 (unscaled)."""
-        mean, logvar = self.vae.encode(pixels.to(self.device, self.vae_dtype))
-        return LatentDistribution(mean.float(), logvar.float())
+        both = self._finite_vae(
+            lambda vae: torch.cat(vae.encode(pixels.to(self.device))), "encoding"
+        )  # (2, C, h, w): mean, logvar
+        mean, logvar = both.chunk(2)
+        return LatentDistribution(mean, logvar)
 
     @torch.inference_mode()
     def begin(
@@ -338,10 +375,11 @@ class Pipeline:
     @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """Final latents (B, C, h, w) -> uint8 images (B, H, W, 3), as diffusers converts them."""
-        chunks = []
+        chunks, sf = [], self.vae.scaling_factor
         for part in latents.split(self.decode_chunk):
-            z = part.to(self.device, self.vae_dtype) / self.vae.scaling_factor
-            images = self.vae.decode(z).float()  # (b, 3, H, W) in [-1, 1]
+            images = self._finite_vae(  # (b, 3, H, W) in [-1, 1]
+                lambda vae, z=part: vae.decode(z.to(self.device, _dtype_of(vae)) / sf), "decoding"
+            )
             images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
             chunks.append((images * 255).round().astype(np.uint8))
         return np.concatenate(chunks)

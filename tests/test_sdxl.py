@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from diffusers import EulerDiscreteScheduler
 
 from model import load_pipeline
@@ -100,3 +101,9 @@ def test_engine_batches_sdxl_jobs_with_their_own_pooled_vectors_and_time_ids(
     calls = [c for out in run_until_idle(engine) for c in out.calls]
     assert max(n for _, n in calls) >= 3, "SDXL jobs of one size must share UNet calls"
     assert_all_equal_solo(ours, handles)
+
+
+def test_fp16_load_keeps_the_force_upcast_vae_in_float32(sdxl: tuple[Any, Pipeline, Path]) -> None:
+    _, _, folder = sdxl
+    half = load_pipeline(str(folder), device="cpu", dtype=torch.float16)
+    assert half.dtype == torch.float16 and half.vae_dtype == torch.float32
