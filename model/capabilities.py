@@ -30,11 +30,12 @@ class Capabilities:
     native_size: int  # the side a request without width/height gets
     prediction_type: str  # epsilon | v_prediction
     max_steps: dict[str, int]  # sampler name -> most steps it can plan
-    two_prompts: bool = False  # prompt_2 / negative_prompt_2 (SDXL's second text encoder)
+    fields: tuple[str, ...] = ()  # the model-specific generation fields it reads (MODEL_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["modes"] = list(self.modes)
+        data["fields"] = list(self.fields)
         return data
 
 
@@ -44,6 +45,8 @@ def describe(pipe: Pipeline) -> Capabilities:
     in_ch = pipe.unet.config.in_channels
     if pipe.concat_inpainting:
         modes: tuple[str, ...] = ("inpaint",)
+    elif in_ch == pipe.latent_channels and pipe.family == "sdxl-refiner":
+        modes = ("img2img", "inpaint")  # the refiner refines images: diffusers runs it img2img
     elif in_ch == pipe.latent_channels:
         modes = ("txt2img", "img2img", "inpaint")
     else:
@@ -62,5 +65,5 @@ def describe(pipe: Pipeline) -> Capabilities:
         native_size=pipe.native_size,
         prediction_type=sched.prediction_type,
         max_steps=limits,
-        two_prompts=pipe.two_prompts,
+        fields=pipe.model_fields,
     )

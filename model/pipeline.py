@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipeline defaults
 DEFAULT_AESTHETIC_SCORES = (6.0, 2.5)  # SDXL refiner: (aesthetic_score, negative_...), diffusers'
+# Generation fields only some models read (service.contract.MODEL_FIELDS mirrors this).
+MODEL_FIELDS = ("prompt_2", "negative_prompt_2", "aesthetic_score", "negative_aesthetic_score")
 
 
 class NonFiniteDecodeError(RuntimeError):
@@ -106,9 +108,15 @@ class Pipeline:
         return _dtype_of(self.vae)
 
     @property
-    def two_prompts(self) -> bool:
-        """SDXL base: a second prompt (and negative prompt) for the second text encoder."""
-        return isinstance(self.text, SDXLTextEncoder) and self.text.first is not None
+    def model_fields(self) -> tuple[str, ...]:
+        """The MODEL_FIELDS this model reads: SDXL base's second prompts (its second text
+        encoder), the refiner's aesthetic scores (its time ids)."""
+        fields: tuple[str, ...] = ()
+        if isinstance(self.text, SDXLTextEncoder) and self.text.first is not None:
+            fields += ("prompt_2", "negative_prompt_2")
+        if self.time_id_count == 5:
+            fields += ("aesthetic_score", "negative_aesthetic_score")
+        return fields
 
     @property
     def time_id_count(self) -> int:
@@ -128,7 +136,7 @@ class Pipeline:
         return count
 
     def time_ids(
-        self, width: int, height: int, aesthetic: tuple[float, float] | None = None
+        self, width: int, height: int, aesthetic: tuple[float, float] = DEFAULT_AESTHETIC_SCORES
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(conditional, unconditional) time ids (1, K) of an image, as diffusers' SDXL
         pipelines build them: original size, crop top-left (0, 0), then target size (base)
@@ -140,7 +148,7 @@ class Pipeline:
         if count == 6:
             ids = torch.tensor([[*sizes, float(height), float(width)]])
             return ids, ids
-        score, negative = DEFAULT_AESTHETIC_SCORES if aesthetic is None else aesthetic
+        score, negative = aesthetic
         return torch.tensor([[*sizes, score]]), torch.tensor([[*sizes, negative]])
 
     @property
@@ -189,14 +197,14 @@ class Pipeline:
         image: Image.Image | None,
         mask: Image.Image | None,
         strength: float | None,
-        prompt_2: str | None = None,
-        negative_prompt_2: str | None = None,
+        **model_fields: object,
     ) -> tuple[str, float | None]:
-        """(mode, strength) of a request, or GenerationError naming the parameter."""
+        """(mode, strength) of a request, or GenerationError naming the parameter;
+        `model_fields` are MODEL_FIELDS as given (None: not given)."""
         self.latent_shape(width, height)
-        for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
-            if value is not None and not self.two_prompts:
-                raise GenerationError(f"{self.name} has one text encoder: no {name}", name)
+        for name, value in model_fields.items():
+            if value is not None and name not in self.model_fields:
+                raise GenerationError(f"{self.name} does not take {name}", name)
         if num_images < 1:
             raise GenerationError(f"num_images must be at least 1, got {num_images}", "num_images")
         if mask is not None and image is None:
@@ -310,7 +318,8 @@ class Pipeline:
         mask: Image.Image | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
-        aesthetic: tuple[float, float] | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
     ) -> JobStart:
         """Rows for one job's images (one row of text conditioning given: `encode_prompts`,
         `unconditional`), following the noise
@@ -344,7 +353,13 @@ class Pipeline:
             masked = self.encode_image(pixels * (mask_px < 0.5))  # type: ignore[operator]
             mask_lat = F.interpolate(mask_px, size=shape[2:]).to(self.device)  # nearest
         guided = guidance_scale > 1.0  # as diffusers: no unconditional pass at or below 1
-        ids = self.time_ids(width, height, aesthetic)
+        scores = DEFAULT_AESTHETIC_SCORES
+        if aesthetic_score is not None or negative_aesthetic_score is not None:
+            scores = (
+                scores[0] if aesthetic_score is None else aesthetic_score,
+                scores[1] if negative_aesthetic_score is None else negative_aesthetic_score,
+            )
+        ids = self.time_ids(width, height, scores)
         text = replace(cond, time_ids=None if ids is None else ids[0].to(self.device))
         rows = []
         for i in range(num_images):
@@ -409,15 +424,19 @@ class Pipeline:
         keep_unmasked: bool = False,
         prompt_2: str | None = None,
         negative_prompt_2: str | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
     ) -> list[Image.Image]:
         """Text-to-image, img2img (image) or inpainting (image + mask, white = repaint) for one
         prompt; image i uses the generator seeded with seed + i. SDXL's second text encoder
-        reads `prompt_2` / `negative_prompt_2` (default: the first ones, as diffusers)."""
+        reads `prompt_2` / `negative_prompt_2` (default: the first ones, as diffusers); the
+        refiner's time ids `aesthetic_score` / `negative_aesthetic_score` (default 6.0 / 2.5)."""
         width, height = self.output_size(width, height, image)
         self.check(
             width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
             image=image, mask=mask, strength=strength, prompt_2=prompt_2,
-            negative_prompt_2=negative_prompt_2,
+            negative_prompt_2=negative_prompt_2, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
         )  # fmt: skip
         guided = guidance_scale > 1.0
         cond = self.encode_prompts([prompt], [prompt_2 or prompt])
@@ -431,6 +450,7 @@ class Pipeline:
             cond, uncond, width=width, height=height, steps=steps,
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,
             image=image, mask=mask, strength=strength, keep_unmasked=keep_unmasked,
+            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
         )  # fmt: skip
         rows = job.rows
         while not rows[0].finished:

@@ -36,6 +36,8 @@ MAX_SEED = 2**32 - 1
 IMAGE_FIELDS: tuple[str, ...] = ("image", "mask")  # carried as files, never in parameters JSON
 MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # as model.pipeline (and diffusers)
+# Fields only some models read (capabilities' "fields" lists them); mirrors model.pipeline's.
+MODEL_FIELDS = ("prompt_2", "negative_prompt_2", "aesthetic_score", "negative_aesthetic_score")
 
 
 class ContractError(ValueError):
@@ -102,6 +104,13 @@ class GenerationParams(BaseModel):
         default=None,
         description="SDXL: the second encoder's negative prompt; default: negative_prompt.",
     )
+    aesthetic_score: float | None = Field(
+        default=None,
+        description="SDXL refiner: the aesthetic score it is conditioned on; default 6.0.",
+    )
+    negative_aesthetic_score: float | None = Field(
+        default=None, description="SDXL refiner: the unconditional row's score; default 2.5."
+    )
 
     def mode(self) -> str:
         return mode_of(self.image is not None, self.mask is not None)
@@ -147,9 +156,9 @@ def check_capabilities(
         raise ContractError(
             field, f"this model ({caps['family']}) cannot run {mode}; it runs {runs}"
         )
-    for name in ("prompt_2", "negative_prompt_2"):
-        if getattr(params, name) is not None and not caps.get("two_prompts", False):
-            raise ContractError(name, f"this model ({caps['family']}) has one text encoder")
+    for name in MODEL_FIELDS:
+        if getattr(params, name) is not None and name not in caps.get("fields", ()):
+            raise ContractError(name, f"this model ({caps['family']}) does not take {name}")
     if mask_size is not None and image_size is not None and mask_size != image_size:
         raise ContractError(
             "mask",

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from model.denoise import denoise_step
-from model.pipeline import GenerationError, Pipeline
+from model.pipeline import MODEL_FIELDS, GenerationError, Pipeline
 from service.engine_types import (
     GenerationRequest,
     JobHandle,
@@ -94,7 +94,7 @@ class Engine:
         self.pipeline.check(
             width=width, height=height, steps=p.steps, sampler=p.sampler,
             num_images=p.num_images, image=request.image, mask=request.mask,
-            strength=p.strength, prompt_2=p.prompt_2, negative_prompt_2=p.negative_prompt_2,
+            strength=p.strength, **{name: getattr(p, name) for name in MODEL_FIELDS},
         )  # fmt: skip
         if request.rows > self.max_batch:
             raise GenerationError(
@@ -226,6 +226,8 @@ class Engine:
                     steps=p.steps, guidance_scale=p.guidance_scale, sampler=p.sampler,
                     seed=p.seed or 0, num_images=p.num_images, image=req.image, mask=req.mask,
                     strength=p.strength, keep_unmasked=p.keep_unmasked,
+                    aesthetic_score=p.aesthetic_score,
+                    negative_aesthetic_score=p.negative_aesthetic_score,
                 )  # fmt: skip
             except Exception as exc:
                 log.exception("job %s could not start", handle.id)

@@ -15,6 +15,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -23,7 +24,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from model.samplers import SD15_SCHEDULER_CONFIG
 from model.text import bundled_tokenizer, tiny_text_config
 from tests.reference import VAE_TINY
-from tests.tiny import SDXL_POOLED_DIM, UNET_SDXL, randomize_
+from tests.tiny import SDXL_POOLED_DIM, UNET_SDXL, UNET_SDXL_REFINER, randomize_
 
 SDXL_VAE_SCALING = 0.13025
 SDXL_TEXT_HIDDEN = 32  # both towers (their sum is UNET_SDXL's cross_attention_dim)
@@ -68,15 +69,36 @@ def build_sdxl_reference(unet: dict[str, Any] | None = None) -> StableDiffusionX
     return pipe
 
 
+def build_sdxl_refiner(base: StableDiffusionXLPipeline) -> StableDiffusionXLImg2ImgPipeline:
+    """The tiny refiner: the base's bigG encoder and VAE, its own UNet, aesthetic time ids."""
+    net = randomize_(UNet2DConditionModel(**UNET_SDXL_REFINER), seed=35, scale=0.05)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae,
+        text_encoder=None,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=base.tokenizer_2,
+        unet=net.eval(),
+        scheduler=base.scheduler,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,  # as the published refiner's model_index
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def sdxl_reference_images(pipe: Any, **kw: Any) -> np.ndarray:
     """diffusers' images for generate()'s keywords, seeds as the noise convention says."""
     n, seed = kw.pop("num_images", 1), kw.pop("seed")
+    for ours, theirs in (("steps", "num_inference_steps"), ("mask", "mask_image")):
+        if ours in kw:
+            kw[theirs] = kw.pop(ours)
     out = pipe(
         kw.pop("prompt"),
         prompt_2=kw.pop("prompt_2", None),
         negative_prompt=kw.pop("negative_prompt", None) or None,
         negative_prompt_2=kw.pop("negative_prompt_2", None),
-        num_inference_steps=kw.pop("steps"),
         guidance_scale=kw.pop("guidance_scale"),
         num_images_per_prompt=n,
         generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],

@@ -66,7 +66,7 @@ def test_second_prompts_and_empty_negative_match_diffusers(
 def test_loaded_sdxl_folder_describes_itself(sdxl: tuple[Any, Pipeline, Path]) -> None:
     _, ours, _ = sdxl
     caps = ours.capabilities
-    assert caps.family == "sdxl" and caps.two_prompts
+    assert caps.family == "sdxl" and caps.fields == ("prompt_2", "negative_prompt_2")
     assert caps.native_size == 256  # the tiny UNet's sample_size 32 x f=8 (SDXL: 128 x 8)
     assert ours.vae.scaling_factor == pytest.approx(0.13025)
     assert ours.zero_empty_negative and ours.time_id_count == 6
@@ -75,7 +75,7 @@ def test_loaded_sdxl_folder_describes_itself(sdxl: tuple[Any, Pipeline, Path]) -
 def test_second_prompt_on_a_one_encoder_model_is_refused() -> None:
     from model.demo import build_demo
 
-    with pytest.raises(GenerationError, match="one text encoder") as info:
+    with pytest.raises(GenerationError, match="does not take prompt_2") as info:
         build_demo().generate("x", prompt_2="y", width=64, height=64, steps=1)
     assert info.value.field == "prompt_2"
 

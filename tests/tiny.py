@@ -90,6 +90,14 @@ UNET_SDXL: dict[str, Any] = {
 }
 SDXL_POOLED_DIM = 32  # the pooled text vector UNET_SDXL's added embedding takes
 
+# diffusers' tiny SDXL refiner UNet: bigG's 32-d context only, 5 time ids (sizes, crop,
+# aesthetic score) of 8 channels after the 32-d pooled vector.
+UNET_SDXL_REFINER: dict[str, Any] = {
+    **UNET_SDXL,
+    "cross_attention_dim": 32,
+    "projection_class_embeddings_input_dim": 72,  # 5 * 8 + 32
+}
+
 # A class-label table (the x4 upscaler's noise-level embedding has 1000 rows).
 UNET_CLASSES: dict[str, Any] = {**UNET_SD2, "num_class_embeds": 1000}
 
