@@ -10,14 +10,18 @@ share `model.text.TextEncoder`'s tokenization and padding rules.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from model.text import TextEncoder
+from model.text import _OPEN_CLIP_MODULES, TextEncoder, text_encoder_from_ldm
 from model.text_diffusers import text_encoder_from_diffusers, text_encoder_with_projection
+from model.weights import CheckpointError
+
+SGM_PREFIX = "conditioner.embedders."  # SDXL single files: embedders.0 (ViT-L), .1 (bigG)
 
 
 def projection_layer(weight: Tensor) -> nn.Linear:
@@ -83,3 +87,80 @@ def sdxl_text_from_diffusers(
     )
     assert weight is not None
     return SDXLTextEncoder(first, second, projection_layer(weight.to(device, dtype)))
+
+
+def _embedders(keys: list[str]) -> list[tuple[str, str]]:
+    """(prefix, layout) per text embedder of an SDXL single file: "hf" (CLIP ViT-L as
+    `transformer.text_model.*`) or "open_clip" (bigG as `model.*`), in embedder order."""
+    found = sorted(
+        {k[len(SGM_PREFIX) :].split(".", 1)[0] for k in keys if k.startswith(SGM_PREFIX)}
+    )
+    out = []
+    for index in found:
+        prefix = f"{SGM_PREFIX}{index}."
+        if any(k.startswith(prefix + "transformer.") for k in keys):
+            out.append((prefix, "hf"))
+        elif any(k.startswith(prefix + "model.") for k in keys):
+            out.append((prefix, "open_clip"))
+        else:
+            raise CheckpointError(f"{prefix}*: an SDXL text embedder of unknown layout")
+    return out
+
+
+def sdxl_text_from_ldm(
+    state_dict: Mapping[str, Tensor],
+    *,
+    source: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SDXLTextEncoder:
+    """SDXL's text towers from a single file: base (ViT-L at embedders.0, bigG at .1) or
+    refiner (bigG alone); bigG keeps every block and its `text_projection` (width, P)."""
+    layouts = _embedders(list(state_dict))
+    kinds = [kind for _, kind in layouts]
+    if kinds not in (["hf", "open_clip"], ["open_clip"]):
+        raise CheckpointError(
+            f"{source}: SDXL text embedders {[p for p, _ in layouts]} are not ViT-L + bigG "
+            "(base) or bigG (refiner)"
+        )
+    first = None
+    if kinds[0] == "hf":
+        prefix = layouts[0][0]
+        first = text_encoder_from_ldm(
+            state_dict, source=source, device=device, dtype=dtype, prefix=prefix
+        )
+    prefix = layouts[-1][0]
+    second = text_encoder_from_ldm(
+        state_dict, source=source, device=device, dtype=dtype, prefix=prefix, all_blocks=True
+    )
+    key = prefix + "model.text_projection"
+    if key not in state_dict:
+        raise CheckpointError(f"{source}: text encoder weights are missing key '{key}'")
+    projection = state_dict[key].to(device, dtype).T.contiguous()  # OpenCLIP: x @ P, (width, P)
+    return SDXLTextEncoder(first, second, projection_layer(projection))
+
+
+def sdxl_text_state_dict_to_ldm(text: SDXLTextEncoder) -> dict[str, Tensor]:
+    """Our towers in the SDXL single-file layout (for writing checkpoints): ViT-L as HF keys
+    below embedders.0.transformer.text_model., bigG as OpenCLIP keys below embedders.N.model."""
+    out: dict[str, Tensor] = {}
+    index = 0
+    if text.first is not None:
+        hf = f"{SGM_PREFIX}0.transformer.text_model."
+        out.update({hf + k: v for k, v in text.first.model.state_dict().items()})
+        index = 1
+    sd = text.second.model.state_dict()
+    oc = f"{SGM_PREFIX}{index}.model."
+    out[oc + "token_embedding.weight"] = sd["embeddings.token_embedding.weight"]
+    out[oc + "positional_embedding"] = sd["embeddings.position_embedding.weight"]
+    for p in ("weight", "bias"):
+        out[f"{oc}ln_final.{p}"] = sd[f"final_layer_norm.{p}"]
+    out[oc + "text_projection"] = text.projection.weight.T.contiguous()
+    for i in range(text.second.model.config.num_hidden_layers):
+        hf, block = f"encoder.layers.{i}.", f"{oc}transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            qkv = [sd[f"{hf}self_attn.{n}_proj.{p}"] for n in "qkv"]
+            out[f"{block}attn.in_proj_{p}"] = torch.cat(qkv)
+            for theirs, ours in _OPEN_CLIP_MODULES.items():
+                out[f"{block}{theirs}.{p}"] = sd[f"{hf}{ours}.{p}"]
+    return out

@@ -21,12 +21,12 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from model.checkpoint import SDXL_VAE_SCALING
 from model.samplers import SD15_SCHEDULER_CONFIG
 from model.text import bundled_tokenizer, tiny_text_config
 from tests.reference import VAE_TINY
 from tests.tiny import SDXL_POOLED_DIM, UNET_SDXL, UNET_SDXL_REFINER, randomize_
 
-SDXL_VAE_SCALING = 0.13025
 SDXL_TEXT_HIDDEN = 32  # both towers (their sum is UNET_SDXL's cross_attention_dim)
 
 # The generate() call of the SDXL parity tests.
@@ -69,9 +69,11 @@ def build_sdxl_reference(unet: dict[str, Any] | None = None) -> StableDiffusionX
     return pipe
 
 
-def build_sdxl_refiner(base: StableDiffusionXLPipeline) -> StableDiffusionXLImg2ImgPipeline:
+def build_sdxl_refiner(
+    base: StableDiffusionXLPipeline, unet: dict[str, Any] | None = None
+) -> StableDiffusionXLImg2ImgPipeline:
     """The tiny refiner: the base's bigG encoder and VAE, its own UNet, aesthetic time ids."""
-    net = randomize_(UNet2DConditionModel(**UNET_SDXL_REFINER), seed=35, scale=0.05)
+    net = randomize_(UNet2DConditionModel(**(unet or UNET_SDXL_REFINER)), seed=35, scale=0.05)
     pipe = StableDiffusionXLImg2ImgPipeline(
         vae=base.vae,
         text_encoder=None,

@@ -98,6 +98,22 @@ UNET_SDXL_REFINER: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 72,  # 5 * 8 + 32
 }
 
+# The same SDXL shapes with what single files leave to convention: 64 channels per head and
+# 32 norm groups (SDXL's), so the original-layout file of them loads as they are.
+UNET_SDXL_SINGLE_FILE: dict[str, Any] = {
+    **UNET_SDXL,
+    "block_out_channels": [64, 128],
+    "attention_head_dim": [1, 2],
+    "norm_num_groups": 32,
+}
+UNET_SDXL_REFINER_SINGLE_FILE: dict[str, Any] = {
+    **UNET_SDXL_SINGLE_FILE,
+    "cross_attention_dim": UNET_SDXL_REFINER["cross_attention_dim"],
+    "projection_class_embeddings_input_dim": UNET_SDXL_REFINER[
+        "projection_class_embeddings_input_dim"
+    ],
+}
+
 # A class-label table (the x4 upscaler's noise-level embedding has 1000 rows).
 UNET_CLASSES: dict[str, Any] = {**UNET_SD2, "num_class_embeds": 1000}
 
