@@ -16,6 +16,7 @@ from model.pipeline import GenerationError, Pipeline
 from model.samplers import SAMPLER_NAMES, SD15_SCHEDULER_CONFIG
 from tests.reference_sdxl import SDXL_KW, build_sdxl_reference, sdxl_reference_images
 from tests.test_pipeline_samplers import REFERENCE, max_diff, write_scheduler_config
+from tests.tiny import UNET_SDXL_DEEP
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,18 @@ def test_fp16_load_keeps_the_force_upcast_vae_in_float32(sdxl: tuple[Any, Pipeli
     _, _, folder = sdxl
     half = load_pipeline(str(folder), device="cpu", dtype=torch.float16)
     assert half.dtype == torch.float16 and half.vae_dtype == torch.float32
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m"])
+def test_per_level_depths_and_irregular_heads_match_diffusers(sampler: str, tmp_path: Path) -> None:
+    ref = build_sdxl_reference(unet=UNET_SDXL_DEEP)
+    ref.save_pretrained(tmp_path / "deep", safe_serialization=True)
+    write_scheduler_config(tmp_path / "deep", SD15_SCHEDULER_CONFIG)
+    ours = load_pipeline(str(tmp_path / "deep"), device="cpu")
+    assert ours.unet.config.transformer_depth == (1, 3)
+    cls, override, steps, guidance = REFERENCE[sampler]
+    ref.scheduler = cls.from_config({**SD15_SCHEDULER_CONFIG, **override})
+    kw = {**SDXL_KW, "steps": steps, "guidance_scale": guidance}
+    expected = sdxl_reference_images(ref, **kw)
+    diff = max_diff(_ours(ours, sampler=sampler, **kw), expected)
+    assert diff <= 2, f"{sampler}: max pixel difference {diff} > 2/255"

@@ -123,3 +123,26 @@ def test_engine_batches_refiner_jobs_with_their_own_aesthetic_scores(refiner: Pa
     calls = [c for out in run_until_idle(engine) for c in out.calls]
     assert max(n for _, n in calls) == 2, "the two refiner jobs must share UNet calls"
     assert_all_equal_solo(ours, handles)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_nine_channel_inpainting_unet_matches_diffusers(
+    base: Pair, strength: float, tmp_path: Path
+) -> None:
+    """An SDXL inpainting UNet (latents + mask + masked-image latents in)."""
+    from diffusers import UNet2DConditionModel
+
+    from tests.tiny import UNET_SDXL, randomize_
+
+    ref, _ = base
+    unet = randomize_(UNet2DConditionModel(**{**UNET_SDXL, "in_channels": 9}), seed=36, scale=0.05)
+    inpaint = StableDiffusionXLInpaintPipeline(
+        **{**ref.components, "unet": unet.eval()}, force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )  # fmt: skip
+    inpaint.set_progress_bar_config(disable=True)
+    ours = _saved(inpaint, tmp_path / "inpaint")
+    assert ours.capabilities.modes == ("inpaint",)
+    kw = {"image": source_image(), "mask": hard_mask(), "strength": strength, "num_images": 1}
+    diff = _compare(inpaint, ours, "euler", **kw)
+    assert diff <= 2, f"SDXL 9-channel inpainting strength {strength}: max pixel difference {diff}"

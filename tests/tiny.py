@@ -98,6 +98,17 @@ UNET_SDXL_REFINER: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 72,  # 5 * 8 + 32
 }
 
+# SDXL conditioning over per-level depths (1, 3), attention at both levels and heads that
+# share no size (3 of 10 over 32 channels, 5 of 12 over 64).
+UNET_SDXL_DEEP: dict[str, Any] = {
+    **UNET_SDXL,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 2,
+    "up_block_types": ["CrossAttnUpBlock2D"] * 2,
+    "transformer_layers_per_block": [1, 3],
+    "attention_head_dim": [3, 5],
+    "norm_num_groups": 16,
+}
+
 # The same SDXL shapes with what single files leave to convention: 64 channels per head and
 # 32 norm groups (SDXL's), so the original-layout file of them loads as they are.
 UNET_SDXL_SINGLE_FILE: dict[str, Any] = {
