@@ -21,6 +21,7 @@ from model import samplers
 from model.capabilities import Capabilities, describe
 from model.conditioning import Conditioning
 from model.denoise import Blend, Row, denoise_step
+from model.micro_conditioning import DEFAULT_AESTHETIC_SCORES, time_id_count, time_ids
 from model.text import TextEncoder
 from model.text_sdxl import SDXLTextEncoder
 from model.unet import UNetModel, prefers_channels_last
@@ -29,7 +30,6 @@ from model.vae import AutoencoderKL, LatentDistribution
 log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipeline defaults
-DEFAULT_AESTHETIC_SCORES = (6.0, 2.5)  # SDXL refiner: (aesthetic_score, negative_...), diffusers'
 # Generation fields only some models read (service.contract.MODEL_FIELDS mirrors this).
 MODEL_FIELDS = ("prompt_2", "negative_prompt_2", "aesthetic_score", "negative_aesthetic_score")
 
@@ -81,11 +81,13 @@ class Pipeline:
     zero_empty_negative: bool = False
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
     _vae_fp32: AutoencoderKL | None = field(default=None, init=False, repr=False)
+    time_id_count: int = field(default=0, init=False)  # SDXL: 6, its refiner: 5
 
     def __post_init__(self) -> None:
         if prefers_channels_last(self.device):  # loaders read conv weights NHWC already
             self.unet.use_channels_last()
-        self.time_id_count  # noqa: B018  (an SDXL UNet that its text encoder cannot feed fails here)
+        pooled = self.text.pooled_dim if isinstance(self.text, SDXLTextEncoder) else 0
+        self.time_id_count = time_id_count(self.unet.config, pooled, self.name)
 
     @property
     def device(self) -> torch.device:
@@ -117,39 +119,6 @@ class Pipeline:
         if self.time_id_count == 5:
             fields += ("aesthetic_score", "negative_aesthetic_score")
         return fields
-
-    @property
-    def time_id_count(self) -> int:
-        """Micro-conditioning values per row: 6 (SDXL sizes and crop), 5 (the refiner's sizes,
-        crop and aesthetic score), 0 (no added embedding); read from the UNet's shape."""
-        cfg = self.unet.config
-        if cfg.label != "text_time":
-            return 0
-        pooled = self.text.pooled_dim if isinstance(self.text, SDXLTextEncoder) else 0
-        count, rest = divmod((cfg.adm_in_channels or 0) - pooled, cfg.addition_time_embed_dim)
-        if rest or count not in (5, 6) or not pooled:
-            raise ValueError(
-                f"{self.name}: the UNet's added embedding takes {cfg.adm_in_channels} inputs, "
-                f"which a {pooled}-d pooled text vector and time ids of "
-                f"{cfg.addition_time_embed_dim} channels cannot fill"
-            )
-        return count
-
-    def time_ids(
-        self, width: int, height: int, aesthetic: tuple[float, float] = DEFAULT_AESTHETIC_SCORES
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(conditional, unconditional) time ids (1, K) of an image, as diffusers' SDXL
-        pipelines build them: original size, crop top-left (0, 0), then target size (base)
-        or the aesthetic score (refiner); sizes are (height, width) of the output."""
-        count = self.time_id_count
-        if not count:
-            return None
-        sizes = [float(height), float(width), 0.0, 0.0]
-        if count == 6:
-            ids = torch.tensor([[*sizes, float(height), float(width)]])
-            return ids, ids
-        score, negative = aesthetic
-        return torch.tensor([[*sizes, score]]), torch.tensor([[*sizes, negative]])
 
     @property
     def concat_inpainting(self) -> bool:
@@ -353,13 +322,12 @@ class Pipeline:
             masked = self.encode_image(pixels * (mask_px < 0.5))  # type: ignore[operator]
             mask_lat = F.interpolate(mask_px, size=shape[2:]).to(self.device)  # nearest
         guided = guidance_scale > 1.0  # as diffusers: no unconditional pass at or below 1
-        scores = DEFAULT_AESTHETIC_SCORES
-        if aesthetic_score is not None or negative_aesthetic_score is not None:
-            scores = (
-                scores[0] if aesthetic_score is None else aesthetic_score,
-                scores[1] if negative_aesthetic_score is None else negative_aesthetic_score,
-            )
-        ids = self.time_ids(width, height, scores)
+        score, negative = DEFAULT_AESTHETIC_SCORES
+        scores = (
+            score if aesthetic_score is None else aesthetic_score,
+            negative if negative_aesthetic_score is None else negative_aesthetic_score,
+        )
+        ids = time_ids(self.time_id_count, width, height, scores)
         text = replace(cond, time_ids=None if ids is None else ids[0].to(self.device))
         rows = []
         for i in range(num_images):
