@@ -156,7 +156,7 @@ class EngineDriver:
             out = self.engine.step()
             self.rows.extend(rows for rows, _ in out.calls)
             if not out.worked:
-                self._stop.wait(0.002)
+                self._stop.wait(out.wait_s or 0.002)  # wait_s: admission is gathering jobs
 
     def stop(self) -> None:
         self._stop.set()

@@ -134,6 +134,33 @@ def make_jobs(
     return jobs
 
 
+def make_group_jobs(
+    n: int, latent: int, steps: list[int], sampler: str, rate: float | None, seed: int
+) -> list[Job]:
+    """n jobs in len(steps) settings groups (one size and sampler, CFG 7.5; group g runs
+    steps[g]), interleaved in arrival order, with different prompts and seeds: a workload in
+    which static batching has real groups. rate None: all arrive at once; else Poisson."""
+    rng = random.Random(seed)
+    t, jobs = 0.0, []
+    for i in range(n):
+        jobs.append(
+            Job(
+                id=f"job{i:03d}",
+                arrival=t,
+                prompt=f"{PROMPTS[i % len(PROMPTS)]}, variation {i}",
+                width=8 * latent,
+                height=8 * latent,
+                steps=steps[i % len(steps)],
+                sampler=sampler,
+                guidance=7.5,
+                seed=1000 + i,
+            )
+        )
+        if rate is not None:
+            t += rng.expovariate(rate)
+    return jobs
+
+
 def sleep_until(t0: float, offset: float) -> None:
     delay = t0 + offset - time.monotonic()
     if delay > 0:

@@ -5,19 +5,23 @@ SD 1.5 shapes with random weights (UNet ~860M, SD VAE, CLIP ViT-L text tower), f
 weight tensors (mapped in memory with model.unet_convert / model.vae_convert), SDPA attention
 in both.
 
-- engine: for each max_batch (UNet rows; CFG takes two per image) submit enough identical
-  jobs at once to fill two waves, time first submit -> last image.
-- diffusers: StableDiffusionPipeline with 1/2/4/8 images per call (num_images_per_prompt).
-- FLOP share: images/s x 43 TFLOP (one 25-step CFG image with the VAE; one UNet forward at
-  64x64 ~ 0.80 TFLOP) / the card's dense fp16 peak (table by device name, or --peak-tflops).
+- engine: for each max_batch (UNet rows; CFG takes two per image) submit a mixed workload
+  at once (different prompts and seeds; steps 20/25/30 and samplers euler_a / dpmpp_2m /
+  ddim in turn; about two waves), time first submit -> last image; then the same at the
+  largest max_batch with the UNet compiled (model.compiled: buckets, CUDA graphs through
+  "reduce-overhead", compiled before timing). UNet it/s = UNet rows evaluated per second.
+- diffusers: StableDiffusionPipeline with 1/2/4/8 images per call (num_images_per_prompt),
+  25 steps; the best of them is the baseline.
+- FLOPs are counted, not guessed: torch.utils.flop_counter on one UNet forward of one row
+  at the latent size, one VAE decode and one text encoding; an image = steps x 2 UNet rows
+  (CFG) + decode + 2 encodings. Share of peak = achieved FLOP/s / the card's dense fp16 peak
+  (table by device name, or --peak-tflops).
 
 Every configuration is caught on failure (OOM, compile error) and reported, and the run
 stops starting new configurations after --budget-s seconds, so one try on a rented GPU
-always prints a result. CUDA graphs for fixed batch buckets are future work (the engine's
-batch size varies per step; each bucket would need its own captured graph).
+always prints a result.
 
-    .venv/bin/python bench/gpu.py                          # on a CUDA machine
-    .venv/bin/python bench/gpu.py --channels-last --compile
+    .venv/bin/python bench/gpu.py                          # on a CUDA machine (with --compile)
     .venv/bin/python bench/gpu.py --device cpu --tiny --quick   # CPU smoke test of the code path
 """
 
@@ -34,8 +38,7 @@ import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
 from common import DEMO_UNET, SD15_UNET, emit_json, load_average, set_threads, table
 
-IMAGE_TFLOP = 43.0  # one 25-step CFG image at 512x512, VAE decode included
-UNET_TFLOP_64 = 0.80  # one UNet forward of one row at a 64x64 latent
+MIXED = (("euler_a", 25), ("dpmpp_2m", 20), ("ddim", 30))  # the engine's mixed workload
 PEAK_FP16_TFLOPS = {  # dense fp16 tensor-core peak; first matching substring wins
     "H200": 989.0,
     "H100 PCIe": 756.0,
@@ -147,32 +150,54 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def engine_images_per_s(
-    pipe: Any, max_batch: int, n_jobs: int, size: int, steps: int, device: torch.device
-) -> float:
-    from service.engine import Engine
+def count_tflop(pipe: Any, size: int) -> dict[str, float]:
+    """TFLOP of one UNet row, one VAE decode and one text encoding at ``size`` (counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, h, w = pipe.latent_shape(size, size)[1:]
+    x = torch.zeros(1, c, h, w, device=pipe.device, dtype=pipe.dtype)
+    t = torch.full((1,), 500.0, device=pipe.device)
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        emb = pipe.encode_prompts(["a photo"])
+        for name, fn in (
+            ("unet_row", lambda: pipe.unet(x, t, emb)),
+            ("vae_decode", lambda: pipe.vae.decode(x.to(pipe.vae_dtype))),
+            ("text", lambda: pipe.encode_prompts(["a photo"])),
+        ):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                fn()
+            out[name] = counter.get_total_flops() / 1e12
+    return out
+
+
+def mixed_jobs(n: int, size: int, steps_scale: float) -> list[Any]:
     from service.engine_types import GenerationRequest
+
+    jobs = []
+    for i in range(n):
+        sampler, steps = MIXED[i % len(MIXED)]
+        job = GenerationRequest.of(
+            f"j{i}", prompt=f"a photo of a lighthouse, variant {i}", width=size, height=size,
+            steps=max(1, round(steps * steps_scale)), guidance_scale=7.5, sampler=sampler, seed=i,
+        )  # fmt: skip
+        jobs.append(job)
+    return jobs
+
+
+def engine_run(
+    pipe: Any, max_batch: int, jobs: list[Any], device: torch.device
+) -> dict[str, float]:
+    """images/s and UNet rows/s of the engine serving ``jobs`` submitted at once."""
+    from service.engine import Engine
 
     engine = Engine(pipe, max_batch=max_batch)
     try:
         sync(device)
         t0 = time.perf_counter()
-        handles = [
-            engine.submit(
-                GenerationRequest.of(
-                    f"j{i}",
-                    prompt=f"a photo of a lighthouse, variant {i}",
-                    width=size,
-                    height=size,
-                    steps=steps,
-                    guidance_scale=7.5,
-                    sampler="euler_a",
-                    seed=i,
-                )
-            )
-            for i in range(n_jobs)
-        ]
-        engine.run_until_idle()
+        handles = [engine.submit(job) for job in jobs]
+        outs = engine.run_until_idle()
         sync(device)
         elapsed = time.perf_counter() - t0
     finally:
@@ -180,12 +205,13 @@ def engine_images_per_s(
     failed = [h for h in handles if h.error or len(h.images) != 1]
     if failed:
         raise RuntimeError(f"{len(failed)} engine jobs failed: {failed[0].error}")
-    return n_jobs / elapsed
+    rows = sum(r for o in outs for r, _ in o.calls)
+    return {"images_per_s": len(jobs) / elapsed, "unet_rows_per_s": rows / elapsed}
 
 
-def diffusers_images_per_s(
+def diffusers_run(
     ref: Any, per_call: int, calls: int, size: int, steps: int, device: torch.device
-) -> float:
+) -> dict[str, float]:
     sync(device)
     t0 = time.perf_counter()
     for c in range(calls):
@@ -202,7 +228,9 @@ def diffusers_images_per_s(
                 output_type="np",
             )
     sync(device)
-    return per_call * calls / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    images = per_call * calls
+    return {"images_per_s": images / elapsed, "unet_rows_per_s": images * 2 * steps / elapsed}
 
 
 def main() -> None:
@@ -216,7 +244,8 @@ def main() -> None:
     p.add_argument("--diffusers-batch", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--images", type=int, default=None, help="images per config (default 2 waves)")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile both UNets")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the compiled engine run")  # fmt: skip
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--budget-s", type=float, default=420.0, help="start no config after this")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (cpu device only)")
@@ -251,78 +280,98 @@ def main() -> None:
     if args.channels_last:
         for m in (ref.unet, ref.vae, ours.unet, ours.vae):
             m.to(memory_format=torch.channels_last)
-    if args.compile:
-        ours.unet = torch.compile(ours.unet)
-        ref.unet = torch.compile(ref.unet)
-
-    # Image FLOPs scale with steps and pixels; the 43 TFLOP figure is for 25 steps at 512x512.
-    image_tflop = IMAGE_TFLOP * (steps / 25) * (size / 512) ** 2
+    flop = count_tflop(ours, size)
+    # One image: steps x 2 UNet rows (CFG), one decode, two text encodings (prompt, negative).
+    image_tflop = 2 * steps * flop["unet_row"] + flop["vae_decode"] + 2 * flop["text"]
+    print(f"counted: UNet row {flop['unet_row']:.3f} TFLOP, VAE decode {flop['vae_decode']:.3f}, "
+          f"text {flop['text']:.4f}; one {steps}-step CFG image {image_tflop:.2f} TFLOP")  # fmt: skip
     rows_out: list[list[Any]] = []
     results: list[dict[str, Any]] = []
 
-    def record(kind: str, setting: int, fn: Any) -> None:
+    def record(kind: str, setting: int, fn: Any, row_tflop: float) -> None:
         if time.perf_counter() - start > args.budget_s:
             results.append({"impl": kind, "setting": setting, "skipped": "time budget"})
-            rows_out.append([kind, setting, "skipped", "", ""])
+            rows_out.append([kind, setting, "skipped", "", "", ""])
             return
         try:
-            fn(1)  # warm-up (cudnn autotune, compile): one short pass
-            ips = fn(0)
-            tflops = ips * image_tflop
+            fn(1)  # warm-up (cudnn autotune, allocator): one short pass
+            got = fn(0)
+            tflops = got["unet_rows_per_s"] * row_tflop
             share = tflops / peak if peak else None
-            results.append(
-                {
-                    "impl": kind,
-                    "setting": setting,
-                    "images_per_s": ips,
-                    "tflops": tflops,
-                    "peak_share": share,
-                }
-            )
-            rows_out.append(
-                [kind, setting, ips, tflops, "-" if share is None else f"{100 * share:.1f}%"]
-            )
+            results.append({"impl": kind, "setting": setting, **got, "unet_tflops": tflops,
+                            "peak_share": share})  # fmt: skip
+            rows_out.append([kind, setting, got["images_per_s"], got["unet_rows_per_s"], tflops,
+                             "-" if share is None else f"{100 * share:.1f}%"])  # fmt: skip
         except Exception as exc:  # keep going: one failing config must not cost the run
             traceback.print_exc()
             results.append(
                 {"impl": kind, "setting": setting, "error": f"{type(exc).__name__}: {exc}"}
             )
-            rows_out.append([kind, setting, f"failed: {type(exc).__name__}", "", ""])
+            rows_out.append([kind, setting, f"failed: {type(exc).__name__}", "", "", ""])
         finally:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         print(f"  {rows_out[-1]}  ({time.perf_counter() - start:.0f}s)", flush=True)
 
+    scale = 3 / 25 if args.quick and args.tiny else steps / 25
     for rows in rows_sweep:
-        images = args.images or max(2, rows)  # rows/2 images per call: two full waves
+        images = args.images or max(3, rows)  # rows/2 images per call: about two waves
 
-        def run_engine(warm: int, rows: int = rows, images: int = images) -> float:
-            n = max(1, rows // 2) if warm else images
-            return engine_images_per_s(ours, rows, n, size, 2 if warm else steps, device)
+        def run_engine(warm: int, rows: int = rows, images: int = images) -> dict[str, float]:
+            jobs = mixed_jobs(
+                max(1, rows // 2) if warm else images, size, 2 / 25 if warm else scale
+            )
+            return engine_run(ours, rows, jobs, device)
 
-        record("engine max_batch(rows)", rows, run_engine)
+        record("engine mixed, eager", rows, run_engine, flop["unet_row"])
+    if args.compile:
+        from model.compiled import default_buckets
+
+        rows = max(rows_sweep)
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        try:
+            t = time.perf_counter()
+            ours.compile_unet(default_buckets(rows), mode)
+            ours.warm_compiled(size, size)
+            print(f"compiled the UNet for {default_buckets(rows)} rows in "
+                  f"{time.perf_counter() - t:.0f}s")  # fmt: skip
+
+            def run_compiled(warm: int, rows: int = rows) -> dict[str, float]:
+                n = max(1, rows // 2) if warm else (args.images or max(3, rows))
+                return engine_run(ours, rows, mixed_jobs(n, size, 2 / 25 if warm else scale),
+                                  device)  # fmt: skip
+
+            record("engine mixed, compiled", rows, run_compiled, flop["unet_row"])
+        except Exception as exc:
+            traceback.print_exc()
+            rows_out.append(["engine mixed, compiled", rows, f"failed: {type(exc).__name__}",
+                             "", "", ""])  # fmt: skip
     for per_call in batch_sweep:
         calls = max(1, (args.images or 2 * per_call) // per_call) if not args.quick else 1
 
-        def run_ref(warm: int, per_call: int = per_call, calls: int = calls) -> float:
+        def run_ref(warm: int, per_call: int = per_call, calls: int = calls) -> dict[str, float]:
             if warm:
-                return diffusers_images_per_s(ref, per_call, 1, size, 2, device)
-            return diffusers_images_per_s(ref, per_call, calls, size, steps, device)
+                return diffusers_run(ref, per_call, 1, size, 2, device)
+            return diffusers_run(ref, per_call, calls, size, steps, device)
 
-        record("diffusers images/call", per_call, run_ref)
+        record("diffusers images/call", per_call, run_ref, flop["unet_row"])
 
-    print(table(["impl", "setting", "images/s", "TFLOPS", "of peak"], rows_out))
-    best = {
-        kind: max(
-            (r["images_per_s"] for r in results if r["impl"] == kind and "images_per_s" in r),
-            default=None,
-        )
-        for kind in ("engine max_batch(rows)", "diffusers images/call")
-    }
-    eng, dif = best["engine max_batch(rows)"], best["diffusers images/call"]
+    print(table(["impl", "setting", "images/s", "UNet it/s (rows)", "UNet TFLOPS", "of peak"],
+                rows_out))  # fmt: skip
+
+    def best(kind: str) -> float | None:
+        return max((r["images_per_s"] for r in results if r["impl"] == kind
+                    and "images_per_s" in r), default=None)  # fmt: skip
+
+    eng, comp, dif = (
+        best("engine mixed, eager"),
+        best("engine mixed, compiled"),
+        best("diffusers images/call"),
+    )
     ratio = eng / dif if eng and dif else None
-    print(f"best engine {eng} images/s, best diffusers {dif} images/s, ratio {ratio}")
+    print(f"best engine (eager) {eng} images/s, compiled {comp}, best diffusers {dif} "
+          f"images/s; engine/diffusers {ratio}")  # fmt: skip
     emit_json(
         "gpu",
         {
@@ -335,10 +384,11 @@ def main() -> None:
             "channels_last": args.channels_last,
             "compile": args.compile,
             "peak_tflops": peak,
+            "counted_tflop": flop,
             "image_tflop": image_tflop,
-            "unet_tflop_64": UNET_TFLOP_64,
             "results": results,
             "best_engine_images_per_s": eng,
+            "best_engine_compiled_images_per_s": comp,
             "best_diffusers_images_per_s": dif,
             "engine_over_diffusers": ratio,
             "wall_s": time.perf_counter() - start,

@@ -12,12 +12,15 @@ round runs both back to back, so it shares the machine's noise), and the max abs
 
     .venv/bin/python bench/unet.py                 # SD 1.5 shape, latent 32 and 64, batch 2
     .venv/bin/python bench/unet.py --profile       # plus a torch.profiler op table per impl
+    .venv/bin/python bench/unet.py --compile       # plus ours through torch.compile (inductor),
+                                                   # as compile_unet runs it; compile time printed
     .venv/bin/python bench/unet.py --quick         # tiny UNet, seconds (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 import common  # noqa: F401  (puts the repo root on sys.path)
@@ -92,6 +95,7 @@ def main() -> None:
         action="store_true",
         help="also time diffusers with channels_last weights and input",
     )
+    p.add_argument("--compile", action="store_true", help="also time ours compiled (inductor)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler op table")
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--quick", action="store_true", help="tiny UNet, latent 8, 2 repeats")
@@ -115,6 +119,11 @@ def main() -> None:
     ctx_dim = config["cross_attention_dim"]
     rows, results = [], []
     gen = torch.Generator().manual_seed(1)
+    bucketed = None
+    if args.compile:
+        from model.compiled import BucketedUNet
+
+        bucketed = BucketedUNet(ours, [args.batch])  # one graph per latent side
     for side in args.latents:
         x = torch.randn(args.batch, 4, side, side, generator=gen)
         t = torch.linspace(999.0, 1.0, args.batch)  # per-sample timesteps
@@ -129,6 +138,20 @@ def main() -> None:
                 return ref(x, t, encoder_hidden_states=ctx).sample
 
         fns = {"ours": run_ours, "diffusers": run_ref}
+        if bucketed is not None:
+            start = time.perf_counter()
+            bucketed(x, t, Conditioning(ctx))  # compiles (the warm-up a worker does)
+            print(f"{side}x{side}: compiled in {time.perf_counter() - start:.1f}s", flush=True)
+
+            def run_compiled(
+                x: torch.Tensor = x,
+                t: torch.Tensor = t,
+                ctx: torch.Tensor = ctx,
+                fn: Any = bucketed,
+            ) -> Any:
+                return fn(x, t, Conditioning(ctx))
+
+            fns["ours_compiled"] = run_compiled
         if ref_cl is not None:
 
             def run_ref_cl(
@@ -147,6 +170,11 @@ def main() -> None:
             [a / b for a, b in zip(times["ours"], times["diffusers"], strict=True)]
         )
         m_ref_cl = median(times["diffusers_cl"]) if ref_cl is not None else None
+        m_comp = median(times["ours_compiled"]) if args.compile else None
+        if m_comp is not None:
+            print(f"{side}x{side}: compiled {m_comp:.3f}s vs eager {m_ours:.3f}s: "
+                  f"{m_comp / m_ours:.3f} (per-round median "
+                  f"{median([a / b for a, b in zip(times['ours_compiled'], times['ours'], strict=True)]):.3f})")  # fmt: skip
         rows.append(
             [f"{side}x{side}", args.batch, m_ours, m_ref, ratio, round_ratio, f"{diff:.2e}"]
             + ([m_ref_cl, m_ours / m_ref_cl] if m_ref_cl else [])
@@ -166,6 +194,7 @@ def main() -> None:
                 "ratio": ratio,
                 "per_round_ratio_median": round_ratio,
                 "diffusers_channels_last_s": m_ref_cl,
+                "ours_compiled_s": m_comp,
                 "max_abs_diff": diff,
                 "ours_all_s": times["ours"],
                 "diffusers_all_s": times["diffusers"],

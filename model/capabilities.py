@@ -30,6 +30,7 @@ class Capabilities:
     native_size: int  # the side a request without width/height gets
     prediction_type: str  # epsilon | v_prediction
     max_steps: dict[str, int]  # sampler name -> most steps it can plan
+    text_layers: int = 1  # text encoder blocks: the largest clip_skip
     fields: tuple[str, ...] = ()  # the model-specific generation fields it reads (MODEL_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,5 +66,6 @@ def describe(pipe: Pipeline) -> Capabilities:
         native_size=pipe.native_size,
         prediction_type=sched.prediction_type,
         max_steps=limits,
+        text_layers=pipe.text.layers,
         fields=pipe.model_fields,
     )

@@ -19,6 +19,12 @@ from torch import Tensor
 _OPTIONAL = ("concat", "pooled", "time_ids", "class_labels")
 
 
+def pad_rows(t: Tensor, n: int) -> Tensor:
+    """``t``'s rows followed by copies of its last row, ``n`` rows in all."""
+    extra = n - t.shape[0]
+    return t if extra <= 0 else torch.cat([t, t[-1:].expand(extra, *t.shape[1:])])
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """Conditioning of a batch of B rows; every tensor's first dimension is B."""
@@ -38,18 +44,13 @@ class Conditioning:
         """The optional kinds this value carries (rows batch together only with equal kinds)."""
         return tuple(k for k in _OPTIONAL if getattr(self, k) is not None)
 
-    def _map(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
-        """The same kinds, each tensor passed through `fn`."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Conditioning(**{k: None if v is None else fn(v) for k, v in values.items()})
-
     def expand(self, n: int) -> Conditioning:
         """The same single-row conditioning for n rows (a view, no copy)."""
-        return self._map(lambda v: v.expand(n, *v.shape[1:]))
+        return self.map_rows(lambda v: v.expand(n, *v.shape[1:]))
 
     def split(self) -> list[Conditioning]:
         """One single-row conditioning per row (views, no copy)."""
-        return [self._map(lambda v, i=i: v[i : i + 1]) for i in range(self.rows)]
+        return [self.map_rows(lambda v, i=i: v[i : i + 1]) for i in range(self.rows)]
 
     def with_text(
         self, crossattn: Tensor, pooled: Tensor | None = None, time_ids: Tensor | None = None
@@ -65,7 +66,23 @@ class Conditioning:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
         """On `device`; floating tensors in `dtype` (integer class labels stay integers)."""
-        return self._map(lambda v: v.to(device, dtype) if v.is_floating_point() else v.to(device))
+        return self.map_rows(
+            lambda v: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        )
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
+        """Apply ``fn`` to every per-row tensor (each kind has rows first)."""
+        changes = {
+            f.name: fn(v) for f in fields(self) if isinstance(v := getattr(self, f.name), Tensor)
+        }
+        return replace(self, **changes)
+
+    def pad_rows(self, n: int) -> Conditioning:
+        """These rows, then copies of the last one, ``n`` in all (bucketed compiled calls)."""
+        return self.map_rows(lambda t: pad_rows(t, n))
+
+    def rows_slice(self, start: int, stop: int) -> Conditioning:
+        return self.map_rows(lambda t: t[start:stop])
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model import samplers
+from model import prompt_encoding, samplers
 from model.capabilities import Capabilities, describe
+from model.compiled import BucketedUNet
 from model.conditioning import Conditioning
 from model.denoise import Blend, Row, denoise_step
 from model.micro_conditioning import DEFAULT_AESTHETIC_SCORES, time_id_count, time_ids
@@ -55,6 +56,13 @@ class JobStart:
     keep: np.ndarray | None = None  # (H, W, 1) bool: pixels to keep from `source`
 
 
+def pad_texts(texts: Sequence[Conditioning], empty: Conditioning) -> list[Conditioning]:
+    """Text conditionings whose contexts are padded with the empty prompt's chunks to the
+    longest (rows that share a UNet call hold one context length); pooled vectors stay."""
+    padded = prompt_encoding.pad_to_longest([t.crossattn for t in texts], empty.crossattn)
+    return [replace(t, crossattn=h) for t, h in zip(texts, padded, strict=True)]
+
+
 def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
@@ -81,6 +89,7 @@ class Pipeline:
     zero_empty_negative: bool = False
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
     _vae_fp32: AutoencoderKL | None = field(default=None, init=False, repr=False)
+    _compiled: BucketedUNet | None = field(default=None, init=False, repr=False)
     time_id_count: int = field(default=0, init=False)  # SDXL: 6, its refiner: 5
 
     def __post_init__(self) -> None:
@@ -166,11 +175,17 @@ class Pipeline:
         image: Image.Image | None,
         mask: Image.Image | None,
         strength: float | None,
+        clip_skip: int | None = None,
         **model_fields: object,
     ) -> tuple[str, float | None]:
         """(mode, strength) of a request, or GenerationError naming the parameter;
         `model_fields` are MODEL_FIELDS as given (None: not given)."""
         self.latent_shape(width, height)
+        if clip_skip is not None and not 1 <= clip_skip <= self.text.layers:
+            raise GenerationError(
+                f"clip_skip must be in 1..{self.text.layers} for this model, got {clip_skip}",
+                "clip_skip",
+            )
         for name, value in model_fields.items():
             if value is not None and name not in self.model_fields:
                 raise GenerationError(f"{self.name} does not take {name}", name)
@@ -208,34 +223,76 @@ class Pipeline:
         return mode, strength
 
     # ----------------------------------------------------------------- pieces
-    @torch.inference_mode()
-    def encode_prompts(
-        self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None
-    ) -> Conditioning:
-        """The text part of N rows' conditioning: context (N, 77, D) in the UNet's dtype, and
-        SDXL's pooled vectors (`prompts_2` feed its second encoder; default: `prompts`)."""
+    def embed_prompts(
+        self,
+        prompts: Sequence[str],
+        clip_skip: int | None = None,
+        prompts_2: Sequence[str] | None = None,
+    ) -> list[Conditioning]:
+        """Each prompt's text conditioning (one row: context (1, 77·k, D) in the UNet's dtype,
+        and SDXL's pooled vector): A1111's 75-token chunks and weights (model.prompt_encoding),
+        not padded; one encoder call. SDXL's second encoder reads `prompts_2` (default:
+        `prompts`)."""
+        skip = clip_skip or 1
         if isinstance(self.text, SDXLTextEncoder):
             second = list(prompts if prompts_2 is None else prompts_2)
-            context, pooled = self.text.encode(list(prompts), second)
-            return Conditioning(context, pooled=pooled).to(self.device, self.dtype)
-        return Conditioning(self.text.encode(list(prompts)).to(self.device, self.dtype))
+            pairs = self.text.embed(list(prompts), second, clip_skip=skip)
+            return [Conditioning(h, pooled=p).to(self.device, self.dtype) for h, p in pairs]
+        embs = prompt_encoding.encode_prompts(self.text, list(prompts), clip_skip=skip)
+        return [Conditioning(e.hidden).to(self.device, self.dtype) for e in embs]
 
-    def unconditional(self, negative_prompt: str, encoded: Conditioning) -> Conditioning:
-        """CFG's unconditional text: the encoded negative prompt, or zeros where the model
-        asks for them for an empty one (SDXL's force_zeros_for_empty_prompt)."""
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        clip_skip: int | None = None,
+        prompts_2: Sequence[str] | None = None,
+    ) -> Conditioning:
+        """The text part of N rows' conditioning, shorter prompts padded with empty-prompt
+        chunks to the longest (so CFG's rows batch)."""
+        second = None if prompts_2 is None else [*prompts_2, ""]
+        *embs, empty = self.embed_prompts([*prompts, ""], clip_skip, second)
+        return Conditioning.cat(pad_texts(embs, empty))
+
+    def unconditional(
+        self, negative_prompt: str, cond: Conditioning, encoded: Conditioning
+    ) -> Conditioning:
+        """CFG's unconditional text: the encoded negative prompt (padded as `cond`), or zeros
+        shaped like `cond` where the model asks for them for an empty one (SDXL's
+        force_zeros_for_empty_prompt)."""
         if self.zero_empty_negative and negative_prompt == "":
             return Conditioning(
-                torch.zeros_like(encoded.crossattn),
-                pooled=None if encoded.pooled is None else torch.zeros_like(encoded.pooled),
+                torch.zeros_like(cond.crossattn),
+                pooled=None if cond.pooled is None else torch.zeros_like(cond.pooled),
             )
         return encoded
 
     @torch.inference_mode()
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One UNet call; float32 latents in, float32 model output out."""
-        return self.unet(
-            x.to(self.device), t.to(self.device), cond.to(self.device, self.dtype)
-        ).float()
+        unet = self._compiled or self.unet
+        return unet(x.to(self.device), t.to(self.device), cond.to(self.device, self.dtype)).float()
+
+    def compile_unet(
+        self, buckets: Sequence[int], mode: str | None = None, backend: str = "inductor"
+    ) -> BucketedUNet:
+        """Run the UNet through torch.compile at bucketed batch sizes (model.compiled); call
+        `warm_compiled` to compile before serving."""
+        self._compiled = BucketedUNet(self.unet, buckets, mode, backend)
+        return self._compiled
+
+    def warm_compiled(self, width: int, height: int) -> float:
+        """Compile every bucket at this image size; seconds it took (0 when not compiled)."""
+        if self._compiled is None:
+            return 0.0
+        c, h, w = self.latent_shape(width, height)[1:]
+        text = self.encode_prompts([""])
+        concat = None
+        extra = self.unet.config.in_channels - self.latent_channels
+        if extra > 0:
+            concat = torch.zeros(1, extra, h, w, device=self.device, dtype=self.dtype)
+        ids = time_ids(self.time_id_count, width, height)
+        time = None if ids is None else ids[0].to(self.device)
+        return self._compiled.warm((c, h, w), replace(text, concat=concat, time_ids=time))
 
     def _float32_vae(self) -> AutoencoderKL:
         """A float32 copy of a half-precision VAE, made on first need (SDXL's VAE overflows
@@ -394,6 +451,7 @@ class Pipeline:
         negative_prompt_2: str | None = None,
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
+        clip_skip: int | None = None,
     ) -> list[Image.Image]:
         """Text-to-image, img2img (image) or inpainting (image + mask, white = repaint) for one
         prompt; image i uses the generator seeded with seed + i. SDXL's second text encoder
@@ -402,18 +460,15 @@ class Pipeline:
         width, height = self.output_size(width, height, image)
         self.check(
             width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
-            image=image, mask=mask, strength=strength, prompt_2=prompt_2,
+            image=image, mask=mask, strength=strength, clip_skip=clip_skip, prompt_2=prompt_2,
             negative_prompt_2=negative_prompt_2, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score,
         )  # fmt: skip
         guided = guidance_scale > 1.0
-        cond = self.encode_prompts([prompt], [prompt_2 or prompt])
-        uncond = None
-        if guided:
-            negative = self.encode_prompts(
-                [negative_prompt], [negative_prompt_2 or negative_prompt]
-            )
-            uncond = self.unconditional(negative_prompt, negative)
+        texts = [prompt, negative_prompt] if guided else [prompt]
+        texts_2 = [prompt_2 or prompt, negative_prompt_2 or negative_prompt][: len(texts)]
+        cond, *rest = self.encode_prompts(texts, clip_skip, texts_2).split()
+        uncond = self.unconditional(negative_prompt, cond, rest[0]) if rest else None
         job = self.begin(
             cond, uncond, width=width, height=height, steps=steps,
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -95,6 +95,44 @@ class TextEncoder:
         ids = batch.input_ids  # (N, 77)
         ids[batch.attention_mask == 0] = self.pad_token_id
         return ids
+
+    @property
+    def bos_id(self) -> int:
+        return int(self.tokenizer.bos_token_id)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def layers(self) -> int:
+        """Transformer blocks: the largest clip_skip this encoder can honour."""
+        return int(self.model.config.num_hidden_layers)
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text without BOS/EOS and never truncated (long-prompt chunking)."""
+        if not texts:
+            return []
+        batch = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)
+        return [list(ids) for ids in batch.input_ids]
+
+    def encode_ids(
+        self, ids: torch.Tensor, *, clip_skip: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, 77) ids -> hidden states (N, 77, D) and pooled output (N, D).
+
+        clip_skip 1 is the last hidden state; n > 1 is the output of the n-th block from the
+        end, through the final layer norm (A1111's "Clip skip"; diffusers' clip_skip=n-1).
+        """
+        if not 1 <= clip_skip <= self.layers:
+            raise ValueError(f"clip_skip must be in 1..{self.layers} for this text encoder")
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(self.device), output_hidden_states=clip_skip > 1)
+            if clip_skip == 1:
+                return out.last_hidden_state, out.pooler_output
+            tower = getattr(self.model, "text_model", self.model)  # transformers < 5 nests it
+            hidden = tower.final_layer_norm(out.hidden_states[-clip_skip])
+            return hidden, out.pooler_output
 
     def save_tokenizer(self, folder: Path) -> None:
         """Save as a diffusers `tokenizer/` folder declaring this encoder's pad token."""

@@ -10,13 +10,14 @@ share `model.text.TextEncoder`'s tokenization and padding rules.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from model.prompt_encoding import encode_prompts, pad_to_chunks
 from model.text import _OPEN_CLIP_MODULES, TextEncoder, text_encoder_from_ldm
 from model.text_diffusers import text_encoder_from_diffusers, text_encoder_with_projection
 from model.weights import CheckpointError
@@ -32,17 +33,54 @@ def projection_layer(weight: Tensor) -> nn.Linear:
     return layer.eval()
 
 
-def hidden_and_pooled(encoder: TextEncoder, prompts: list[str]) -> tuple[Tensor, Tensor]:
-    """(penultimate hidden states (N, 77, D), pooled output (N, D)) of one tower."""
-    ids = encoder.tokenize(prompts).to(encoder.device)
-    with torch.inference_mode():
-        out = encoder.model(input_ids=ids, output_hidden_states=True)
-    return out.hidden_states[-2], out.pooler_output
+class SDXLTower:
+    """One SDXL text tower as a `model.prompt_encoding.ChunkEncoder`: SDXL conditions on the
+    penultimate block's output without the final layer norm (clip_skip n: the n-th block
+    output before that, as diffusers' clip_skip = n - 1); bigG's pooled output (final layer
+    norm at the first end-of-text token) goes through its projection."""
+
+    def __init__(self, encoder: TextEncoder, projection: nn.Linear | None = None) -> None:
+        self.encoder = encoder
+        self.projection = projection
+
+    @property
+    def bos_id(self) -> int:
+        return self.encoder.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.encoder.eos_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.encoder.pad_token_id
+
+    @property
+    def layers(self) -> int:
+        """The largest clip_skip: every block output below the last one."""
+        return self.encoder.layers - 1
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.encoder.token_ids(texts)
+
+    def encode_ids(self, ids: Tensor, *, clip_skip: int = 1) -> tuple[Tensor, Tensor | None]:
+        """(N, 77) ids -> (hidden states (N, 77, D), projected pooled (N, P) or None)."""
+        if not 1 <= clip_skip <= self.layers:
+            raise ValueError(f"clip_skip must be in 1..{self.layers} for this text encoder")
+        with torch.inference_mode():
+            out = self.encoder.model(
+                input_ids=ids.to(self.encoder.device), output_hidden_states=True
+            )
+            hidden = out.hidden_states[-(clip_skip + 1)]  # (N, 77, D)
+            if self.projection is None:
+                return hidden, None
+            pooled = out.pooler_output.to(self.projection.weight.dtype)
+            return hidden, self.projection(pooled)  # (N, P)
 
 
 @dataclass
 class SDXLTextEncoder:
-    """Prompts (and second prompts) in; (context (N, 77, D1 + D2), pooled (N, P)) out."""
+    """Prompts (and second prompts) in; per prompt (context (1, 77·k, D1 + D2), pooled (1, P))."""
 
     first: TextEncoder | None  # CLIP ViT-L/14; None: the refiner, which has bigG only
     second: TextEncoder  # OpenCLIP ViT-bigG/14, every block
@@ -60,19 +98,35 @@ class SDXLTextEncoder:
     def context_dim(self) -> int:
         return self.second.hidden_size + (0 if self.first is None else self.first.hidden_size)
 
-    def encode(self, prompts: list[str], prompts_2: list[str]) -> tuple[Tensor, Tensor]:
-        """The first tower reads `prompts`, bigG `prompts_2` (the refiner's bigG: `prompts`,
-        as diffusers pairs prompts with the encoders it has)."""
-        if self.first is None:
-            hidden, pooled = hidden_and_pooled(self.second, prompts)
-            return hidden, self._project(pooled)
-        first, _ = hidden_and_pooled(self.first, prompts)
-        hidden, pooled = hidden_and_pooled(self.second, prompts_2)
-        return torch.cat([first, hidden.to(first.dtype)], dim=-1), self._project(pooled)
+    def towers(self) -> tuple[SDXLTower | None, SDXLTower]:
+        first = None if self.first is None else SDXLTower(self.first)
+        return first, SDXLTower(self.second, self.projection)
 
-    def _project(self, pooled: Tensor) -> Tensor:
-        with torch.inference_mode():
-            return self.projection(pooled.to(self.projection.weight.dtype))  # (N, P)
+    @property
+    def layers(self) -> int:
+        """The largest clip_skip both towers honour."""
+        return min(t.layers for t in self.towers() if t is not None)
+
+    def embed(
+        self, prompts: list[str], prompts_2: list[str], *, clip_skip: int = 1
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """Each prompt's (context, pooled), long and weighted prompts chunked per tower
+        (model.prompt_encoding): the first tower reads `prompts`, bigG `prompts_2` (the
+        refiner's bigG: `prompts`, as diffusers pairs prompts with the encoders it has)."""
+        first, second = self.towers()
+        if first is None:
+            return [
+                (e.hidden, e.pooled) for e in encode_prompts(second, prompts, clip_skip=clip_skip)
+            ]
+        *small, small_empty = encode_prompts(first, [*prompts, ""], clip_skip=clip_skip)
+        *big, big_empty = encode_prompts(second, [*prompts_2, ""], clip_skip=clip_skip)
+        out = []
+        for a, b in zip(small, big, strict=True):
+            chunks = max(a.chunks, b.chunks)  # a prompt and its second prompt may differ
+            h1 = pad_to_chunks(a.hidden, chunks, small_empty.hidden)
+            h2 = pad_to_chunks(b.hidden, chunks, big_empty.hidden)
+            out.append((torch.cat([h1, h2.to(h1.dtype)], dim=-1), b.pooled))
+        return out
 
 
 def sdxl_text_from_diffusers(

@@ -23,6 +23,8 @@ Hash a key for the configuration::
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -133,13 +135,26 @@ def metrics_readers(keys: KeyRing, metrics_keys: str) -> frozenset[str]:
     return names
 
 
-def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The token of an ``Authorization: Bearer`` header (scheme case-insensitive)."""
+A1111_PREFIX = "/sdapi/"  # AUTOMATIC1111's API: its clients authenticate with HTTP Basic
+
+
+def bearer_token(headers: list[tuple[bytes, bytes]], basic: bool = False) -> str | None:
+    """The key of an ``Authorization: Bearer`` header (scheme case-insensitive); with
+    ``basic``, also the password of ``Authorization: Basic`` (the user name is ignored), which
+    is how A1111 clients send ``--api-auth`` (webuiapi's ``set_auth(user, password)``)."""
     for name, value in headers:
         if name.lower() == b"authorization":
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+            token = token.strip()
+            if scheme.lower() == "bearer" and token:
+                return token
+            if basic and scheme.lower() == "basic" and token:
+                try:
+                    decoded = base64.b64decode(token, validate=True).decode("utf-8")
+                except (binascii.Error, UnicodeDecodeError):
+                    return None
+                _, colon, password = decoded.partition(":")
+                return password if colon and password else None
             return None
     return None
 
@@ -182,13 +197,16 @@ class AuthMiddleware:
             scope[MAX_PRIORITY_SCOPE_KEY] = PRIORITIES[0]
             await self.app(scope, receive, send)
             return
-        token = bearer_token(scope["headers"])
+        a1111 = scope["path"].startswith(A1111_PREFIX)
+        token = bearer_token(scope["headers"], basic=a1111)
         owner = self.keys.identify(token) if token is not None else None
         if owner is None and scope["path"] not in self.public:
-            challenge = 'Bearer realm="ldmserve"'
-            if token is not None:
+            challenge = 'Basic realm="ldmserve"' if a1111 else 'Bearer realm="ldmserve"'
+            if token is not None and not a1111:
                 challenge += ', error="invalid_token"'
             message = "a valid API key is required (Authorization: Bearer <key>)"
+            if a1111:
+                message += " or HTTP Basic with the key as the password"
             response = error_response(
                 401, "unauthorized", message, headers={"WWW-Authenticate": challenge}
             )

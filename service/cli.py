@@ -113,8 +113,8 @@ def cmd_worker(settings: Settings) -> int:
     if settings.model == "demo":
         log.info(DEMO_NOTE)
     pipeline = load_pipeline(settings.model, device=settings.device)
-    warm_up(pipeline)
-    asyncio.run(serve(settings, pipeline))
+    costs = warm_up(pipeline, settings)
+    asyncio.run(serve(settings, pipeline, call_costs=costs))
     return 0
 
 

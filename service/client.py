@@ -137,7 +137,7 @@ def _event(name: str, data: dict[str, Any]) -> Event | None:
     if name == "progress":
         return ProgressEvent.model_validate(data)
     if name == "preview":
-        return PreviewEvent(id=str(data.get("id", "")), data=data)
+        return PreviewEvent.model_validate(data)
     if name == "error":
         raise Unavailable(503, str(data.get("code", "stream_error")), str(data.get("message")),
                           None, None)  # fmt: skip

@@ -6,6 +6,7 @@ matched on, without a client: only pydantic here.
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -77,11 +78,20 @@ class ProgressEvent(_Model):
 
 
 class PreviewEvent(_Model):
-    """A live preview image (base64), when the server sends them."""
+    """A live preview of the first image (jobs submitted with ``preview=True``): a PNG of its
+    current latents at latent resolution."""
 
     type: Literal["preview"] = "preview"
     id: str
-    data: dict[str, Any] = Field(default_factory=dict)
+    step: int
+    total: int
+    width: int
+    height: int
+    image: str  # base64 PNG
+
+    @property
+    def png(self) -> bytes:
+        return base64.b64decode(self.image)
 
 
 class DoneEvent(_Model):

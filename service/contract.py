@@ -33,6 +33,7 @@ SamplerName = Literal[
 ]
 DEFAULT_SAMPLER = "euler_a"
 MAX_SEED = 2**32 - 1
+MAX_CLIP_SKIP = 12  # AUTOMATIC1111's range; a model may allow fewer (capabilities text_layers)
 IMAGE_FIELDS: tuple[str, ...] = ("image", "mask")  # carried as files, never in parameters JSON
 MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # as model.pipeline (and diffusers)
@@ -111,6 +112,14 @@ class GenerationParams(BaseModel):
     negative_aesthetic_score: float | None = Field(
         default=None, description="SDXL refiner: the unconditional row's score; default 2.5."
     )
+    clip_skip: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_CLIP_SKIP,
+        description="Text encoder layer to condition on, counted from the last: 1 = the last "
+        "(default), 2 = the penultimate (AUTOMATIC1111's 'Clip skip'). SD 2.x counts from the "
+        "layer it was trained on; at most the model's text_layers.",
+    )
 
     def mode(self) -> str:
         return mode_of(self.image is not None, self.mask is not None)
@@ -173,6 +182,11 @@ def check_capabilities(
             raise ContractError(
                 name, f"{name} must be a multiple of {f} for this model, got {side}"
             )
+    layers = caps.get("text_layers")
+    if params.clip_skip is not None and layers is not None and params.clip_skip > int(layers):
+        raise ContractError(
+            "clip_skip", f"this model's text encoder has {layers} layers, got {params.clip_skip}"
+        )
     most = int(caps["max_steps"].get(params.sampler, 0))
     if params.steps > most:
         raise ContractError(

@@ -14,6 +14,8 @@ caller, which decides what to write where; nothing runs on a hidden thread.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -24,16 +26,19 @@ import numpy as np
 import torch
 
 from model.denoise import denoise_step
-from model.pipeline import MODEL_FIELDS, GenerationError, Pipeline
+from model.pipeline import MODEL_FIELDS, GenerationError, Pipeline, pad_texts
+from model.preview import preview_pixels
+from service.call_cost import CallCosts
 from service.engine_types import (
     GenerationRequest,
     JobHandle,
     JobState,
+    Preview,
     Progress,
     Sample,
     StepOutput,
 )
-from service.prompt_cache import PromptCache
+from service.prompt_cache import PromptCache, prompt_key
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ class Engine:
         prompt_cache_size: int = 512,
         backfill_limit: int = 8,
         grow_after: int = 32,
+        call_costs: CallCosts | None = None,
+        admission_wait_s: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -66,6 +73,8 @@ class Engine:
         self.grow_after = grow_after  # good calls before a lowered call_rows doubles again
         self.backfill_limit = backfill_limit  # calls a too-big head job lets smaller ones pass
         self.prompts = PromptCache(pipeline, prompt_cache_size)
+        self.call_costs = call_costs  # None: calls as large as call_rows allows
+        self.admission_wait_s = admission_wait_s  # bound on gathering jobs into an idle engine
         self._lock = threading.Lock()
         self._pending: deque[JobHandle] = deque()
         self._cancel: set[str] = set()
@@ -79,6 +88,7 @@ class Engine:
         self._good_calls = 0
         self._admitting = True
         self.calls = 0  # UNet calls made
+        self._family = pipeline.capabilities.family  # picks the live previews' colour map
 
     # ----------------------------------------------------------------- public, thread-safe
     def submit(self, request: GenerationRequest) -> JobHandle:
@@ -90,11 +100,12 @@ class Engine:
         width, height = self.pipeline.output_size(p.width, p.height, request.image)
         if (width, height) != (p.width, p.height):
             params = p.model_copy(update={"width": width, "height": height})
-            request = GenerationRequest(request.id, params, request.image, request.mask)
+            request = dataclasses.replace(request, params=params)
         self.pipeline.check(
             width=width, height=height, steps=p.steps, sampler=p.sampler,
             num_images=p.num_images, image=request.image, mask=request.mask,
-            strength=p.strength, **{name: getattr(p, name) for name in MODEL_FIELDS},
+            strength=p.strength, clip_skip=p.clip_skip,
+            **{name: getattr(p, name) for name in MODEL_FIELDS},
         )  # fmt: skip
         if request.rows > self.max_batch:
             raise GenerationError(
@@ -147,6 +158,8 @@ class Engine:
             out = self.step()
             if not out.worked and self.idle():
                 return outputs
+            if out.wait_s > 0:
+                time.sleep(out.wait_s)  # admission is gathering jobs
             outputs.append(out)
         raise RuntimeError(f"engine still busy after {limit} steps")
 
@@ -158,7 +171,8 @@ class Engine:
             canceled, self._cancel = self._cancel, set()
             out.ended.extend(self._ended)
             self._ended = []
-            admitted = self._admit_locked() if self._admitting else []
+            gathering = self._gathering_locked(out)
+            admitted = self._admit_locked() if self._admitting and not gathering else []
         for job_id in canceled:
             self._drop(job_id, JobState.CANCELED, None, out)
         if admitted:
@@ -172,6 +186,32 @@ class Engine:
         self._report_progress(self._groups[key], out)
         self._retire_finished(key, out)
         return out
+
+    def _gathering_locked(self, out: StepOutput) -> bool:
+        """Whether an idle engine waits a moment for more jobs before starting the first.
+
+        Measured rule: only while what is pending fills less than the call size with the least
+        time per row, and for at most one call of what is pending (so a job waits no longer
+        than one step would take), bounded by `admission_wait_s`; jobs submitted at about the
+        same time then share calls from their first step instead of the first one running
+        ahead alone and the others stretching it."""
+        if self.admission_wait_s <= 0 or self.call_costs is None or not self._pending:
+            return False
+        if self._active_rows > 0 or not self._admitting:
+            return False
+        head = self._pending[0].request.params
+        f = self.pipeline.vae_scale_factor
+        pixels = (head.width or 0) // f * ((head.height or 0) // f)
+        rows = sum(h.request.rows for h in self._pending)
+        best = self.call_costs.best_rows(self.max_batch, pixels)
+        if rows >= min(best, self.max_batch) or pixels <= 0:
+            return False
+        wait = min(self.admission_wait_s, self.call_costs.seconds(rows, pixels))
+        waited = time.monotonic() - min(h.submitted_at for h in self._pending)
+        if waited >= wait:
+            return False
+        out.wait_s = wait - waited
+        return True
 
     def _admit_locked(self) -> list[JobHandle]:
         """FIFO admission into free rows; smaller jobs may pass a too-big head for a while."""
@@ -199,16 +239,17 @@ class Engine:
 
         Anything failing here (text encoder, VAE encoder, a bad image) fails the jobs being
         admitted and releases their rows; it never leaves them holding rows unfinished."""
-        texts = [
-            pair
+        keys = [
+            key
             for p in (h.request.params for h in handles)
-            for pair in (
-                (p.prompt, p.prompt_2 or p.prompt),
-                (p.negative_prompt, p.negative_prompt_2 or p.negative_prompt),
+            for key in (
+                prompt_key(p.prompt, p.clip_skip, p.prompt_2),
+                prompt_key(p.negative_prompt, p.clip_skip, p.negative_prompt_2),
+                prompt_key("", p.clip_skip),  # padding chunks
             )
         ]
         try:
-            embeddings = iter(self.prompts.get_many(texts))
+            embeddings = iter(self.prompts.get_many(keys))
         except Exception as exc:
             log.exception("encoding prompts failed for %d jobs", len(handles))
             for handle in handles:
@@ -217,9 +258,11 @@ class Engine:
                 )
             return
         for handle in handles:
+            cond, uncond, empty = next(embeddings), next(embeddings), next(embeddings)
             req, p = handle.request, handle.request.params
-            cond = next(embeddings)
-            uncond = self.pipeline.unconditional(p.negative_prompt, next(embeddings))
+            if req.guided:  # CFG's rows of one job share a length, as in generate()
+                cond, uncond = pad_texts([cond, uncond], empty)
+                uncond = self.pipeline.unconditional(p.negative_prompt, cond, uncond)
             try:
                 handle.start = self.pipeline.begin(
                     cond, uncond if req.guided else None, width=p.width, height=p.height,  # type: ignore[arg-type]
@@ -255,15 +298,22 @@ class Engine:
         return min(live, key=lambda k: self._last_stepped.get(k, 0))
 
     def _advance(self, key: tuple[int, ...], out: StepOutput) -> None:
-        """One evaluation for every sample of the group, in calls of <= call_rows rows."""
-        todo = list(self._groups[key])
+        """One evaluation for every sample of the group, in calls of <= call_rows rows.
+
+        A call holds one text context length (prompts of different chunk counts never pad
+        each other, so a job's image stays its solo image); within a length, samples closest
+        to their end come first, so that calls hold jobs that leave together."""
+        todo = sorted(
+            self._groups[key],
+            key=lambda s: (s.context_length, s.row.traj.n_evals - s.row.state.k),
+        )
+        pixels = key[2] * key[3]
+        plan: list[int] = []
         while todo:
-            chunk, rows = [], 0
-            for sample in todo:
-                if chunk and rows + sample.rows > self.call_rows:
-                    break
-                chunk.append(sample)
-                rows += sample.rows
+            if not plan:
+                plan = self._plan_calls(todo, pixels)
+            chunk = todo[: plan.pop(0)]
+            rows = sum(s.rows for s in chunk)
             try:
                 states = denoise_step(self.pipeline.unet_forward, [s.row for s in chunk])
             except _OOM:
@@ -274,9 +324,11 @@ class Engine:
                     log.warning("job %s: out of memory for one image alone", job.id)
                     self._drop(job.id, JobState.FAILED, self._oom_message(chunk[0]), out)
                     todo = [s for s in todo if s.job is not job]
+                    plan = []
                     continue
                 self.call_rows = max(1, min(self.call_rows, rows) // 2)
                 self._good_calls = 0
+                plan = []
                 log.warning("out of memory at %d UNet rows; calls now hold <= %d", rows,
                             self.call_rows)  # fmt: skip
                 continue  # retry this chunk, smaller
@@ -287,6 +339,7 @@ class Engine:
                     msg = f"UNet call failed: {type(exc).__name__}: {exc}"
                     self._drop(job_id, JobState.FAILED, msg, out)
                 todo = [s for s in todo if s.job.id not in failed]
+                plan = []
                 continue
             for sample, state in zip(chunk, states, strict=True):
                 sample.row.state = state
@@ -294,6 +347,25 @@ class Engine:
             out.calls.append((rows, len({s.job.id for s in chunk})))
             self._grow_call_rows()
             todo = todo[len(chunk) :]
+
+    def _plan_calls(self, todo: Sequence[Sample], pixels: int) -> list[int]:
+        """Samples per call for this step, per run of one context length: the measured
+        cheapest split, else filled greedily to call_rows."""
+        counts: list[int] = []
+        for _, run in itertools.groupby(todo, key=lambda s: s.context_length):
+            rows = [s.rows for s in run]
+            if self.call_costs is not None:
+                counts += self.call_costs.split(rows, pixels, self.call_rows)
+                continue
+            size = self.call_rows + 1
+            for r in rows:
+                if size + r <= self.call_rows:
+                    counts[-1] += 1
+                    size += r
+                else:
+                    counts.append(1)
+                    size = r
+        return counts
 
     def _oom_message(self, sample: Sample) -> str:
         p = sample.job.request.params
@@ -322,6 +394,11 @@ class Engine:
             eta = (now - started) / k * (n - k) if k else None
             job.progress = Progress(k, n, eta)
             out.progress.append((job, job.progress))
+            every = job.request.preview_every
+            if every > 0 and 0 < k < n and k % every == 0:
+                a, b = sample.row.traj.noise_ab[k]
+                pixels = preview_pixels(sample.row.state.x, self._family, a, b)
+                out.previews.append((job, Preview(k, n, pixels)))
 
     def _retire_finished(self, key: tuple[int, ...], out: StepOutput) -> None:
         """Take finished jobs out of the batch at once, decode them together, hand them over."""

@@ -28,6 +28,7 @@ class GenerationRequest:
     params: GenerationParams  # image / mask travel as PIL images below, not as base64 here
     image: Image.Image | None = None
     mask: Image.Image | None = None
+    preview_every: int = 0  # live previews every this many evaluations (0: none)
 
     @classmethod
     def of(
@@ -35,10 +36,11 @@ class GenerationRequest:
         id: str,
         image: Image.Image | None = None,
         mask: Image.Image | None = None,
+        preview_every: int = 0,
         **fields: Any,
     ) -> GenerationRequest:
         """A request from generation fields named as the contract names them."""
-        return cls(id, GenerationParams(**fields), image, mask)
+        return cls(id, GenerationParams(**fields), image, mask, preview_every)
 
     @property
     def guided(self) -> bool:
@@ -108,6 +110,15 @@ class JobHandle:
         self._done.set()
 
 
+@dataclass(frozen=True)
+class Preview:
+    """A live preview of a job's first image (model.preview) after evaluation `step`."""
+
+    step: int
+    total: int
+    pixels: np.ndarray  # (h, w, 3) uint8 at latent resolution
+
+
 @dataclass
 class StepOutput:
     """What one `Engine.step()` did, returned by value for the caller to act on."""
@@ -115,6 +126,8 @@ class StepOutput:
     progress: list[tuple[JobHandle, Progress]] = field(default_factory=list)
     ended: list[JobHandle] = field(default_factory=list)  # done, failed or canceled
     calls: list[tuple[int, int]] = field(default_factory=list)  # (UNet rows, jobs) per call
+    previews: list[tuple[JobHandle, Preview]] = field(default_factory=list)
+    wait_s: float = 0.0  # > 0: admission is gathering jobs; step again after this long
 
     @property
     def worked(self) -> bool:
@@ -134,6 +147,11 @@ class Sample:
         """Samples share a UNet call only with equal latent shapes and conditioning kinds."""
         concat = self.row.cond.concat
         return (*self.row.state.x.shape, 0 if concat is None else concat.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        """Text positions (77 per prompt chunk): one UNet call holds one length."""
+        return int(self.row.cond.crossattn.shape[1])
 
     @property
     def rows(self) -> int:

@@ -69,6 +69,8 @@ def infotext(params: Mapping[str, Any], seed: int, model: str | None = None) -> 
     name = model or params.get("model")
     if name:
         fields.append(("Model", model_label(str(name))))
+    if params.get("clip_skip") and int(params["clip_skip"]) > 1:  # A1111 writes it only then
+        fields.append(("Clip skip", int(params["clip_skip"])))
     fields.append(("Version", VERSION))
     lines = [str(params.get("prompt", ""))]
     if params.get("negative_prompt"):

@@ -28,7 +28,7 @@ async def playground() -> HTMLResponse:
         headers={
             "Cache-Control": "no-cache",
             # Nothing but this origin: the page must work offline and load nothing else.
-            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; "
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
             "style-src 'unsafe-inline'; script-src 'unsafe-inline'",
         },
     )

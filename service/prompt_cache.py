@@ -1,8 +1,10 @@
 """LRU cache of text embeddings, so repeated prompts and the empty negative prompt cost nothing.
 
 One cache belongs to one engine, which serves one model: the model is part of the key by
-construction. A key is the (prompt, second prompt) pair: SDXL's second text encoder reads the
-second one; models with one encoder are given the first twice.
+construction. The key is everything else that changes an embedding: the prompt text (its
+weights and BREAKs are part of it), the clip_skip it is encoded with (None and 1 are the
+same layer, so they share entries), and the second prompt SDXL's second text encoder reads
+(models with one encoder get the first twice, so it changes nothing for them).
 """
 
 from __future__ import annotations
@@ -13,33 +15,42 @@ from collections.abc import Sequence
 from model.conditioning import Conditioning
 from model.pipeline import Pipeline
 
-PromptPair = tuple[str, str]
+PromptKey = tuple[str, int, str]  # (prompt, clip_skip, prompt_2)
+
+
+def prompt_key(prompt: str, clip_skip: int | None = None, prompt_2: str | None = None) -> PromptKey:
+    """The cache key of a prompt encoded at `clip_skip` (None = the model's default, 1), with
+    SDXL's second prompt (None = the first, as diffusers)."""
+    return (prompt, clip_skip or 1, prompt if prompt_2 is None else prompt_2)
 
 
 class PromptCache:
-    """(prompt, prompt_2) -> one row of text conditioning on the pipeline's device, least
-    recently used evicted."""
+    """key -> one row of text conditioning (context (1, 77·k, D), SDXL's pooled vector) on the
+    pipeline's device, least recently used evicted."""
 
     def __init__(self, pipeline: Pipeline, capacity: int = 512) -> None:
         self.pipeline = pipeline
         self.capacity = capacity
-        self._entries: OrderedDict[PromptPair, Conditioning] = OrderedDict()
+        self._entries: OrderedDict[PromptKey, Conditioning] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get_many(self, prompts: Sequence[PromptPair]) -> list[Conditioning]:
-        """Embeddings for `prompts`, encoding every uncached one in a single batch."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._entries))
-        if missing:
-            encoded = self.pipeline.encode_prompts([a for a, _ in missing], [b for _, b in missing])
-            for pair, emb in zip(missing, encoded.split(), strict=True):
-                self._entries[pair] = emb
+    def get_many(self, keys: Sequence[PromptKey]) -> list[Conditioning]:
+        """Embeddings for `keys`, encoding the uncached ones in one batch per clip_skip."""
+        missing = list(dict.fromkeys(k for k in keys if k not in self._entries))
+        for skip in dict.fromkeys(k[1] for k in missing):
+            group = [k for k in missing if k[1] == skip]
+            encoded = self.pipeline.embed_prompts(
+                [k[0] for k in group], skip, [k[2] for k in group]
+            )
+            for key, emb in zip(group, encoded, strict=True):
+                self._entries[key] = emb
         self.misses += len(missing)
-        self.hits += len(prompts) - len(missing)
+        self.hits += len(keys) - len(missing)
         out = []
-        for pair in prompts:
-            self._entries.move_to_end(pair)
-            out.append(self._entries[pair])
+        for key in keys:
+            self._entries.move_to_end(key)
+            out.append(self._entries[key])
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
         return out

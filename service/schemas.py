@@ -51,6 +51,11 @@ class JobRequest(GenerationParams):
         description="Workers take higher priorities first; the highest a key may use is part "
         "of its configuration (403 priority_not_allowed above it).",
     )
+    preview: bool = Field(
+        default=False,
+        description="Stream live previews: SSE `preview` events with a small PNG of the first "
+        "image's current latents every `preview_every_steps` UNet evaluations.",
+    )
 
 
 TRANSPORT_FIELDS: tuple[str, ...] = tuple(

@@ -51,6 +51,36 @@ class Settings(BaseSettings):
     worker_ttl_s: float = Field(
         default=10.0, gt=0, description="A worker without a heartbeat for this long is dead."
     )
+    compile_unet: bool = Field(
+        default=False,
+        description="Run the UNet through torch.compile at bucketed batch sizes, compiled at "
+        "warm-up (model.compiled; off by default: on CPU compiling takes minutes).",
+    )
+    compile_mode: str | None = Field(
+        default=None, description='torch.compile mode; None: "reduce-overhead" on CUDA.'
+    )
+    call_sizing: bool = Field(
+        default=True,
+        description="Measure UNet call costs at warm-up and split batches into the calls with "
+        "the least estimated time (service.call_cost); off: calls as large as max_batch.",
+    )
+    call_sizing_side: int | None = Field(
+        default=None, ge=8, description="Image side the costs are measured at (None: native)."
+    )
+    call_sizing_budget_s: float = Field(
+        default=20.0, gt=0, description="Warm-up time the cost measurement may take."
+    )
+    admission_wait_s: float = Field(
+        default=0.2,
+        ge=0,
+        description="An idle worker waits at most this long (and never longer than one UNet "
+        "call of what is pending) for more jobs to start together.",
+    )
+    preview_every_steps: int = Field(
+        default=5,
+        ge=1,
+        description="A job asking for live previews gets one every this many UNet evaluations.",
+    )
 
     # Queue semantics.
     reclaim_after_s: float = Field(default=30.0, ge=0)

@@ -11,6 +11,7 @@ drain timeout, hands the rest back and exits 0.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import signal
@@ -23,11 +24,21 @@ from typing import Literal
 from PIL import Image
 from redis.exceptions import RedisError
 
+from model.compiled import default_buckets
 from model.pipeline import GenerationError, Pipeline
+from service import call_cost
 from service.api_errors import ApiError
+from service.call_cost import CallCosts
 from service.contract import GENERATION_FIELDS, IMAGE_FIELDS, GenerationParams
 from service.engine import Engine
-from service.engine_types import GenerationRequest, JobHandle, JobState, Progress, StepOutput
+from service.engine_types import (
+    GenerationRequest,
+    JobHandle,
+    JobState,
+    Preview,
+    Progress,
+    StepOutput,
+)
 from service.image_input import decode_image
 from service.image_output import encode_images
 from service.infotext import image_infotexts
@@ -56,7 +67,10 @@ def request_from_claim(
         name: decode_image(inputs[name], field=name, settings=settings, mode=_MODES[name])
         for name in wanted
     }
-    return GenerationRequest(claim.job_id, params, images.get("image"), images.get("mask"))
+    every = settings.preview_every_steps if p.get("preview") else 0
+    return GenerationRequest(
+        claim.job_id, params, images.get("image"), images.get("mask"), preview_every=every
+    )
 
 
 @dataclass
@@ -71,6 +85,7 @@ class _Events:
     """What the engine's delivery thread reports, drained by the event loop."""
 
     progress: dict[str, Progress] = field(default_factory=dict)
+    previews: dict[str, Preview] = field(default_factory=dict)  # the latest per job
     done: list[JobHandle] = field(default_factory=list)
     batch_rows: list[int] = field(default_factory=list)
 
@@ -79,13 +94,22 @@ class Worker:
     """Runs until stopped; `run()` is the whole life of a worker process."""
 
     def __init__(
-        self, settings: Settings, pipeline: Pipeline, model_name: str | None = None
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        model_name: str | None = None,
+        call_costs: CallCosts | None = None,
     ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.model_name = model_name or settings.model
         self.worker_id = new_worker_id()
-        self.engine = Engine(pipeline, settings.max_batch)
+        self.engine = Engine(
+            pipeline,
+            settings.max_batch,
+            call_costs=call_costs,
+            admission_wait_s=settings.admission_wait_s,
+        )
         self.queue = WorkerQueue.connect(settings)
         self.watchdog = Watchdog(
             settings, self.queue, self.worker_id, self._busy, self.engine.cancel
@@ -126,12 +150,14 @@ class Worker:
             self._absorb(out)
             if not out.worked:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._work.wait(), 0.5)
+                    await asyncio.wait_for(self._work.wait(), min(0.5, out.wait_s or 0.5))
 
     def _absorb(self, out: StepOutput) -> None:
         ev = self._events
         for handle, progress in out.progress:
             ev.progress[handle.id] = progress
+        for handle, preview in out.previews:
+            ev.previews[handle.id] = preview
         ev.done.extend(out.ended)
         ev.batch_rows.extend(rows for rows, _ in out.calls)
         if out.calls or out.ended:
@@ -300,6 +326,7 @@ class Worker:
         """One round trip of progress for all jobs; drop the lost ones; store finished ones."""
         ev = self._events
         progress, ev.progress = ev.progress, {}
+        previews, ev.previews = ev.previews, {}
         done, ev.done = ev.done, []
         rows, ev.batch_rows = ev.batch_rows, []
         # A job's last progress arrives with its end (same engine step): still write it first,
@@ -318,6 +345,7 @@ class Worker:
                 ev.progress.setdefault(j, p)
             ev.done[:0] = done
             raise
+        await self._publish_previews(previews, skip=lost)
         for job_id in lost:
             log.info("job %s canceled or taken over: dropping it", job_id)
             self.engine.cancel(job_id)
@@ -328,6 +356,33 @@ class Worker:
             except BaseException:
                 ev.done[:0] = done[i:]  # not stored yet: retried with the next flush
                 raise
+
+    async def _publish_previews(self, previews: dict[str, Preview], skip: set[str]) -> None:
+        """Live previews of running jobs; best effort (a lost one is replaced k steps later)."""
+        items = []
+        for job_id, preview in previews.items():
+            entry = self.running.get(job_id)
+            if entry is None or job_id in skip or entry.handle is None or entry.handle.done():
+                continue
+            h, w = preview.pixels.shape[:2]
+            items.append(
+                (
+                    entry.claim,
+                    {
+                        "step": preview.step,
+                        "total": preview.total,
+                        "width": w,
+                        "height": h,
+                        "image": base64.b64encode(
+                            encode_images([preview.pixels], "png")[0]
+                        ).decode(),
+                    },
+                )
+            )
+        try:
+            await self.queue.previews(items)
+        except (RedisError, OSError) as exc:
+            log.warning("publishing live previews failed: %s", exc)
 
     async def _store(self, handle: JobHandle) -> None:
         """Write a finished job's outcome. The job stays in ``running`` until the write went
@@ -395,15 +450,21 @@ def install_signal_handlers(worker: Worker) -> None:
         loop.add_signal_handler(sig, worker.request_stop)
 
 
-async def serve(settings: Settings, pipeline: Pipeline, model_name: str | None = None) -> None:
+async def serve(
+    settings: Settings,
+    pipeline: Pipeline,
+    model_name: str | None = None,
+    call_costs: CallCosts | None = None,
+) -> None:
     """Run one worker until SIGTERM/SIGINT."""
-    worker = Worker(settings, pipeline, model_name)
+    worker = Worker(settings, pipeline, model_name, call_costs)
     install_signal_handlers(worker)
     await worker.run()
 
 
-def warm_up(pipeline: Pipeline) -> None:
-    """One tiny generation so first requests don't pay for lazy initialisation."""
+def warm_up(pipeline: Pipeline, settings: Settings | None = None) -> CallCosts | None:
+    """One tiny generation so first requests don't pay for lazy initialisation; then, with
+    ``call_sizing`` on, the UNet's call costs on this device (service.call_cost)."""
     f = pipeline.vae_scale_factor
     start = time.perf_counter()
     side = 8 * f
@@ -413,3 +474,15 @@ def warm_up(pipeline: Pipeline) -> None:
         image, mask = Image.new("RGB", (side, side)), Image.new("L", (side, side), 255)
         pipeline.generate("warm-up", image=image, mask=mask, steps=1, sampler="euler")
     log.info("warm-up took %.2fs", time.perf_counter() - start)
+    if settings is not None and settings.compile_unet:
+        mode = settings.compile_mode
+        if mode is None and pipeline.device.type == "cuda":
+            mode = "reduce-overhead"  # CUDA graphs per bucket
+        pipeline.compile_unet(default_buckets(settings.max_batch), mode)
+        native = pipeline.native_size
+        pipeline.warm_compiled(native, native)
+    if settings is None or not settings.call_sizing:
+        return None
+    return call_cost.measure(
+        pipeline, settings.max_batch, settings.call_sizing_side, settings.call_sizing_budget_s
+    )

@@ -26,6 +26,9 @@ FAST_WORKER_ENV = {
     "LDMSERVE_DRAIN_TIMEOUT_S": "30",
     "LDMSERVE_MAX_BATCH": "8",
     "LDMSERVE_LOG_LEVEL": "INFO",
+    # Call sizing stays on, measured at 64x64 so that the many workers the suite starts
+    # spend milliseconds, not seconds, measuring on a loaded 2-core machine.
+    "LDMSERVE_CALL_SIZING_SIDE": "64",
 }
 
 

@@ -4,6 +4,8 @@ prompts take 0.25 s per step so that progress and interrupt can be watched)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import threading
 from typing import Any
@@ -15,6 +17,7 @@ from PIL import Image
 
 from tests.conftest import LIVE_KEYS
 from tests.processes import wait_until
+from tests.tiny import demo_solo, max_pixel_diff
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +57,28 @@ def test_txt2img_answers_images_parameters_and_info(api: webuiapi.WebUIApi) -> N
     assert "prompt" not in info["ldmserve_ignored_fields"]
     assert result.parameters["prompt"] == "a lighthouse"
     assert "Schedule type: Karras" in result.images[0].info["parameters"]
+    # The pixels are the native pipeline's for the same fields (batched vs solo: <= 2/255).
+    expected = demo_solo(prompt="a lighthouse", negative_prompt="fog", seed=7, num_images=4,
+                         guidance_scale=1.5, width=64, height=96, steps=2,
+                         sampler="dpmpp_2m_karras")  # fmt: skip
+    assert max_pixel_diff(result.images, expected) <= 2
+
+
+def test_http_basic_auth_as_a1111_api_auth(live_stack: Any) -> None:
+    """webuiapi's set_auth (A1111's --api-auth): HTTP Basic with the API key as password."""
+    api = webuiapi.WebUIApi(baseurl=f"{live_stack.base}/sdapi/v1", steps=2)
+    api.set_auth("anyone", LIVE_KEYS["a1111"])
+    result = api.txt2img(prompt="a fox", width=64, height=64, seed=3)
+    assert result.image.size == (64, 64) and result.info["seed"] == 3
+    api.set_auth("anyone", "wrong")
+    with pytest.raises(RuntimeError) as err:
+        api.txt2img(prompt="a fox", width=64, height=64)
+    assert err.value.args[0] == 401
+    basic = httpx.get(f"{live_stack.base}/sdapi/v1/samplers")
+    assert basic.status_code == 401 and basic.headers["www-authenticate"].startswith("Basic")
+    # Basic is for the A1111 routes only; the native API wants a bearer key.
+    r = httpx.get(f"{live_stack.base}/v1/jobs", auth=("anyone", LIVE_KEYS["a1111"]))
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
 
 
 def test_null_and_unknown_fields_are_accepted(live_stack: Any) -> None:
@@ -115,8 +140,18 @@ def test_progress_and_interrupt_of_the_callers_running_job(
     try:
         progress = _progress_when_running(api)
         assert progress["state"]["sampling_steps"] == 40 and progress["state"]["job_count"] == 1
-        assert 0 < progress["progress"] < 1 and progress["current_image"] is None
+        assert 0 < progress["progress"] < 1
         job_id = progress["current_task"]
+        # Live preview: every 5 evaluations (preview_every_steps), a PNG at latent resolution.
+        seen: dict[str, Any] = {}
+        wait_until(lambda: seen.update(api.get_progress()) or seen["current_image"], 60,
+                   "a live preview", 0.1)  # fmt: skip
+        assert seen["state"]["sampling_step"] >= 5
+        preview = Image.open(io.BytesIO(base64.b64decode(seen["current_image"])))
+        assert preview.size == (8, 8) and preview.mode == "RGB"
+        with native(live_stack) as client:
+            r = client.get("/sdapi/v1/progress", params={"skip_current_image": "true"})
+            assert r.json()["current_image"] is None and r.json()["current_task"] == job_id
         other = make_api(live_stack.base, key=LIVE_KEYS["other"])
         assert other.get_progress()["state"]["job_count"] == 0  # another key's view
         assert other.interrupt() == {}  # another key cannot stop it
@@ -165,6 +200,9 @@ def test_img2img_with_a_mask(api: webuiapi.WebUIApi, live_stack: Any) -> None:
     assert [im.size for im in result.images] == [(64, 64)]
     assert result.info["denoising_strength"] == 0.5 and result.info["all_seeds"] == [4]
     assert "mask_blur" in result.info["ldmserve_ignored_fields"]
+    expected = demo_solo(prompt="a hat", image=init, mask=mask, strength=0.5, seed=4, width=64,
+                         height=64, steps=2, sampler="dpmpp_2m_karras", guidance_scale=7.0)  # fmt: skip
+    assert max_pixel_diff(result.images, expected) <= 2  # webuiapi's cfg_scale default: 7
     with pytest.raises(RuntimeError) as err:
         api.img2img(images=[init], prompt="a hat", resize_mode=1, width=64, height=64)
     assert err.value.args[0] == 422

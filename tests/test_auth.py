@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from fastapi import FastAPI
 
 from service.api import create_app, new_job_id
-from service.auth import KeyEntry, KeyRing, hash_key, parse_entries
+from service.auth import KeyEntry, KeyRing, bearer_token, hash_key, parse_entries
 from service.settings import Settings
 from tests.apps import AppClientFactory
 from tests.queues import Queues
@@ -288,3 +289,21 @@ async def test_logs_carry_ids_and_timings_but_prompts_only_when_asked(
     with caplog.at_level(logging.INFO, logger="service.api"):
         await submit(client, "alice", prompt="secret lighthouse")
     assert any("secret lighthouse" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("header", "basic", "key"),
+    [
+        (b"Bearer k1", False, "k1"),
+        (b"bearer   k1 ", True, "k1"),
+        (b"Basic " + base64.b64encode(b"user:k:2"), True, "k:2"),  # the password may hold ':'
+        (b"Basic " + base64.b64encode(b"user:k1"), False, None),  # Basic only where allowed
+        (b"Basic " + base64.b64encode(b"no-colon"), True, None),
+        (b"Basic " + base64.b64encode(b"user:"), True, None),
+        (b"Basic not*base64", True, None),
+        (b"Basic " + base64.b64encode("ü:\xff".encode("latin-1")), True, None),  # not UTF-8
+        (b"Digest abc", True, None),
+    ],
+)
+def test_presented_key_bearer_and_basic(header: bytes, basic: bool, key: str | None) -> None:
+    assert bearer_token([(b"authorization", header)], basic=basic) == key

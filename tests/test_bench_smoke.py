@@ -27,7 +27,8 @@ CASES = {
     "load_memory": ["bench/load_memory.py", "--quick", "--dtypes", "fp16"],
     "engine": ["bench/engine.py", "--quick"],
     "engine_overhead": ["bench/engine_overhead.py", "--quick"],
-    "gpu": ["bench/gpu.py", "--device", "cpu", "--tiny", "--quick"],
+    "generate": ["bench/generate.py", "--quick"],
+    "gpu": ["bench/gpu.py", "--device", "cpu", "--tiny", "--quick", "--no-compile"],
     # redis-server + `ldmserve api` + one demo worker on loopback; ~20 s (two model loads)
     "service": ["bench/service.py", "--quick"],
     # this tree against the commit before the generation contract (needs git history)

@@ -22,6 +22,7 @@ from service.client import (
     JobEvent,
     JobTimeout,
     NotFound,
+    PreviewEvent,
     ProgressEvent,
     RateLimited,
 )
@@ -53,12 +54,15 @@ def test_generate_returns_the_images(client: Client) -> None:
 
 @pytest.mark.slow
 def test_submit_stream_get_images(client: Client) -> None:
-    job = client.submit(prompt="slow: a fox", width=64, height=64, steps=4, seed=9)
+    job = client.submit(prompt="slow: a fox", width=64, height=64, steps=6, seed=9, preview=True)
     assert job.status == "queued" and job.seed == 9
     events = list(client.stream(job.id))
     assert isinstance(events[0], JobEvent) and isinstance(events[-1], DoneEvent)
     steps = [e.step for e in events if isinstance(e, ProgressEvent)]
-    assert steps and steps == sorted(steps) and steps[-1] == 4
+    assert steps and steps == sorted(steps) and steps[-1] == 6
+    (preview,) = [e for e in events if isinstance(e, PreviewEvent)]  # after evaluation 5
+    assert preview.id == job.id and (preview.step, preview.total) == (5, 6)
+    assert size(preview.png) == (preview.width, preview.height) == (8, 8)
     final = events[-1].job
     assert final.status == "succeeded" and final.images[0].seed == 9
     assert client.get(job.id).status == "succeeded"

@@ -40,7 +40,7 @@ def test_generate_keywords_are_the_contract_fields() -> None:
 
 def test_http_request_is_the_contract_plus_transport_fields() -> None:
     assert tuple(JobRequest.model_fields)[: len(GENERATION_FIELDS)] == GENERATION_FIELDS
-    assert set(TRANSPORT_FIELDS) == {"output_format", "model", "webhook_url", "priority"}
+    assert set(TRANSPORT_FIELDS) == {"output_format", "model", "webhook_url", "priority", "preview"}
 
 
 def test_cli_generate_has_a_flag_per_field() -> None:

@@ -6,7 +6,9 @@ The module runs twice: on one redis-server, and on a local 3-primary Redis Clust
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import random
 import signal
 import subprocess
@@ -180,18 +182,29 @@ def test_cancel_a_running_job(stack: dict[str, Any]) -> None:
         )
 
 
-def test_sse_streams_progress_then_the_final_state(stack: dict[str, Any]) -> None:
+def test_sse_streams_progress_previews_then_the_final_state(stack: dict[str, Any]) -> None:
     with httpx.Client(base_url=stack["base"], timeout=60) as client:
         job = client.post(
-            "/v1/jobs", json={"prompt": "sse", "width": 64, "height": 64, "steps": 6}
+            "/v1/jobs",
+            json={"prompt": "sse", "width": 64, "height": 96, "steps": 12, "preview": True},
         ).json()
-        events = []
+        events: list[tuple[str, dict[str, Any]]] = []
         with client.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
             assert r.headers["content-type"].startswith("text/event-stream")
+            name = ""
             for line in r.iter_lines():
                 if line.startswith("event:"):
-                    events.append(line.split(":", 1)[1].strip())
-        assert "done" in events and events[-1] == "done"
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    events.append((name, json.loads(line.split(":", 1)[1])))
+    assert events[-1][0] == "done" and events[-1][1]["status"] == "succeeded"
+    assert [d["step"] for n, d in events if n == "progress"][-1] == 12
+    # preview_every_steps = 5: after evaluations 5 and 10 (a late connect may miss the first).
+    previews = [d for n, d in events if n == "preview"]
+    assert [d["step"] for d in previews] in ([5, 10], [10]), previews
+    for d in previews:
+        image = Image.open(io.BytesIO(base64.b64decode(d["image"])))
+        assert image.size == (d["width"], d["height"]) == (8, 12) and d["total"] == 12
 
 
 def test_sigterm_drains_a_worker_without_losing_jobs(stack: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from tests.apps import AppClientFactory
 from tests.conftest import LIVE_KEYS
+from tests.tiny import demo_solo, max_pixel_diff
 
 SMALL = {"steps": 2, "guidance_scale": 1.0}
 
@@ -48,6 +49,9 @@ def test_b64_json_with_n_images_and_native_extras(client: openai.OpenAI) -> None
     assert params[0].startswith("a lighthouse at dusk\nNegative prompt: fog\nSteps: 2, ")
     assert "Sampler: DPM++ 2M, Schedule type: Karras" in params[0]
     assert "Seed: 5," in params[0] and "Seed: 6," in params[1] and "Size: 64x96" in params[1]
+    expected = demo_solo(prompt="a lighthouse at dusk", negative_prompt="fog", seed=5,
+                         num_images=2, width=64, height=96, sampler="dpmpp_2m_karras", **SMALL)  # fmt: skip
+    assert max_pixel_diff(images, expected) <= 2  # the native pipeline's pixels
 
 
 @pytest.mark.slow
@@ -71,11 +75,30 @@ def test_url_response_links_the_jobs_image(client: openai.OpenAI, live_stack: An
 @pytest.mark.slow
 def test_streaming_sends_completed_events(client: openai.OpenAI) -> None:
     stream = client.images.generate(
-        prompt="rain on glass", size="64x64", stream=True, partial_images=2, n=2, extra_body=SMALL
+        prompt="rain on glass", size="64x64", stream=True, n=2, extra_body=SMALL
     )
     events = list(stream)
     assert [e.type for e in events] == ["image_generation.completed"] * 2
     assert all(png(base64.b64decode(e.b64_json)).size == (64, 64) for e in events)
+
+
+@pytest.mark.slow
+def test_streaming_partial_images_are_the_live_previews(client: openai.OpenAI) -> None:
+    # A slow: prompt takes 0.25 s per step (tests/fault_worker.py); previews come after
+    # evaluations 5 and 10 of 12; two partial images are due at 1/3 and 2/3 of the run.
+    stream = client.images.generate(
+        prompt="slow: rain on glass", size="64x96", stream=True, partial_images=2,
+        extra_body={"steps": 12, "guidance_scale": 1.0},
+    )  # fmt: skip
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"
+    ]
+    partial = [e for e in events if e.type == "image_generation.partial_image"]
+    assert [e.partial_image_index for e in partial] == [0, 1]
+    assert all(png(base64.b64decode(e.b64_json)).size == (8, 12) for e in partial)
+    assert partial[0].size == "8x12" and partial[0].b64_json != partial[1].b64_json
+    assert png(base64.b64decode(events[-1].b64_json)).size == (64, 96)
 
 
 @pytest.mark.slow
@@ -133,6 +156,11 @@ def test_edits_with_a_mask(client: openai.OpenAI) -> None:
     images = [png(base64.b64decode(d.b64_json or "")) for d in result.data]
     assert all(im.size == (64, 64) for im in images)
     assert "Denoising strength: 0.5" in images[0].info["parameters"]
+    repaint = Image.new("L", (64, 64), 0)
+    repaint.paste(255, (0, 0, 32, 64))  # the native mask: white = repaint
+    expected = demo_solo(prompt="a hat", image=Image.new("RGB", (64, 64), "gray"), mask=repaint,
+                         width=64, height=64, num_images=2, steps=2, strength=0.5, seed=3)  # fmt: skip
+    assert max_pixel_diff(images, expected) <= 2
     with pytest.raises(openai.BadRequestError) as err:  # OpenAI masks need alpha
         client.images.edit(image=image, mask=("m.png", _png_bytes(), "image/png"), prompt="x")
     assert isinstance(err.value.body, dict) and err.value.body["param"] == "mask"

@@ -82,6 +82,8 @@ def test_txt2img_shows_progress_then_the_image(page: Any, live_stack: Any, tmp_p
     page.click("#generate")
     page.wait_for_selector("#images img", timeout=120_000)
     assert page.evaluate("window.ldmserve.progressEvents") >= 1
+    assert page.evaluate("window.ldmserve.previewEvents") == 1  # after evaluation 5 of 6
+    assert not page.is_visible("#preview")  # the final image replaces the live preview
     assert page.eval_on_selector("#progress", "p => p.value === p.max")
     page.wait_for_function("document.querySelector('#images img').naturalWidth > 0")
     sizes = page.eval_on_selector_all(
@@ -97,11 +99,15 @@ def test_txt2img_shows_progress_then_the_image(page: Any, live_stack: Any, tmp_p
     assert all(url.startswith(live_stack.base) or url.startswith("blob:") for url in page.requests)
 
 
-def test_cancel_stops_the_running_job(page: Any, live_stack: Any) -> None:
+def test_cancel_stops_the_running_job(page: Any, live_stack: Any, tmp_path: Path) -> None:
     sign_in(page)
     fill(page, "slow: a castle", steps=60)
     page.click("#generate")
-    page.wait_for_function("window.ldmserve.progressEvents >= 1", timeout=120_000)
+    page.wait_for_function("window.ldmserve.previewEvents >= 1", timeout=120_000)
+    page.wait_for_function("document.querySelector('#preview').naturalWidth > 0")
+    assert page.is_visible("#preview")
+    assert page.eval_on_selector("#preview", "i => [i.naturalWidth, i.naturalHeight]") == [8, 8]
+    page.screenshot(path=str(tmp_path / "live-preview.png"))
     job_id = page.evaluate("window.ldmserve.job.id")
     page.click("#cancel")
     page.wait_for_function(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -160,3 +162,19 @@ def demo_inpainting_pipeline() -> Any:
         native_size=base.native_size,
         family="demo",
     )
+
+
+def demo_solo(**generate_kwargs: Any) -> list[np.ndarray]:
+    """The images the demo model gives for these generation fields alone, in this process:
+    what a compatible API's answer must decode to (the demo weights depend only on a seed)."""
+    from model import load_pipeline
+
+    pipe = load_pipeline("demo", device="cpu")
+    return [np.asarray(im.convert("RGB")) for im in pipe.generate(**generate_kwargs)]
+
+
+def max_pixel_diff(images: Sequence[Any], expected: Sequence[np.ndarray]) -> int:
+    """Largest |difference| (of 255) between decoded images (PIL) and expected arrays."""
+    assert len(images) == len(expected)
+    got = [np.asarray(im.convert("RGB")).astype(int) for im in images]
+    return max(int(np.abs(g - e.astype(int)).max()) for g, e in zip(got, expected, strict=True))

@@ -1,11 +1,12 @@
 """AUTOMATIC1111 web UI API (``/sdapi/v1/*``) over the native submit/wait path.
 
-``txt2img`` (and ``img2img`` once the native contract takes input images) takes A1111's field names and defaults and answers A1111's
-``{images: [raw base64], parameters, info}`` (``info`` a JSON string). Fields ldmserve does
+``txt2img`` and ``img2img`` (init image, mask, denoising strength) take A1111's field names and
+defaults and answer A1111's ``{images: [raw base64], parameters, info}`` (``info`` a JSON string). Fields ldmserve does
 not act on (hires fix, face restore, scripts, null values, unknown names) are accepted and
 listed in ``info["ldmserve_ignored_fields"]``. Samplers and schedule types map to native
 samplers by table; a combination without a native equivalent is a 422, never a substitute.
-``progress``, ``interrupt`` and ``skip`` act on the caller's own jobs only (per API key).
+``progress``, ``interrupt`` and ``skip`` act on the caller's own jobs only (per API key);
+their jobs ask for live previews, which ``progress`` shows as ``current_image``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ SCHEDULERS: tuple[dict[str, Any], ...] = (
 _SCHEDULER_NAMES = {s["name"]: s["name"] for s in SCHEDULERS} | {
     s["label"].lower(): s["name"] for s in SCHEDULERS
 }
+CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"  # A1111's option name for clip skip
+_ACTED_ON_SETTINGS = {"sd_model_checkpoint", CLIP_SKIP_SETTING}
 # A1111's StableDiffusionProcessingTxt2Img API defaults for the fields acted on.
 TXT2IMG_DEFAULTS: dict[str, Any] = {
     "prompt": "", "negative_prompt": "", "seed": -1, "sampler_name": None,
@@ -189,6 +192,7 @@ async def txt2img_fields(
         "width": _number(body, "width", integer=True),
         "height": _number(body, "height", integer=True),
         "num_images": batch * n_iter,
+        "preview": True,  # A1111 shows live previews by default: /progress's current_image
     }
     seed = _number(body, "seed", integer=True)
     if seed != -1:
@@ -196,8 +200,17 @@ async def txt2img_fields(
     model = overrides.get("sd_model_checkpoint") or await _default_model(c)
     if model:
         fields["model"] = _model_name(str(model))
+    clip_skip = overrides.get(CLIP_SKIP_SETTING)
+    if clip_skip is not None:
+        if not isinstance(clip_skip, int) or isinstance(clip_skip, bool):
+            raise A1111Error(
+                422,
+                "validation_error",
+                f"override_settings.{CLIP_SKIP_SETTING}: expected an integer",
+            )
+        fields["clip_skip"] = clip_skip
     ignored = sorted(k for k in body if k not in known)
-    ignored += sorted(f"override_settings.{k}" for k in overrides if k != "sd_model_checkpoint")
+    ignored += sorted(f"override_settings.{k}" for k in overrides if k not in _ACTED_ON_SETTINGS)
     return fields, ignored
 
 
@@ -241,7 +254,7 @@ def _info(record_params: dict[str, Any], fields: dict[str, Any], job_id: str,
         "infotexts": image_infotexts(record_params, n) if count else [],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime()),
-        "clip_skip": 1,
+        "clip_skip": fields.get("clip_skip") or 1,
         "is_using_inpainting_conditioning": False,
         "version": VERSION,
         "interrupted": interrupted,
@@ -412,15 +425,18 @@ async def set_options(request: Request) -> None:
 
 
 @router.get("/progress", include_in_schema=False)
-async def progress(request: Request) -> dict[str, Any]:
-    """The caller's current job: its progress, ETA and step; ``current_image`` is null
-    (workers send no live previews yet)."""
+async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+    """The caller's current job: its progress, ETA and step; ``current_image`` is its latest
+    live preview (raw base64 PNG at latent resolution), null before the first one."""
     c = caller(request)
     jobs = await job_index.active(c.queue, c.owner)
     running = sorted((j for j in jobs if j.status == "running"), key=lambda j: j.started_at or 0)
     current = running[0] if running else None
     step = (current.step or 0) if current else 0
     total = (current.total or 0) if current else 0
+    preview = None
+    if current is not None and not skip_current_image:
+        preview = await c.queue.preview(current.id)
     return {
         "progress": step / total if total else 0.0,
         "eta_relative": (current.eta_s or 0.0) if current else 0.0,
@@ -437,7 +453,7 @@ async def progress(request: Request) -> dict[str, Any]:
             "sampling_step": step,
             "sampling_steps": total,
         },
-        "current_image": None,
+        "current_image": preview["image"] if preview else None,
         "textinfo": None,
         "current_task": current.id if current else None,
     }

@@ -1,5 +1,5 @@
-"""OpenAI Images API: ``POST /v1/images/generations`` and ``POST /v1/images/edits`` (the
-latter answers 400 until the native contract takes input images, then maps to it).
+"""OpenAI Images API: ``POST /v1/images/generations`` and ``POST /v1/images/edits`` (img2img,
+or inpainting with a mask whose transparent pixels mark the area to repaint).
 
 Fields are the ones the ``openai`` SDK sends; ldmserve's own (negative_prompt, steps,
 guidance_scale, sampler, seed, ...) ride along as top-level extras, which is what the SDK
@@ -7,12 +7,14 @@ sends for ``extra_body``. The call is synchronous: the job goes through the nati
 and the answer comes once it ended, or after ``compat_wait_s`` as an error naming the job
 id. Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; errors
 after a job was queued carry ``x-should-retry: false`` so the SDK's automatic retries do
-not queue the same prompt again.
+not queue the same prompt again. ``stream: true`` answers SSE; ``partial_images`` (1-3) asks
+the job for live previews, sent as ``image_generation.partial_image`` events.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -39,8 +41,8 @@ from service.compat.jobs import (
     start_job,
 )
 from service.compat.masks import image_b64, openai_mask
-from service.job_wait import wait_for_job
 from service.schemas import TERMINAL_STATUSES, JobRequest
+from service.sse import job_event_stream
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +186,8 @@ def native_fields(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
         fields["width"], fields["height"] = int(match.group(1)), int(match.group(2))
     fields["output_format"] = _choice(body, "output_format", ("png", "jpeg", "webp"), "png")
     _int(body, "output_compression", 0, 100)  # accepted; the worker's quality is fixed
-    _int(body, "partial_images", 0, 3)
+    if _int(body, "partial_images", 0, 3) and body.get("stream"):
+        fields["preview"] = True  # partial images are the job's live previews
     model = body.get("model")
     if model is not None:
         if not isinstance(model, str) or not model:
@@ -283,7 +286,7 @@ async def _answer(
                 max_priority=c.max_priority,
             )  # fmt: skip
             return StreamingResponse(
-                _stream(request, c, job_id, fields["prompt"]),
+                _stream(request, c, job_id, fields["prompt"], body.get("partial_images") or 0),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Ldmserve-Job": job_id},
             )
@@ -315,20 +318,49 @@ def _event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps({'type': name, **data}, separators=(',', ':'))}\n\n"
 
 
-async def _stream(request: Request, c: Caller, job_id: str, prompt: str) -> AsyncIterator[str]:
-    """SSE: keep-alives while the job runs, then one ``image_generation.completed`` per
-    image (partial images need live previews, which workers do not send yet)."""
+def _partial_due(step: int, total: int, sent: int, wanted: int) -> bool:
+    """Whether a preview at ``step`` of ``total`` becomes partial image ``sent`` of ``wanted``:
+    the partials are spread over the run (thresholds at 1/(wanted+1), 2/(wanted+1), ...)."""
+    return sent < wanted and step * (wanted + 1) >= (sent + 1) * total
+
+
+async def _stream(
+    request: Request, c: Caller, job_id: str, prompt: str, partial_images: int
+) -> AsyncIterator[str]:
+    """SSE: keep-alives while the job runs, up to ``partial_images``
+    ``image_generation.partial_image`` events from its live previews (PNG at latent
+    resolution, spread over the run; fewer when the job has fewer previews, as OpenAI allows),
+    then one ``image_generation.completed`` per image."""
     s = c.settings
     deadline = time.monotonic() + s.compat_wait_s
-    record = None
+    record, sent = None, 0
+    events = job_event_stream(c.queue, job_id, s.sse_poll_s, s.sse_keepalive_s)
     try:
-        while True:
-            left = deadline - time.monotonic()
-            record = await wait_for_job(c.queue, job_id, max(0.0, min(left, s.sse_keepalive_s)),
-                                        s.sse_poll_s)  # fmt: skip
-            if record is None or record.status in TERMINAL_STATUSES or left <= 0:
-                break
-            yield ": keepalive\n\n"
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event is None:
+                    yield ": keepalive\n\n"
+                elif event[0] == "preview" and _partial_due(
+                    event[1]["step"], event[1]["total"], sent, partial_images
+                ):
+                    yield _event(
+                        "image_generation.partial_image",
+                        {
+                            "b64_json": event[1]["image"],
+                            "created_at": int(time.time()),
+                            "size": f"{event[1]['width']}x{event[1]['height']}",
+                            "quality": "auto",
+                            "background": "opaque",
+                            "output_format": "png",
+                            "partial_image_index": sent,
+                        },
+                    )
+                    sent += 1
+                elif event[0] in ("done", "error"):
+                    break
+                if time.monotonic() > deadline:
+                    break
+        record = await c.queue.get(job_id)
         outcome = Outcome(job_id, record)
         error = _job_error(outcome, s.compat_wait_s)
         if error is not None:

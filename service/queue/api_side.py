@@ -146,6 +146,11 @@ class ApiQueue:
             position = await redis.zrank(keys.queued(decoded["model"]), job_id)
         return JobRecord.from_hash(decoded, position)
 
+    async def preview(self, job_id: str) -> dict[str, Any] | None:
+        """The running job's latest live preview (the SSE ``preview`` payload), if any."""
+        raw = await self.store.redis.get(self.store.keys.preview(job_id))
+        return None if raw is None else json.loads(raw)
+
     async def image(self, job_id: str, index: int) -> bytes | None:
         """Encoded bytes of one result image, None once expired."""
         name = await self._result_name(job_id, index)

@@ -14,6 +14,7 @@ key is renamed in one place.
 ``P:job:{id}:images``               hash    ``"0"``, ``"1"``, … → encoded image bytes (TTL)
 ``P:job:{id}:events``               pubsub  progress / status messages (JSON) for SSE
 ``P:job:{id}:inputs``               hash    img2img / inpainting input PNGs by field name
+``P:job:{id}:preview``              string  the running job's latest live preview (JSON, TTL)
 ``P:model:{model}:capabilities``    string  what the model's workers last published (JSON)
 ``P:idem:{sha256(owner\nkey)}``     string  Idempotency-Key → job id (scoped per owner)
 ``P:owner:{owner}:active``          set     the owner's unfinished job ids (per-key cap)
@@ -58,6 +59,7 @@ LAYOUT: dict[str, str] = {
     "images": "job:{}:images",
     "events": "job:{}:events",
     "inputs": "job:{}:inputs",
+    "preview": "job:{}:preview",
     "capabilities": "model:{}:capabilities",
     "stream": "model:{}:stream",
     "stream_high": "model:{}:stream:high",
@@ -147,6 +149,10 @@ class Keys:
     def inputs(self, job_id: str) -> str:
         """Input images of an img2img / inpainting job (PNG bytes by field name)."""
         return self._name("inputs", job_id)
+
+    def preview(self, job_id: str) -> str:
+        """The running job's latest live preview (JSON)."""
+        return self._name("preview", job_id)
 
     def capabilities(self, model: str) -> str:
         """What the model's workers last published it can run (kept when they are gone)."""

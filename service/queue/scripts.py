@@ -126,6 +126,7 @@ local function finalize(id, status, now, job_ttl)
   end
   redis.call('EXPIRE', job, job_ttl)
   redis.call('EXPIRE', K.inputs(id), job_ttl)
+  redis.call('DEL', K.preview(id))
   redis.call('HINCRBY', K.metrics, 'jobs_' .. status, 1)
   publish_status(id, status)
 end
@@ -137,6 +138,7 @@ local function start_run(id, worker, now)
   local lease = redis.call('HINCRBY', job, 'lease', 1)
   redis.call('HSET', job, 'status', 'running', 'worker', worker, 'started_at', now, 'updated_at', now)
   redis.call('HDEL', job, 'step', 'total', 'eta_s')
+  redis.call('DEL', K.preview(id))
   local v = redis.call('HMGET', job, 'model', 'params', 'entry', 'owner')
   redis.call('ZREM', K.queued(v[1]), id)
   redis.call('SADD', K.running, id)
@@ -337,6 +339,18 @@ if not owns(job_id, worker, lease) then return 0 end
 redis.call('HSET', K.job(job_id), 'step', step, 'total', total, 'updated_at', now)
 if eta == '' then redis.call('HDEL', K.job(job_id), 'eta_s')
 else redis.call('HSET', K.job(job_id), 'eta_s', eta) end
+redis.call('PUBLISH', K.events(job_id), message)
+return 1
+""",
+)
+
+# The lease holder's latest live preview: kept (for A1111's /progress) and published (SSE).
+PREVIEW = Script(
+    "preview",
+    params=("job_id", "worker", "lease", "ttl", "message"),
+    body=r"""
+if not owns(job_id, worker, lease) then return 0 end
+redis.call('SET', K.preview(job_id), message, 'EX', ttl)
 redis.call('PUBLISH', K.events(job_id), message)
 return 1
 """,

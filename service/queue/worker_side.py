@@ -280,6 +280,32 @@ class WorkerQueue:
                 results = await pipe.execute()
         return {u[0].job_id for u, ok in zip(updates, results, strict=True) if not ok}
 
+    async def previews(self, items: Sequence[tuple[Claim, dict[str, Any]]]) -> None:
+        """Publish and keep each job's latest live preview (one round trip for a batch).
+
+        ``message`` is the SSE ``preview`` payload; a job no longer this worker's is skipped
+        by the script (its loss is noticed by the progress write)."""
+        if not items:
+            return
+        ttl = max(int(self.store.settings.reclaim_after_s) * 4, 60)  # outlives any live run
+        calls = [
+            {
+                "job_id": c.job_id,
+                "worker": c.worker_id,
+                "lease": c.lease,
+                "ttl": ttl,
+                "message": json.dumps({"type": "preview", "id": c.job_id, **message}),
+            }
+            for c, message in items
+        ]
+        if self.store.settings.redis_cluster:
+            await asyncio.gather(*(self.store.run(scripts.PREVIEW, **a) for a in calls))
+            return
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            for args in calls:
+                await self.store.run(scripts.PREVIEW, pipe=pipe, **args)
+            await pipe.execute()
+
     async def canceled(self, job_ids: Sequence[str]) -> set[str]:
         """Of ``job_ids``, those canceled (or gone): one round trip for a whole batch."""
         if not job_ids:

@@ -1,0 +1,133 @@
+"""What a UNet call costs by its size on this worker's device, and how to split rows into calls.
+
+Time per row is not constant: on a GPU it falls as calls grow until the device is saturated;
+on a CPU it can rise past a few rows (caches), so one 12-row call may cost more than two
+6-row calls. The worker measures the curve at warm-up (`measure`), and the engine splits each
+group's rows into the calls with the least estimated total time (`CallCosts.split`); the
+per-call row limit (`max_batch`, lowered after an out-of-memory error) stays an upper bound.
+
+Calls of other latent sizes are estimated from the same curve by their *work*, rows × latent
+pixels / the measured latent pixels: a UNet's cost follows the pixels it processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from model.compiled import default_buckets
+from model.denoise import denoise_step
+from model.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CallCosts:
+    """Measured seconds per UNet call at increasing work (rows at ``pixels`` latent pixels)."""
+
+    points: tuple[tuple[float, float], ...]  # (work, seconds), work increasing
+    pixels: int  # latent pixels (h × w) of the measured calls
+
+    def __post_init__(self) -> None:
+        works = [w for w, _ in self.points]
+        if not works or works != sorted(set(works)) or works[0] <= 0:
+            raise ValueError(f"call costs need increasing positive work, got {works}")
+
+    def seconds(self, rows: int, pixels: int) -> float:
+        """Estimated seconds of one call of ``rows`` rows at ``pixels`` latent pixels:
+        piecewise linear through the measurements, extended by the nearest segment."""
+        work = rows * pixels / self.pixels
+        pts = self.points
+        if len(pts) == 1:
+            return pts[0][1] * work / pts[0][0]
+        i = min(max(bisect_left([w for w, _ in pts], work), 1), len(pts) - 1)
+        (w0, s0), (w1, s1) = pts[i - 1], pts[i]
+        return max(s0 + (s1 - s0) * (work - w0) / (w1 - w0), 1e-9)
+
+    def best_rows(self, limit: int, pixels: int) -> int:
+        """The call size (1..limit rows) with the least estimated time per row; ties: larger."""
+        best, best_cost = 1, float("inf")
+        for r in range(1, limit + 1):
+            per_row = self.seconds(r, pixels) / r
+            if per_row <= best_cost * (1 + 1e-6):
+                best, best_cost = r, min(per_row, best_cost)
+        return best
+
+    def split(self, rows: Sequence[int], pixels: int, limit: int) -> list[int]:
+        """Split samples of ``rows`` rows each (in order; a sample's rows share a call) into
+        calls of at most ``limit`` rows with the least estimated total time; returns the
+        number of samples per call. Ties go to fewer calls."""
+        total = sum(rows)
+        best: tuple[float, list[int]] | None = None
+        seen: set[int] = set()
+        for calls in range(1, total + 1):
+            target = min(limit, -(-total // calls))  # ceil: calls of about equal size
+            if target in seen:
+                continue
+            seen.add(target)
+            counts, sizes = _fill(rows, target)
+            cost = sum(self.seconds(size, pixels) for size in sizes)
+            if best is None or cost < best[0] * (1 - 1e-6):
+                best = (cost, counts)
+        assert best is not None
+        return best[1]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"pixels": self.pixels, "points": [list(p) for p in self.points]}
+
+
+def _fill(rows: Sequence[int], target: int) -> tuple[list[int], list[int]]:
+    """Greedy calls of at most ``target`` rows (a sample bigger than it goes alone)."""
+    counts: list[int] = []
+    sizes: list[int] = []
+    for r in rows:
+        if counts and sizes[-1] + r <= target:
+            counts[-1] += 1
+            sizes[-1] += r
+        else:
+            counts.append(1)
+            sizes.append(r)
+    return counts, sizes
+
+
+def measure(pipeline: Pipeline, max_rows: int, side: int | None = None,
+            budget_s: float = 20.0, repeats: int = 2) -> CallCosts:  # fmt: skip
+    """Time real denoising steps of 1, 2, 4, ... rows at ``side`` pixels (default: the
+    model's native size); stops early once the measurements used ``budget_s`` (the larger
+    sizes are then extrapolated from the last segment)."""
+    side = side or pipeline.native_size
+    f = pipeline.vae_scale_factor
+    side = max(f, side // f * f)
+    image = mask = None
+    if "txt2img" not in pipeline.capabilities.modes:
+        image, mask = Image.new("RGB", (side, side)), Image.new("L", (side, side), 255)
+    emb = pipeline.encode_prompts([""])
+    points: list[tuple[float, float]] = []
+    spent = 0.0
+    for rows in default_buckets(max_rows):
+        job = pipeline.begin(
+            emb, None, width=side, height=side, steps=2, guidance_scale=1.0, sampler="euler",
+            seed=0, num_images=rows, image=image, mask=mask, strength=None if image is None else 1.0,
+        )  # fmt: skip
+        times = []
+        for _ in range(repeats + 1):  # the first call of a new size warms it up
+            start = time.perf_counter()
+            denoise_step(pipeline.unet_forward, job.rows)
+            if pipeline.device.type == "cuda":
+                torch.cuda.synchronize(pipeline.device)
+            times.append(time.perf_counter() - start)
+        spent += sum(times)
+        points.append((float(rows), min(times[1:])))
+        if spent > budget_s:
+            break
+    costs = CallCosts(tuple(points), (side // f) ** 2)
+    log.info("UNet call costs at %dx%d: %s", side, side,
+             ", ".join(f"{int(w)} rows {s * 1000:.1f} ms" for w, s in points))  # fmt: skip
+    return costs

@@ -1,0 +1,106 @@
+"""Call sizing: the cost model, the split it picks, the engine's calls and its admission wait."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from model import load_pipeline
+from model.compiled import default_buckets
+from model.pipeline import Pipeline
+from service.call_cost import CallCosts, measure
+from service.engine import Engine
+from tests.test_engine import max_diff, req, solo
+
+# Seconds per call at 1, 2, 4, 8, 16 rows of 32x32 latents.
+CPU_LIKE = CallCosts(((1, 1.0), (2, 1.9), (4, 3.6), (8, 8.0), (16, 20.0)), 32 * 32)  # best: 4
+GPU_LIKE = CallCosts(((1, 1.0), (2, 1.1), (4, 1.3), (8, 1.8), (16, 2.9)), 32 * 32)  # best: 16
+
+
+def test_estimates_interpolate_and_scale_with_pixels() -> None:
+    assert CPU_LIKE.seconds(4, 1024) == pytest.approx(3.6)
+    assert CPU_LIKE.seconds(6, 1024) == pytest.approx(5.8)  # between 4 and 8 rows
+    assert CPU_LIKE.seconds(8, 256) == pytest.approx(1.9)  # 8 rows of 16x16 = 2 rows' work
+    assert CPU_LIKE.seconds(32, 1024) == pytest.approx(44.0)  # past the end: last slope
+    assert CPU_LIKE.best_rows(16, 1024) == 4 and GPU_LIKE.best_rows(16, 1024) == 16
+    assert GPU_LIKE.best_rows(10, 1024) == 10  # the limit bounds it
+    with pytest.raises(ValueError, match="increasing"):
+        CallCosts(((2, 1.0), (1, 0.5)), 64)
+
+
+def test_split_minimises_estimated_time_and_keeps_samples_whole() -> None:
+    assert CPU_LIKE.split([1] * 12, 1024, 16) == [4, 4, 4]
+    assert GPU_LIKE.split([1] * 12, 1024, 16) == [12]
+    assert GPU_LIKE.split([1] * 12, 1024, 5) == [4, 4, 4]  # the row limit is a bound
+    # Guided samples take 2 rows each and never straddle two calls.
+    assert CPU_LIKE.split([2] * 6, 1024, 16) == [2, 2, 2]
+    assert sum(CPU_LIKE.split([2, 1, 2, 1, 2], 1024, 16)) == 5
+    counts = CPU_LIKE.split([1] * 12, 1024, 16)
+    exhaustive = min(
+        (sum(CPU_LIKE.seconds(n, 1024) for n in split), split)
+        for split in ([12], [6, 6], [4, 4, 4], [3, 3, 3, 3], [2] * 6, [1] * 12, [8, 4])
+    )
+    assert sum(CPU_LIKE.seconds(n, 1024) for n in counts) <= exhaustive[0] + 1e-9
+
+
+@pytest.fixture(scope="module")
+def demo() -> Pipeline:
+    return load_pipeline("demo", device="cpu")
+
+
+def test_measure_times_every_candidate_size(demo: Pipeline) -> None:
+    costs = measure(demo, 8, side=64, budget_s=60)
+    assert [w for w, _ in costs.points] == list(default_buckets(8)) == [1, 2, 4, 8]
+    assert costs.pixels == 8 * 8 and all(s > 0 for _, s in costs.points)
+    one = measure(demo, 8, side=64, budget_s=1e-9)  # the budget stops it after one size
+    assert [w for w, _ in one.points] == [1]
+
+
+def test_engine_calls_follow_the_split_and_images_stay_solo(demo: Pipeline) -> None:
+    engine = Engine(demo, max_batch=16, call_costs=CPU_LIKE)
+    jobs = [req(f"j{i}", f"p{i}", steps=3, sampler="ddim", width=256, height=256, seed=i,
+                guidance_scale=1.0) for i in range(6)]  # fmt: skip
+    handles = [engine.submit(j) for j in jobs]
+    outs = engine.run_until_idle()
+    first = next(o for o in outs if o.calls)
+    assert [rows for rows, _ in first.calls] == [3, 3]  # 6 rows → two calls of 3 (best: 4)
+    for handle in handles:
+        assert max_diff(np.stack(handle.images), solo(demo, handle.request)) <= 2
+
+
+def test_shortest_remaining_jobs_share_calls(demo: Pipeline) -> None:
+    engine = Engine(demo, max_batch=16, call_costs=CPU_LIKE)
+    steps = [2, 6, 2, 6, 2, 6, 2, 6]  # interleaved arrivals of two settings groups
+    for i, n in enumerate(steps):
+        engine.submit(req(f"j{i}", f"p{i}", steps=n, sampler="euler", width=256, height=256,
+                          seed=i, guidance_scale=1.0))  # fmt: skip
+    outs = engine.run_until_idle()
+    ended = [h.id for o in outs for h in o.ended]
+    assert set(ended[:4]) == {"j0", "j2", "j4", "j6"}  # the short ones leave first, together
+    first = next(o for o in outs if o.calls)
+    assert [rows for rows, _ in first.calls] == [4, 4]
+
+
+def test_idle_engine_gathers_jobs_for_at_most_one_call(demo: Pipeline) -> None:
+    slow = CallCosts(((1, 0.4), (4, 1.0), (8, 2.4)), 32 * 32)  # 1 row: 0.4 s; best: 4 rows
+    engine = Engine(demo, max_batch=8, call_costs=slow, admission_wait_s=10.0)
+    first = engine.submit(req("a", "x", steps=2, width=256, height=256, guidance_scale=1.0))
+    out = engine.step()
+    assert not out.calls and 0 < out.wait_s <= 0.4  # gathering, for one call's time at most
+    engine.submit(req("b", "y", steps=2, width=256, height=256, guidance_scale=1.0, seed=1))
+    out = engine.step()
+    assert not out.calls  # 2 rows < 4: still gathering
+    time.sleep(out.wait_s)
+    out = engine.step()
+    assert out.calls == [(2, 2)]  # both start in one call once the wait has passed
+    engine.run_until_idle()
+    assert first.done()
+    # No wait when what is pending already fills the best call, or with the bound at 0.
+    quick = Engine(demo, max_batch=8, call_costs=slow, admission_wait_s=10.0)
+    quick.submit(req("c", "x", steps=2, width=256, height=256, num_images=4, guidance_scale=1.0))
+    assert quick.step().calls == [(4, 1)]
+    off = Engine(demo, max_batch=8, call_costs=slow, admission_wait_s=0.0)
+    off.submit(req("d", "x", steps=2, width=256, height=256, guidance_scale=1.0))
+    assert off.step().calls == [(1, 1)]
