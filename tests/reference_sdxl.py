@@ -50,8 +50,8 @@ def build_sdxl_reference(unet: dict[str, Any] | None = None) -> StableDiffusionX
         seed=32,
         scale=0.05,
     )
-    first = randomize_(CLIPTextModel(tiny_text_config(hidden=SDXL_TEXT_HIDDEN)), seed=33)
-    config_2 = tiny_text_config(hidden=SDXL_TEXT_HIDDEN, hidden_act="gelu")
+    first = randomize_(CLIPTextModel(tiny_text_config(hidden=SDXL_TEXT_HIDDEN, layers=3)), seed=33)
+    config_2 = tiny_text_config(hidden=SDXL_TEXT_HIDDEN, layers=3, hidden_act="gelu")
     config_2.projection_dim = SDXL_POOLED_DIM
     second = randomize_(CLIPTextModelWithProjection(config_2), seed=34)
     pipe = StableDiffusionXLPipeline(
