@@ -45,6 +45,10 @@ class UNetConfig:
     transformer_depth_middle: int | None = None  # None: the last level's
     context_dim: int = 768
     use_linear_projection: bool = False  # SD 2.x projects in/out of transformers with Linear
+    # Levels (down and up) and the middle block whose transformers' first attention attends to
+    # the text instead of the image (the original's disable_self_attn; the x4 upscaler's).
+    cross_only_levels: tuple[int, ...] = ()
+    cross_only_middle: bool = False
     upcast_attention: bool = False  # compute attention in float32 under fp16 (SD 2.1-v)
     norm_groups: int = 32
     # What `label_emb` adds to the time embedding: None; "classes" (a table of num_classes
@@ -228,9 +232,22 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention to the text, feed-forward; pre-norm residuals."""
 
-    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, upcast: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        heads: int,
+        head_dim: int,
+        upcast: bool,
+        cross_only: bool = False,
+    ) -> None:
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, head_dim, upcast)
+        # cross_only: the first attention attends to the text too (the original's
+        # disable_self_attn, diffusers' only_cross_attention; the x4 upscaler's levels)
+        self.cross_only = cross_only
+        self.attn1 = CrossAttention(
+            dim, context_dim if cross_only else dim, heads, head_dim, upcast
+        )
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, upcast)
         self.norm1 = nn.LayerNorm(dim)
@@ -238,7 +255,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -246,9 +263,12 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer over the (H*W) positions of a feature map, conditioned on the text."""
 
-    def __init__(self, channels: int, cfg: UNetConfig, level: int, depth: int) -> None:
+    def __init__(
+        self, channels: int, cfg: UNetConfig, level: int, depth: int, middle: bool = False
+    ) -> None:
         super().__init__()
         heads, head_dim = cfg.heads_for(level)
+        cross_only = cfg.cross_only_middle if middle else level in cfg.cross_only_levels
         inner = heads * head_dim
         self.use_linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
@@ -259,7 +279,9 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, cfg.context_dim, heads, head_dim, cfg.upcast_attention)
+            BasicTransformerBlock(
+                inner, cfg.context_dim, heads, head_dim, cfg.upcast_attention, cross_only
+            )
             for _ in range(depth)
         )
 
@@ -375,7 +397,7 @@ class UNetModel(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, emb_dim, ch, groups),
-            SpatialTransformer(ch, cfg, cfg.levels - 1, cfg.depth(-1)),
+            SpatialTransformer(ch, cfg, cfg.levels - 1, cfg.depth(-1), middle=True),
             ResBlock(ch, emb_dim, ch, groups),
         )
 

@@ -82,6 +82,17 @@ def _transformer_depth(sd: Mapping[str, torch.Tensor], block: str) -> int:
     return len(_block_indices(sd, f"{block}.transformer_blocks"))
 
 
+def _cross_only(sd: Mapping[str, torch.Tensor], block: str, context_dim: int) -> bool:
+    """Whether the transformer at `block` attends to the text in its first attention (its
+    keys read the context's width, not its own); where both widths agree, shapes cannot
+    tell, and it is taken for self-attention."""
+    key = f"{block}.transformer_blocks.0.attn1.to_k.weight"
+    if key not in sd:
+        return False
+    k = sd[key]
+    return int(k.shape[1]) == context_dim != int(k.shape[0])
+
+
 def unet_config_from_ldm(
     sd: Mapping[str, torch.Tensor],
     *,
@@ -109,6 +120,7 @@ def unet_config_from_ldm(
     channel_mult: list[int] = []
     res: list[int] = []
     level_depths: list[list[int]] = [[]]
+    cross_only: set[int] = set()
     for i in _block_indices(sd, "input_blocks")[1:]:
         if f"input_blocks.{i}.0.op.weight" in sd:  # a downsample closes a level
             level_depths.append([])
@@ -116,6 +128,8 @@ def unet_config_from_ldm(
         if not level_depths[-1]:
             channel_mult.append(int(sd[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0]) // mc)
         level_depths[-1].append(_transformer_depth(sd, f"input_blocks.{i}.1"))
+        if _cross_only(sd, f"input_blocks.{i}.1", context_dim):
+            cross_only.add(len(level_depths) - 1)
     res = [len(d) for d in level_depths]
     if not channel_mult or len(channel_mult) != len(res) or 0 in res:
         raise CheckpointError(f"{source}: unknown UNet architecture (res blocks per level {res})")
@@ -132,6 +146,8 @@ def unet_config_from_ldm(
     for level in reversed(range(len(res))):
         found = [_transformer_depth(sd, f"output_blocks.{n + j}.1") for j in range(res[level] + 1)]
         depth_up[level] = _uniform(found, "transformer depths", source)
+        if _cross_only(sd, f"output_blocks.{n}.1", context_dim):
+            cross_only.add(level)
         n += res[level] + 1
 
     num_classes = adm_in = None
@@ -164,6 +180,8 @@ def unet_config_from_ldm(
         context_dim=context_dim,
         use_linear_projection=linear,
         upcast_attention=sd2,
+        cross_only_levels=tuple(sorted(cross_only)),
+        cross_only_middle=_cross_only(sd, "middle_block.1", context_dim),
         label=label,
         num_classes=num_classes,
         adm_in_channels=adm_in,
@@ -184,8 +202,6 @@ _FIXED = {  # diffusers config keys whose other values this UNet does not implem
     "act_fn": ("silu",),
     "center_input_sample": (False,),
     "dual_cross_attention": (False,),
-    "only_cross_attention": (False,),
-    "mid_block_only_cross_attention": (None, False),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1, 1.0),
@@ -206,8 +222,6 @@ _FIXED = {  # diffusers config keys whose other values this UNet does not implem
 def _require(cfg: Mapping[str, Any], source: str) -> None:
     for key, allowed in _FIXED.items():
         value = cfg.get(key, allowed[0])
-        if isinstance(value, list | tuple) and key == "only_cross_attention":
-            value = any(value)
         if value not in allowed:
             raise CheckpointError(f"{source}: UNet config {key}={cfg[key]!r} is not supported")
 
@@ -300,6 +314,10 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], *, source: str) -> UNetCo
         raise CheckpointError(
             f"{source}: UNet config cross_attention_dim per level {sorted(context)} is not supported"
         )
+    cross_only = [bool(c) for c in _levels(cfg, "only_cross_attention", False, n, source)]
+    middle_only = cfg.get("mid_block_only_cross_attention")
+    if middle_only is None:  # diffusers: the one flag for all, else False
+        middle_only = cfg.get("only_cross_attention", False) is True
     heads_key = "num_attention_heads" if cfg.get("num_attention_heads") else "attention_head_dim"
     heads = [int(h) for h in _levels(cfg, heads_key, 8, n, source)]
     depth = [int(d) for d in _levels(cfg, "transformer_layers_per_block", 1, n, source)]
@@ -320,6 +338,10 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], *, source: str) -> UNetCo
         use_linear_projection=bool(cfg.get("use_linear_projection", False)),
         upcast_attention=bool(cfg.get("upcast_attention", False)),
         norm_groups=int(cfg.get("norm_num_groups", 32)),
+        cross_only_levels=tuple(
+            i for i, c in enumerate(cross_only) if c and (kinds[down[i]] or up_kinds[up[n - 1 - i]])
+        ),
+        cross_only_middle=bool(middle_only),
         **_label_from_diffusers(cfg, source),
     )
 

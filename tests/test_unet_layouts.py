@@ -34,6 +34,7 @@ from tests.tiny import (
     UNET_PER_LEVEL,
     UNET_SD2,
     UNET_SDXL,
+    UNET_X4,
     randomize_,
 )
 
@@ -42,6 +43,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "per_level": UNET_PER_LEVEL,
     "sdxl": UNET_SDXL,
     "classes": UNET_CLASSES,
+    "x4_upscaler": UNET_X4,
     "class_timestep": {**UNET_SD2, "class_embed_type": "timestep"},
     "class_projection": {
         **UNET_SD2,
@@ -74,7 +76,7 @@ def _inputs(cfg: dict[str, Any], batch: int = 3) -> tuple[torch.Tensor, torch.Te
     elif cfg.get("class_embed_type") == "timestep":
         extra["class_labels"] = torch.tensor([0.0, 20.0, 350.0][:batch])
     elif cfg.get("num_class_embeds"):
-        extra["class_labels"] = torch.tensor([0, 20, 999][:batch])
+        extra["class_labels"] = torch.tensor([0, 20, cfg["num_class_embeds"] - 1][:batch])
     return x, t, Conditioning(ctx, **extra)
 
 
@@ -154,6 +156,9 @@ def test_sdxl_config_reads_per_level_fields() -> None:
     assert per_level.attention_levels == (1,) and per_level.attention_levels_up == (0, 2)
     assert [per_level.depth(0, up=True), per_level.depth(2, up=True)] == [3, 2]
     assert per_level.depth(-1) == 2 and per_level.heads_for(0) == (3, 10)
+    x4 = unet_config_from_diffusers(UNET_X4, source="test")
+    assert x4.cross_only_levels == (1,) and not x4.cross_only_middle  # level 0 has no attention
+    assert (x4.label, x4.num_classes, x4.in_channels) == ("classes", 100, 7)
 
 
 def test_real_sdxl_shapes_are_detected_from_a_single_file() -> None:

@@ -130,6 +130,26 @@ UNET_SDXL_REFINER_SINGLE_FILE: dict[str, Any] = {
 # A class-label table (the x4 upscaler's noise-level embedding has 1000 rows).
 UNET_CLASSES: dict[str, Any] = {**UNET_SD2, "num_class_embeds": 1000}
 
+# diffusers' tiny x4 upscaler UNet: 7 input channels (latents + the low-res image), a class
+# table for the noise level, and first attentions that attend to the text (level 1 down and
+# up; the middle block keeps self-attention). Its context is 48-d here, not 32 (= level 1's
+# width), so that a single file of it tells cross- from self-attention by shape, as the real
+# one (1024-d context, 512 channels) does.
+UNET_X4: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 7,
+    "out_channels": 4,
+    "block_out_channels": [32, 32, 64],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 48,
+    "attention_head_dim": 8,
+    "use_linear_projection": True,
+    "only_cross_attention": [True, True, False],
+    "num_class_embeds": 100,
+}
+
 
 def randomize_(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
     """Give every parameter distinct random values, so swapped weights cannot go unnoticed."""
