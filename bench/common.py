@@ -45,6 +45,22 @@ SD15_UNET: dict[str, Any] = {
     "cross_attention_dim": 768,
 }
 
+# SDXL base's UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json): 2,567M parameters.
+SDXL_UNET: dict[str, Any] = {
+    "sample_size": 128,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
 
 def set_threads(n: int) -> int:
     """Fix torch's intra-op threads (and print them): results depend on it."""

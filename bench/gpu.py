@@ -154,8 +154,6 @@ def count_tflop(pipe: Any, size: int) -> dict[str, float]:
     """TFLOP of one UNet row, one VAE decode and one text encoding at ``size`` (counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from model.conditioning import Conditioning
-
     c, h, w = pipe.latent_shape(size, size)[1:]
     x = torch.zeros(1, c, h, w, device=pipe.device, dtype=pipe.dtype)
     t = torch.full((1,), 500.0, device=pipe.device)
@@ -163,7 +161,7 @@ def count_tflop(pipe: Any, size: int) -> dict[str, float]:
     with torch.inference_mode():
         emb = pipe.encode_prompts(["a photo"])
         for name, fn in (
-            ("unet_row", lambda: pipe.unet(x, t, Conditioning(emb))),
+            ("unet_row", lambda: pipe.unet(x, t, emb)),
             ("vae_decode", lambda: pipe.vae.decode(x.to(pipe.vae_dtype))),
             ("text", lambda: pipe.encode_prompts(["a photo"])),
         ):

@@ -15,14 +15,14 @@ from model.sampler_rules import SAMPLER_RULES
 if TYPE_CHECKING:
     from model.pipeline import Pipeline
 
-_FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2"}
+_FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
 
 
 @dataclass(frozen=True)
 class Capabilities:
     """A model's family, modes, shapes and per-sampler step limits."""
 
-    family: str  # sd1 | sd2 | sd1-inpainting | sd2-inpainting | ldm | ldm-sr | demo | custom
+    family: str  # sd1 | sd2 | sdxl | sdxl-refiner | <family>-inpainting | ldm | ldm-sr | ...
     modes: tuple[str, ...]  # of txt2img, img2img, inpaint, unconditional, upscale
     latent_factor: int  # pixels per latent side (f)
     latent_channels: int
@@ -35,11 +35,13 @@ class Capabilities:
     upscale_factor: int | None = None  # upscale: output side / input side (rounded down to 32)
     max_output_pixels: int | None = None  # upscale: the largest output
     loras: tuple[str, ...] = ()  # LoRA adapter names requests may use (its lora_dir's files)
+    fields: tuple[str, ...] = ()  # the model-specific generation fields it reads (MODEL_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["modes"] = list(self.modes)
         data["loras"] = list(self.loras)
+        data["fields"] = list(self.fields)
         return data
 
 
@@ -53,6 +55,8 @@ def describe(pipe: Pipeline) -> Capabilities:
         modes = ("unconditional",) if in_ch == pipe.latent_channels else ()
     elif pipe.concat_inpainting:
         modes = ("inpaint",)
+    elif in_ch == pipe.latent_channels and pipe.family == "sdxl-refiner":
+        modes = ("img2img", "inpaint")  # the refiner refines images: diffusers runs it img2img
     elif in_ch == pipe.latent_channels:
         modes = ("txt2img", "img2img", "inpaint")
     else:
@@ -77,4 +81,5 @@ def describe(pipe: Pipeline) -> Capabilities:
         upscale_factor=pipe.vae_scale_factor if pipe.upscaler else None,
         max_output_pixels=pipe.max_upscale_pixels if pipe.upscaler else None,
         loras=tuple(pipe.loras.names()) if pipe.lora_dir is not None else (),
+        fields=pipe.model_fields,
     )

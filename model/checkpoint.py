@@ -18,8 +18,15 @@ from model.embeddings import install_embeddings
 from model.ldm import is_ldm_folder, is_ldm_text_folder, load_ldm_folder, load_ldm_text_folder
 from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
-from model.text import text_encoder_from_ldm
+from model.schedules import SDXL_SCHEDULER_CONFIG
+from model.text import TextEncoder, text_encoder_from_ldm
 from model.text_diffusers import text_encoder_from_diffusers
+from model.text_sdxl import (
+    SGM_PREFIX,
+    SDXLTextEncoder,
+    sdxl_text_from_diffusers,
+    sdxl_text_from_ldm,
+)
 from model.unet import UNetModel, prefers_channels_last
 from model.unet_convert import (
     LDM_PREFIX as UNET_PREFIX,
@@ -37,17 +44,21 @@ log = logging.getLogger(__name__)
 
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
+SDXL_VAE_SCALING = 0.13025  # SDXL's VAE latent scale (its folders' vae/config.json say so too)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = [
     "model_index.json",
     "scheduler/*.json",
     "tokenizer/*",
+    "tokenizer_2/*",
     "unet/config.json",
     "vae/config.json",
     "text_encoder/config.json",
+    "text_encoder_2/config.json",
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    "text_encoder_2/model.safetensors",
     "vqvae/config.json",  # the LDM families (model/ldm.py)
     "bert/config.json",
     "bert/model.safetensors",
@@ -136,25 +147,39 @@ def _prediction_type_for(path: Path, metadata: dict[str, str]) -> str:
 
 
 def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pipeline:
-    """An original-layout single file (SD 1.x / 2.x; EMA-only or full, `model_ema.*` ignored)."""
+    """An original-layout single file (SD 1.x / 2.x, SDXL base / refiner; EMA-only or full,
+    `model_ema.*` ignored)."""
     source = str(path)
     wf = WeightFile(path)
     shapes = wf.shapes()
-    if any(k.startswith("conditioner.embedders.") for k in shapes):
-        raise CheckpointError(f"{source}: SDXL checkpoints are not supported yet")
+    sdxl = any(k.startswith(SGM_PREFIX) for k in shapes)
     unet_keys = [k for k in shapes if k.startswith(UNET_PREFIX)]
     if not unet_keys:
         raise CheckpointError(
             f"{source}: not a Stable Diffusion checkpoint (no UNet weights '{UNET_PREFIX}*')"
         )
-    for prefix, what in ((VAE_PREFIX, "VAE"), (TEXT_PREFIX, "text encoder")):
+    text_prefix = SGM_PREFIX if sdxl else TEXT_PREFIX
+    for prefix, what in ((VAE_PREFIX, "VAE"), (text_prefix, "text encoder")):
         if not any(k.startswith(prefix) for k in shapes):
             raise CheckpointError(f"{source}: the checkpoint has no {what} weights ('{prefix}*')")
 
-    unet_cfg = unet_config_from_ldm(
-        {k.removeprefix(UNET_PREFIX): v for k, v in shapes.items() if k.startswith(UNET_PREFIX)},
-        source=source,
-    )
+    text: TextEncoder | SDXLTextEncoder
+    text_keys = [k for k in shapes if k.startswith(text_prefix)]
+    text_sd = wf.read(text_keys, device=device, dtype=dtype)
+    unet_shapes = {
+        k.removeprefix(UNET_PREFIX): v for k, v in shapes.items() if k.startswith(UNET_PREFIX)
+    }
+    if sdxl:
+        text = sdxl_text_from_ldm(text_sd, source=source, device=device, dtype=dtype)
+        unet_cfg = unet_config_from_ldm(
+            unet_shapes, source=source, label="text_time", addition_time_embed_dim=_time_embed_dim(
+                unet_shapes, text, source
+            ),
+        )  # fmt: skip
+    else:
+        text = text_encoder_from_ldm(text_sd, source=source, device=device, dtype=dtype)
+        unet_cfg = unet_config_from_ldm(unet_shapes, source=source)
+    del text_sd
     strip_unet = lambda k: k.removeprefix(UNET_PREFIX)  # noqa: E731
     nhwc = prefers_channels_last(device)  # read conv weights NHWC once (see Pipeline)
     unet = build_module(
@@ -166,22 +191,30 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pi
         dtype=dtype,
         key_prefix=UNET_PREFIX,
     )
+    # SDXL's VAE: scaling 0.13025, and float32 under fp16 (it overflows there; force_upcast).
+    vae_dtype = torch.float32 if sdxl and dtype == torch.float16 else dtype
     vae_keys = [k for k in shapes if k.startswith(VAE_PREFIX)]
     vae = vae_from_ldm(
-        wf.read(vae_keys, rename=lambda k: k.removeprefix(VAE_PREFIX), device=device, dtype=dtype),
+        wf.read(
+            vae_keys, rename=lambda k: k.removeprefix(VAE_PREFIX), device=device, dtype=vae_dtype
+        ),
         source=source,
         device=device,
-        dtype=dtype,
-    )
-    text_keys = [k for k in shapes if k.startswith(TEXT_PREFIX)]
-    text = text_encoder_from_ldm(
-        wf.read(text_keys, device=device, dtype=dtype), source=source, device=device, dtype=dtype
+        dtype=vae_dtype,
+        **({"scaling_factor": SDXL_VAE_SCALING} if sdxl else {}),
     )
     prediction = _prediction_type_for(path, wf.metadata)
-    schedule = NoiseSchedule.from_config({**SD15_SCHEDULER_CONFIG, "prediction_type": prediction})
+    base_schedule = SDXL_SCHEDULER_CONFIG if sdxl else SD15_SCHEDULER_CONFIG
+    schedule = NoiseSchedule.from_config({**base_schedule, "prediction_type": prediction})
     log.info(
         "loaded %s (UNet %s, %s) on %s/%s", source, unet_cfg.channel_mult, prediction, device, dtype
     )
+    if sdxl:  # the published SDXL folders' model_index: zeros for the base, not the refiner
+        base = isinstance(text, SDXLTextEncoder) and text.first is not None
+        return Pipeline(
+            unet=unet, vae=vae, text=text, schedule=schedule, name=path.name, native_size=1024,
+            family="sdxl" if base else "sdxl-refiner", zero_empty_negative=base,
+        )  # fmt: skip
     # SD 2.x 768-v was trained at 768 px, every other SD 1.x / 2.x single file at 512.
     native = 768 if prediction == "v_prediction" else 512
     return Pipeline(
@@ -189,16 +222,34 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pi
     )
 
 
+def _time_embed_dim(unet_shapes: dict[str, Any], text: SDXLTextEncoder, source: str) -> int:
+    """Sinusoid channels per time id: what the label MLP's input leaves after the pooled
+    vector, over 6 time ids (base) or 5 (the refiner, bigG only); 256 in SDXL's files."""
+    key = "label_emb.0.0.weight"
+    if key not in unet_shapes:
+        raise CheckpointError(f"{source}: an SDXL UNet needs '{UNET_PREFIX}{key}'")
+    ids = 6 if text.first is not None else 5
+    dim, rest = divmod(int(unet_shapes[key].shape[1]) - text.pooled_dim, ids)
+    if rest or dim <= 0:
+        raise CheckpointError(
+            f"{source}: '{UNET_PREFIX}{key}' takes {unet_shapes[key].shape[1]} inputs, not a "
+            f"{text.pooled_dim}-d pooled vector and {ids} time ids"
+        )
+    return dim
+
+
 def load_diffusers_folder(
     folder: Path, device: torch.device, dtype: torch.dtype, name: str | None = None
 ) -> Pipeline:
-    """A diffusers pipeline folder: model_index.json plus unet/, vae/, text_encoder/, scheduler/."""
+    """A diffusers pipeline folder: model_index.json plus unet/, vae/, text_encoder/, scheduler/
+    (SDXL: text_encoder_2/ too; its refiner has text_encoder_2/ only)."""
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     if is_ldm_folder(folder):
         return load_ldm_folder(folder, device, dtype, name)
     if is_ldm_text_folder(folder):
         return load_ldm_text_folder(folder, device, dtype, name)
+    index = read_json(folder / "model_index.json")
     unet_dir = folder / "unet"
     unet_json = read_json(unet_dir / "config.json")
     unet_cfg = unet_config_from_diffusers(unet_json, source=str(unet_dir))
@@ -214,8 +265,18 @@ def load_diffusers_folder(
         dtype=dtype,
     )
     del raw
-    vae = vae_from_diffusers(folder / "vae", device=device, dtype=dtype)
-    text = text_encoder_from_diffusers(folder, device=device, dtype=dtype)
+    text: TextEncoder | SDXLTextEncoder
+    if (folder / "text_encoder_2" / "config.json").is_file():
+        text = sdxl_text_from_diffusers(folder, device=device, dtype=dtype)
+        family: str | None = "sdxl" if text.first is not None else "sdxl-refiner"
+        zero_negative = bool(index.get("force_zeros_for_empty_prompt", True))  # diffusers' default
+        # SDXL's VAE overflows in fp16: where its config says so, it runs in float32.
+        upcast = read_json(folder / "vae" / "config.json").get("force_upcast", True)
+        vae_dtype = torch.float32 if upcast and dtype == torch.float16 else dtype
+    else:
+        text = text_encoder_from_diffusers(folder, device=device, dtype=dtype)
+        family, zero_negative, vae_dtype = None, False, dtype
+    vae = vae_from_diffusers(folder / "vae", device=device, dtype=vae_dtype)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched_cfg = read_json(sched_path) if sched_path.is_file() else None
     schedule = NoiseSchedule.from_config(sched_cfg)
@@ -229,4 +290,6 @@ def load_diffusers_folder(
         schedule=schedule,
         name=name or folder.name,
         native_size=native,
+        family=family,
+        zero_empty_negative=zero_negative,
     )

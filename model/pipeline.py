@@ -8,9 +8,10 @@ a job served by the engine and a `generate()` call with the same parameters give
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,23 @@ from model.first_stage import FirstStage, Posterior
 from model.lora_files import LoraError
 from model.lora_layers import AdapterSet
 from model.lora_library import LoraLibrary
+from model.micro_conditioning import DEFAULT_AESTHETIC_SCORES, time_id_count, time_ids
 from model.text import TextEncoder
+from model.text_sdxl import SDXLTextEncoder
 from model.unet import UNetModel, prefers_channels_last
 from model.unet2d import UNet2DModel
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipeline defaults
+# Generation fields only some models read (service.contract.MODEL_FIELDS mirrors this).
+MODEL_FIELDS = ("prompt_2", "negative_prompt_2", "aesthetic_score", "negative_aesthetic_score")
+
+
+class NonFiniteDecodeError(RuntimeError):
+    """The VAE gave NaN or inf even in float32: such an image is never returned."""
+
+
 UPSCALE_INPUT_MULTIPLE = 32  # LDMSuperResolutionPipeline resizes its input down to multiples of 32
 
 
@@ -56,6 +67,21 @@ class JobStart:
     keep: np.ndarray | None = None  # (H, W, 1) bool: pixels to keep from `source`
 
 
+def pad_texts(texts: Sequence[Conditioning], empty: Conditioning) -> list[Conditioning]:
+    """Text conditionings whose contexts are padded with the empty prompt's chunks to the
+    longest (rows that share a UNet call hold one context length); pooled vectors stay."""
+    padded = prompt_encoding.pad_to_longest([t.crossattn for t in texts], empty.crossattn)
+    return [replace(t, crossattn=h) for t, h in zip(texts, padded, strict=True)]
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _finite(post: Posterior) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in post)  # type: ignore[attr-defined]
+
+
 def _pil_rgb(image: Image.Image, width: int, height: int) -> Image.Image:
     """The image at the output size, resized as diffusers' VaeImageProcessor does (Lanczos)."""
     image = image.convert("RGB")
@@ -69,7 +95,7 @@ class Pipeline:
 
     unet: UNetModel | UNet2DModel
     vae: FirstStage  # KL (model.vae) or VQ (model.vq) autoencoder
-    text: TextEncoder | None
+    text: TextEncoder | SDXLTextEncoder | None
     schedule: samplers.NoiseSchedule
     name: str = "model"
     decode_chunk: int = 4  # images decoded per VAE call: bounds activation memory at 512x512+
@@ -80,9 +106,13 @@ class Pipeline:
     lora_dir: Path | None = None  # where request-named LoRA adapters live
     lora_cache_bytes: int = 1 << 30  # adapter weights kept in memory (LRU beyond)
     embeddings: dict[str, int] = field(default_factory=dict)  # textual inversion: word -> vectors
+    # SDXL's model_index.json: an empty negative prompt conditions on zeros, not on "".
+    zero_empty_negative: bool = False
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
+    _vae_fp32: FirstStage | None = field(default=None, init=False, repr=False)
     _compiled: BucketedUNet | None = field(default=None, init=False, repr=False)
     _loras: LoraLibrary | None = field(default=None, init=False, repr=False)
+    time_id_count: int = field(default=0, init=False)  # SDXL: 6, its refiner: 5
 
     def __post_init__(self) -> None:
         if prefers_channels_last(self.device):  # loaders read conv weights NHWC already
@@ -90,6 +120,9 @@ class Pipeline:
             # The autoencoder too: its NCHW decode took 2.1x the channels_last one on CPU
             # (SD VAE, 256x256: 4.2 s vs 2.1 s; bench/generate.py's default layout).
             self.vae.to(memory_format=torch.channels_last)
+        pooled = self.text.pooled_dim if isinstance(self.text, SDXLTextEncoder) else 0
+        if isinstance(self.unet, UNetModel):
+            self.time_id_count = time_id_count(self.unet.config, pooled, self.name)
 
     @property
     def device(self) -> torch.device:
@@ -109,7 +142,18 @@ class Pipeline:
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        return _dtype_of(self.vae)  # type: ignore[arg-type]
+
+    @property
+    def model_fields(self) -> tuple[str, ...]:
+        """The MODEL_FIELDS this model reads: SDXL base's second prompts (its second text
+        encoder), the refiner's aesthetic scores (its time ids)."""
+        fields: tuple[str, ...] = ()
+        if isinstance(self.text, SDXLTextEncoder) and self.text.first is not None:
+            fields += ("prompt_2", "negative_prompt_2")
+        if self.time_id_count == 5:
+            fields += ("aesthetic_score", "negative_aesthetic_score")
+        return fields
 
     @property
     def takes_prompt(self) -> bool:
@@ -161,7 +205,7 @@ class Pipeline:
         """This model's LoRA adapters (made on first use, so a model without any pays nothing)."""
         if self._loras is None:
             self._loras = LoraLibrary(
-                {"unet": self.unet, **({"text": self.text.model} if self.text else {})},
+                {"unet": self.unet, **({"text": self.text.model} if hasattr(self.text, "model") else {})},
                 self.lora_dir,
                 budget_bytes=self.lora_cache_bytes, device=self.device, dtype=self.dtype,
             )  # fmt: skip
@@ -192,9 +236,14 @@ class Pipeline:
         strength: float | None,
         clip_skip: int | None = None,
         prompt: str = "",
+        **model_fields: object,
     ) -> tuple[str, float | None]:
-        """(mode, strength) of a request, or GenerationError naming the parameter."""
+        """(mode, strength) of a request, or GenerationError naming the parameter;
+        `model_fields` are MODEL_FIELDS as given (None: not given)."""
         self.latent_shape(width, height)
+        for name, value in model_fields.items():
+            if value is not None and name not in self.model_fields:
+                raise GenerationError(f"{self.name} does not take {name}", name)
         layers = self.text.layers if self.text is not None else 0
         if clip_skip is not None and not 1 <= clip_skip <= layers:
             raise GenerationError(
@@ -289,19 +338,27 @@ class Pipeline:
         self,
         prompts: Sequence[str],
         clip_skip: int | None = None,
+        prompts_2: Sequence[str] | None = None,
         adapters: Sequence[AdapterSet] | None = None,
-    ) -> list[torch.Tensor]:
-        """Each prompt's text embedding (1, 77·k, D) in the UNet's dtype: A1111's 75-token
-        chunks and weights (model.prompt_encoding), not padded; one encoder call per adapter
-        set (`adapters`: each prompt's LoRAs, their text-encoder parts applied); textual
-        inversion words expanded. A text-free model gets (1, 0, 0) per prompt."""
+    ) -> list[Conditioning]:
+        """Each prompt's text conditioning (one row: context (1, 77·k, D) in the UNet's dtype,
+        and SDXL's pooled vector): A1111's 75-token chunks and weights (model.prompt_encoding),
+        not padded; one encoder call per adapter set (`adapters`: each prompt's LoRAs, their
+        text-encoder parts applied); textual inversion words expanded. SDXL's second encoder
+        reads `prompts_2` (default: `prompts`). A text-free model gets a (1, 0, 0) context."""
+        skip = clip_skip or 1
         if self.text is None:
-            return [torch.zeros((1, 0, 0), device=self.device, dtype=self.dtype) for _ in prompts]
+            empty = torch.zeros((1, 0, 0), device=self.device, dtype=self.dtype)
+            return [Conditioning(empty) for _ in prompts]
         prompts = list(prompts)
+        if isinstance(self.text, SDXLTextEncoder):
+            second = list(prompts if prompts_2 is None else prompts_2)
+            pairs = self.text.embed(prompts, second, clip_skip=skip)
+            return [Conditioning(h, pooled=p).to(self.device, self.dtype) for h, p in pairs]
         if self.embeddings:
             prompts = [expand_prompt(p, self.embeddings, self.text) for p in prompts]
         sets = list(adapters) if adapters else [()] * len(prompts)
-        out: list[torch.Tensor | None] = [None] * len(prompts)
+        out: list[Conditioning | None] = [None] * len(prompts)
         for adapter_set in dict.fromkeys(sets):  # prompts sharing adapters encode together
             idx = [i for i, a in enumerate(sets) if a == adapter_set]
             chunks = [prompt_encoding.chunk_prompt(self.text, prompts[i]) for i in idx]
@@ -312,25 +369,41 @@ class Pipeline:
                 else contextlib.nullcontext()
             )
             with scope:
-                embs = prompt_encoding.encode_chunks(self.text, chunks, clip_skip=clip_skip or 1)
+                embs = prompt_encoding.encode_chunks(self.text, chunks, clip_skip=skip)
             for i, e in zip(idx, embs, strict=True):
-                out[i] = e.hidden.to(self.device, self.dtype)
+                out[i] = Conditioning(e.hidden.to(self.device, self.dtype))
         return out  # type: ignore[return-value]
 
     def encode_prompts(
         self,
         prompts: Sequence[str],
         clip_skip: int | None = None,
+        prompts_2: Sequence[str] | None = None,
         adapters: Sequence[AdapterSet] | None = None,
-    ) -> torch.Tensor:
-        """Text embeddings (N, 77·k, D) in the UNet's dtype, shorter prompts padded with
-        empty-prompt chunks to the longest (so CFG's rows batch); (N, 0, 0) without text."""
+    ) -> Conditioning:
+        """The text part of N rows' conditioning, shorter prompts padded with empty-prompt
+        chunks to the longest (so CFG's rows batch); a (N, 0, 0) context without text."""
         if self.text is None:
-            return torch.zeros((len(prompts), 0, 0), device=self.device, dtype=self.dtype)
+            empty = torch.zeros((len(prompts), 0, 0), device=self.device, dtype=self.dtype)
+            return Conditioning(empty)
         sets = list(adapters) if adapters else [()] * len(prompts)
         pad_set = sets[0] if sets and all(a == sets[0] for a in sets) else ()  # a job's own
-        *embs, empty = self.embed_prompts([*prompts, ""], clip_skip, [*sets, pad_set])
-        return torch.cat(prompt_encoding.pad_to_longest(embs, empty))
+        second = None if prompts_2 is None else [*prompts_2, ""]
+        *embs, empty = self.embed_prompts([*prompts, ""], clip_skip, second, [*sets, pad_set])
+        return Conditioning.cat(pad_texts(embs, empty))
+
+    def unconditional(
+        self, negative_prompt: str, cond: Conditioning, encoded: Conditioning
+    ) -> Conditioning:
+        """CFG's unconditional text: the encoded negative prompt (padded as `cond`), or zeros
+        shaped like `cond` where the model asks for them for an empty one (SDXL's
+        force_zeros_for_empty_prompt)."""
+        if self.zero_empty_negative and negative_prompt == "":
+            return Conditioning(
+                torch.zeros_like(cond.crossattn),
+                pooled=None if cond.pooled is None else torch.zeros_like(cond.pooled),
+            )
+        return encoded
 
     @torch.inference_mode()
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -355,23 +428,63 @@ class Pipeline:
         if self._compiled is None:
             return 0.0
         c, h, w = self.latent_shape(width, height)[1:]
-        emb = self.encode_prompts([""])
+        text = self.encode_prompts([""])
         concat = None
         extra = self.unet.config.in_channels - self.latent_channels
         if extra > 0:
             concat = torch.zeros(1, extra, h, w, device=self.device, dtype=self.dtype)
-        return self._compiled.warm((c, h, w), Conditioning(emb, concat=concat))
+        ids = time_ids(self.time_id_count, width, height)
+        time = None if ids is None else ids[0].to(self.device)
+        return self._compiled.warm((c, h, w), replace(text, concat=concat, time_ids=time))
+
+    def _float32_vae(self) -> FirstStage:
+        """A float32 copy of a half-precision first stage, made on first need (SDXL's VAE
+        overflows in fp16 where its checkpoint does not ask for float32 itself)."""
+        if self._vae_fp32 is None:
+            self._vae_fp32 = copy.deepcopy(self.vae).float()  # type: ignore[attr-defined]
+        return self._vae_fp32  # type: ignore[return-value]
+
+    def _finite_vae(self, run: Callable[[FirstStage], torch.Tensor], what: str) -> torch.Tensor:
+        """`run(vae)` in float32 out; where half precision gave NaN or inf, run again with the
+        VAE in float32; still non-finite: NonFiniteDecodeError (never a black "image")."""
+        out = run(self.vae).float()
+        if torch.isfinite(out).all():
+            return out
+        if self.vae_dtype != torch.float32:
+            log.warning("%s: VAE %s gave non-finite values in %s; retrying in float32",
+                        self.name, what, self.vae_dtype)  # fmt: skip
+            out = run(self._float32_vae()).float()
+            if torch.isfinite(out).all():
+                return out
+        raise NonFiniteDecodeError(
+            f"the VAE {what} gave non-finite values (NaN or inf), in float32 too: "
+            "the weights or the latents are broken"
+        )
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> Posterior:
-        """First-stage posterior of (1, 3, H, W) pixels in [-1, 1], in float32 (unscaled)."""
-        return self.vae.encode(pixels.to(self.device, self.vae_dtype)).float()
+        """First-stage posterior of (1, 3, H, W) pixels in [-1, 1], in float32 (unscaled); a
+        non-finite half-precision encoding is redone in float32 (NonFiniteDecodeError if that
+        does not fix it)."""
+        post = self.vae.encode(pixels.to(self.device, self.vae_dtype)).float()
+        if _finite(post):
+            return post
+        if self.vae_dtype != torch.float32:
+            log.warning("%s: VAE encoding gave non-finite values in %s; retrying in float32",
+                        self.name, self.vae_dtype)  # fmt: skip
+            post = self._float32_vae().encode(pixels.to(self.device, torch.float32)).float()
+            if _finite(post):
+                return post
+        raise NonFiniteDecodeError(
+            "the VAE encoding gave non-finite values (NaN or inf), in float32 too: "
+            "the weights or the input are broken"
+        )
 
     @torch.inference_mode()
     def begin(
         self,
-        cond: torch.Tensor,
-        uncond: torch.Tensor | None,
+        cond: Conditioning,
+        uncond: Conditioning | None,
         *,
         width: int,
         height: int,
@@ -385,8 +498,11 @@ class Pipeline:
         strength: float | None = None,
         keep_unmasked: bool = False,
         adapters: AdapterSet = (),
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
     ) -> JobStart:
-        """Rows for one job's images (prompt embeddings (1, N, D) given), following the noise
+        """Rows for one job's images (one row of text conditioning given: `encode_prompts`,
+        `unconditional`), following the noise
         convention: image i draws from Generator("cpu").manual_seed(seed + i), in the order the
         diffusers pipeline of the mode draws (source posterior, noise, masked-image posterior)."""
         mode, strength = self.check(
@@ -419,6 +535,13 @@ class Pipeline:
             mask_lat = F.interpolate(mask_px, size=shape[2:]).to(self.device)  # nearest
         guided = guidance_scale > 1.0 and self.takes_prompt  # as diffusers: no CFG at or below 1
         lowres = pixels.to(self.device) if mode == "upscale" else None  # type: ignore[union-attr]
+        score, negative = DEFAULT_AESTHETIC_SCORES
+        scores = (
+            score if aesthetic_score is None else aesthetic_score,
+            negative if negative_aesthetic_score is None else negative_aesthetic_score,
+        )
+        ids = time_ids(self.time_id_count, width, height, scores)
+        text = replace(cond, time_ids=None if ids is None else ids[0].to(self.device))
         rows = []
         for i in range(num_images):
             gen = torch.Generator("cpu").manual_seed(seed + i)
@@ -433,11 +556,14 @@ class Pipeline:
                 masked_lat = masked.sample(gen) * sf
                 if self.concat_inpainting:
                     concat = torch.cat([mask_lat, masked_lat], dim=1)  # type: ignore[list-item]
-            c = Conditioning(
-                cond, concat=concat, scale_concat=mode == "upscale",
+            c = replace(
+                text, concat=concat, scale_concat=mode == "upscale",
                 loras=(adapters,) if adapters else None,
             )  # fmt: skip
-            u = c.with_text(uncond) if guided and uncond is not None else None
+            u = None
+            if guided and uncond is not None:
+                u_ids = None if ids is None else ids[1].to(self.device)
+                u = c.with_text(uncond.crossattn, uncond.pooled, u_ids)
             b = Blend(mask_lat, clean, noise) if blend else None  # type: ignore[arg-type]
             rows.append(Row(traj, state, c, u, float(guidance_scale), b))
         if keep_unmasked and mask_px is not None and source is not None:
@@ -449,12 +575,14 @@ class Pipeline:
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """Final latents (B, C, h, w) -> uint8 images (B, H, W, 3), as diffusers converts them;
         latents larger than `decode_tile` squared decode in tiles of that side (bounded memory)."""
-        chunks = []
+        chunks, sf = [], self.vae.scaling_factor
         h, w = latents.shape[2:]
         tile = self.decode_tile if h * w > self.decode_tile**2 else None
         for part in latents.split(self.decode_chunk):
-            z = part.to(self.device, self.vae_dtype) / self.vae.scaling_factor
-            images = self.vae.decode(z, tile=tile).float()  # (b, 3, H, W) in [-1, 1]
+            images = self._finite_vae(  # (b, 3, H, W) in [-1, 1]
+                lambda vae, z=part: vae.decode(z.to(self.device, _dtype_of(vae)) / sf, tile=tile),  # type: ignore[arg-type]
+                "decoding",
+            )
             images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
             chunks.append((images * 255).round().astype(np.uint8))
         return np.concatenate(chunks)
@@ -482,28 +610,40 @@ class Pipeline:
         mask: Image.Image | None = None,
         strength: float | None = None,
         keep_unmasked: bool = False,
+        prompt_2: str | None = None,
+        negative_prompt_2: str | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
         clip_skip: int | None = None,
         loras: Sequence[Mapping[str, Any]] = (),
     ) -> list[Image.Image]:
         """Text-to-image, img2img (image) or inpainting (image + mask, white = repaint) for one
         prompt; unconditional models take no prompt, upscalers the low-res `image`; image i
         uses the generator seeded with seed + i; `loras` [{"name", "scale"}] (a name in
-        lora_dir, or a .safetensors path)."""
+        lora_dir, or a .safetensors path). SDXL's second text encoder reads `prompt_2` /
+        `negative_prompt_2` (default: the first ones, as diffusers); the refiner's time ids
+        `aesthetic_score` / `negative_aesthetic_score` (default 6.0 / 2.5)."""
         width, height = self.output_size(width, height, image)
         self.check(
             width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
             image=image, mask=mask, strength=strength, clip_skip=clip_skip, prompt=prompt,
+            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
         )  # fmt: skip
-        guided = guidance_scale > 1.0
+        guided = guidance_scale > 1.0 and self.takes_prompt
         adapters = self.adapter_set(loras)
         texts = [prompt, negative_prompt] if guided else [prompt]
-        cond, *rest = self.encode_prompts(texts, clip_skip, [adapters] * len(texts)).split(1)
-        uncond = rest[0] if rest else None
+        texts_2 = [prompt_2 or prompt, negative_prompt_2 or negative_prompt][: len(texts)]
+        cond, *rest = self.encode_prompts(
+            texts, clip_skip, texts_2, [adapters] * len(texts)
+        ).split()
+        uncond = self.unconditional(negative_prompt, cond, rest[0]) if rest else None
         job = self.begin(
             cond, uncond, width=width, height=height, steps=steps,
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,
             image=image, mask=mask, strength=strength, keep_unmasked=keep_unmasked,
-            adapters=adapters,
+            adapters=adapters, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
         )  # fmt: skip
         rows = job.rows
         while not rows[0].finished:

@@ -29,6 +29,10 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "skip_prk_steps": True,
 }
 
+# SDXL's published scheduler_config.json: SD 1.5's schedule with "leading" spacing, which
+# single files (no scheduler config of their own) get, as diffusers' from_single_file does.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {**SD15_SCHEDULER_CONFIG, "timestep_spacing": "leading"}
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("linspace", "leading", "trailing")
 _UNSUPPORTED_FLAGS = ("clip_sample", "thresholding", "rescale_betas_zero_snr")

@@ -272,24 +272,26 @@ _OPEN_CLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}
 
 
 def _open_clip_to_hf(
-    sd: Mapping[str, torch.Tensor], *, source: str, prefix: str
+    sd: Mapping[str, torch.Tensor], *, source: str, prefix: str, all_blocks: bool = False
 ) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
-    """OpenCLIP text tower (keys below `prefix`) -> CLIPTextModel layout minus its last block.
+    """OpenCLIP text tower (keys below `prefix`) -> CLIPTextModel layout minus its last block
+    (SD 2.x conditions on the penultimate one), or with every block (SDXL's bigG, which also
+    needs the last one for its pooled vector).
 
     q/k/v are row slices (views) of in_proj, so no weight is copied.
     """
     blocks = _block_indices(list(sd), r"transformer\.resblocks\.(\d+)\.")
     if len(blocks) < 2:
         raise CheckpointError(f"{source}: text tower below '{prefix}' has {len(blocks)} blocks")
-    last = blocks[-1]
+    kept = blocks[-1] + 1 if all_blocks else blocks[-1]  # blocks converted
     params = [f"{m}.{p}" for m in ("attn.in_proj", *_OPEN_CLIP_MODULES) for p in ("weight", "bias")]
-    expected = [f"transformer.resblocks.{i}.{p}" for i in range(last + 1) for p in params]
+    expected = [f"transformer.resblocks.{i}.{p}" for i in range(blocks[-1] + 1) for p in params]
     for key in ("token_embedding.weight", "positional_embedding", "ln_final.weight", *expected):
         _require(sd, key.replace("in_proj.", "in_proj_"), source=source, prefix=prefix)
     token, fc = sd["token_embedding.weight"], sd["transformer.resblocks.0.mlp.c_fc.weight"]
     config = clip_text_config(
         hidden=token.shape[1],
-        layers=last,  # the last block is dropped: SD 2.x uses the penultimate one
+        layers=kept,
         intermediate=fc.shape[0],
         max_positions=sd["positional_embedding"].shape[0],
         vocab=token.shape[0],
@@ -299,7 +301,7 @@ def _open_clip_to_hf(
     for key, value in sd.items():
         block = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)
         attn = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key)
-        if key in _OPEN_CLIP_UNUSED or ((block or attn) and int((block or attn)[1]) == last):
+        if key in _OPEN_CLIP_UNUSED or ((block or attn) and int((block or attn)[1]) >= kept):
             continue
         if key == "token_embedding.weight":
             out["embeddings.token_embedding.weight"] = value
@@ -331,6 +333,7 @@ def text_encoder_from_ldm(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     prefix: str = LDM_PREFIX,
+    all_blocks: bool = False,
 ) -> TextEncoder:
     """Text encoder from a whole single-file checkpoint; only keys below `prefix` are read.
 
@@ -338,7 +341,8 @@ def text_encoder_from_ldm(
     - SD 1.x: `{prefix}transformer.text_model.*` (or `{prefix}transformer.*`), HF CLIPTextModel
       keys; `embeddings.position_ids` (a constant buffer some files carry) is ignored.
     - SD 2.x: `{prefix}model.*`, OpenCLIP keys; converted, last block dropped, pad token '!';
-      `text_projection`, `logit_scale` and `attn_mask` are ignored (unused for conditioning).
+      `text_projection`, `logit_scale` and `attn_mask` are ignored (unused for conditioning);
+      `all_blocks` keeps the last block (SDXL's bigG).
     Heads are hidden / 64 (CLIP convention). Any other key below the chosen layout's prefix,
     or a missing or mis-shaped one, raises CheckpointError naming it.
     """
@@ -355,7 +359,9 @@ def text_encoder_from_ldm(
         raise CheckpointError(f"{source}: text encoder weights have unexpected key '{stray[0]}'")
     sub = {k.removeprefix(layout): v for k, v in state_dict.items() if k.startswith(layout)}
     if layout == oc_prefix:
-        config, converted = _open_clip_to_hf(sub, source=source, prefix=layout)
+        config, converted = _open_clip_to_hf(
+            sub, source=source, prefix=layout, all_blocks=all_blocks
+        )
         log.debug("%s: SD 2.x OpenCLIP text encoder %s", source, config.to_diff_dict())
         what = f"text encoder (converted from OpenCLIP keys below '{layout}')"
         return _load(

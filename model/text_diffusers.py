@@ -57,34 +57,62 @@ def _find_weights(folder: Path, dtype: torch.dtype) -> Path:
 
 
 def text_encoder_from_diffusers(
-    folder: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    folder: Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    encoder: str = "text_encoder",
+    tokenizer: str = "tokenizer",
 ) -> TextEncoder:
     """Text encoder from a diffusers folder: text_encoder/{config.json, weights} + tokenizer/.
 
     The folder's own tokenizer (tokenizer.json, or vocab.json + merges.txt with the hub's
     special_tokens_map.json / tokenizer_config.json) is used when present; otherwise the
     bundled vocabulary, padding as the config's family does (gelu: SD 2.x '!', else 49407).
+    `encoder` / `tokenizer` name other subfolders (SDXL's text_encoder_2/, tokenizer_2/).
     """
+    text, _ = text_encoder_with_projection(
+        folder, device=device, dtype=dtype, encoder=encoder, tokenizer=tokenizer, projection=False
+    )
+    return text
+
+
+def text_encoder_with_projection(
+    folder: Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    encoder: str = "text_encoder",
+    tokenizer: str = "tokenizer",
+    projection: bool = True,
+) -> tuple[TextEncoder, torch.Tensor | None]:
+    """As text_encoder_from_diffusers, plus a CLIPTextModelWithProjection's `text_projection`
+    weight (projection_dim, hidden) when `projection` (SDXL's pooled vector)."""
     folder = Path(folder)
-    te = folder / "text_encoder"
+    te = folder / encoder
     if not (te / "config.json").is_file():
-        raise CheckpointError(f"{folder}: missing text_encoder/config.json")
+        raise CheckpointError(f"{folder}: missing {encoder}/config.json")
     config = CLIPTextConfig.from_json_file(str(te / "config.json"))
     path = _find_weights(te, dtype)
     weights = {k.removeprefix("text_model."): v for k, v in _read_weights(path).items()}
     weights.pop("embeddings.position_ids", None)
-    tok_dir = folder / "tokenizer"
+    proj = None
+    if projection:
+        key = "text_projection.weight"
+        if key not in weights:
+            raise CheckpointError(f"{path}: text encoder weights are missing key '{key}'")
+        proj = weights.pop(key)
+    tok_dir = folder / tokenizer
     if (tok_dir / "tokenizer.json").is_file() or (
         (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file()
     ):
-        tokenizer, pad_id = _folder_tokenizer(tok_dir)
+        tok, pad_id = _folder_tokenizer(tok_dir)
     else:
-        log.info("%s: no tokenizer/ folder, using the bundled CLIP vocabulary", folder)
-        tokenizer, pad_id = bundled_tokenizer(), _pad_for(config)
+        log.info("%s: no %s/ folder, using the bundled CLIP vocabulary", folder, tokenizer)
+        tok, pad_id = bundled_tokenizer(), _pad_for(config)
     what, source = "text encoder", str(path)
-    return _load(
-        config, weights, tokenizer, pad_id, what=what, source=source, device=device, dtype=dtype
-    )
+    text = _load(config, weights, tok, pad_id, what=what, source=source, device=device, dtype=dtype)
+    return text, proj
 
 
 def _folder_tokenizer(tok_dir: Path) -> tuple[CLIPTokenizer, int]:

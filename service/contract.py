@@ -44,6 +44,8 @@ UPSCALE_INPUT_MULTIPLE = 32  # mirrors model.pipeline: upscaler inputs round dow
 LORA_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,127}$"
 # AUTOMATIC1111's extra-network syntax in prompts: <lora:name> or <lora:name:multiplier>.
 LORA_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
+# Fields only some models read (capabilities' "fields" lists them); mirrors model.pipeline's.
+MODEL_FIELDS = ("prompt_2", "negative_prompt_2", "aesthetic_score", "negative_aesthetic_score")
 
 
 class ContractError(ValueError):
@@ -132,6 +134,22 @@ class GenerationParams(BaseModel):
         description="Inpainting: copy the source's pixels outside the mask into the result "
         "exactly (AUTOMATIC1111 / InvokeAI behaviour); default as diffusers.",
     )
+    prompt_2: str | None = Field(
+        default=None,
+        description="SDXL: the prompt of the second text encoder (OpenCLIP ViT-bigG); "
+        "default: prompt.",
+    )
+    negative_prompt_2: str | None = Field(
+        default=None,
+        description="SDXL: the second encoder's negative prompt; default: negative_prompt.",
+    )
+    aesthetic_score: float | None = Field(
+        default=None,
+        description="SDXL refiner: the aesthetic score it is conditioned on; default 6.0.",
+    )
+    negative_aesthetic_score: float | None = Field(
+        default=None, description="SDXL refiner: the unconditional row's score; default 2.5."
+    )
     clip_skip: int | None = Field(
         default=None,
         ge=1,
@@ -211,6 +229,9 @@ def check_capabilities(
         raise ContractError(
             field, f"this model ({caps['family']}) cannot run {mode}; it runs {runs}"
         )
+    for name in MODEL_FIELDS:
+        if getattr(params, name) is not None and name not in caps.get("fields", ()):
+            raise ContractError(name, f"this model ({caps['family']}) does not take {name}")
     if mask_size is not None and image_size is not None and mask_size != image_size:
         raise ContractError(
             "mask",

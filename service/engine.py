@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from model.denoise import denoise_step
-from model.pipeline import GenerationError, Pipeline
+from model.pipeline import MODEL_FIELDS, GenerationError, Pipeline, pad_texts
 from model.preview import preview_pixels
-from model.prompt_encoding import pad_to_longest
 from service.call_cost import CallCosts
 from service.engine_types import (
     GenerationRequest,
@@ -110,6 +109,7 @@ class Engine:
             width=width, height=height, steps=p.steps, sampler=p.sampler,
             num_images=p.num_images, image=request.image, mask=request.mask,
             strength=p.strength, clip_skip=p.clip_skip, prompt=p.prompt,
+            **{name: getattr(p, name) for name in MODEL_FIELDS},
         )  # fmt: skip
         if request.rows > self.max_batch:
             raise GenerationError(
@@ -252,9 +252,13 @@ class Engine:
                 self._fail_unstarted(handle, str(exc), out)
         handles = [h for h in handles if h.id in adapters]
         keys = [
-            prompt_key(text, p.clip_skip)
+            key
             for p in (h.request.params for h in handles)
-            for text in (p.prompt, p.negative_prompt, "")  # "": padding chunks
+            for key in (
+                prompt_key(p.prompt, p.clip_skip, p.prompt_2),
+                prompt_key(p.negative_prompt, p.clip_skip, p.negative_prompt_2),
+                prompt_key("", p.clip_skip),  # padding chunks
+            )
         ]
         try:
             sets = [adapters[h.id] for h in handles for _ in range(3)]
@@ -270,7 +274,8 @@ class Engine:
             cond, uncond, empty = next(embeddings), next(embeddings), next(embeddings)
             req, p = handle.request, handle.request.params
             if req.guided:  # CFG's rows of one job share a length, as in generate()
-                cond, uncond = pad_to_longest([cond, uncond], empty)
+                cond, uncond = pad_texts([cond, uncond], empty)
+                uncond = self.pipeline.unconditional(p.negative_prompt, cond, uncond)
             try:
                 handle.start = self.pipeline.begin(
                     cond, uncond if req.guided else None, width=p.width, height=p.height,  # type: ignore[arg-type]
@@ -278,6 +283,8 @@ class Engine:
                     seed=p.seed or 0, num_images=p.num_images, image=req.image, mask=req.mask,
                     strength=p.strength, keep_unmasked=p.keep_unmasked,
                     adapters=adapters[handle.id],
+                    aesthetic_score=p.aesthetic_score,
+                    negative_aesthetic_score=p.negative_aesthetic_score,
                 )  # fmt: skip
             except Exception as exc:
                 log.exception("job %s could not start", handle.id)

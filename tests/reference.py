@@ -46,11 +46,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_reference(family: str) -> StableDiffusionPipeline:
-    """A tiny random-weight diffusers pipeline of the family's shape."""
+def build_reference(family: str, unet: dict[str, Any] | None = None) -> StableDiffusionPipeline:
+    """A tiny random-weight diffusers pipeline of the family's shape (or its text encoder and
+    VAE around another UNet config)."""
     spec = FAMILIES[family]
-    unet = randomize_(
-        UNet2DConditionModel(**{**spec["unet"], "cross_attention_dim": spec["hidden"]}),
+    unet_cfg = spec["unet"] if unet is None else unet
+    net = randomize_(
+        UNet2DConditionModel(**{**unet_cfg, "cross_attention_dim": spec["hidden"]}),
         seed=11,
         scale=0.05,
     )
@@ -64,7 +66,7 @@ def build_reference(family: str) -> StableDiffusionPipeline:
         vae=vae.eval(),
         text_encoder=text.eval(),
         tokenizer=bundled_tokenizer(spec["pad"]),
-        unet=unet.eval(),
+        unet=net.eval(),
         scheduler=sched,
         safety_checker=None,
         feature_extractor=None,

@@ -22,6 +22,8 @@ def parse_json(stdout: str) -> dict:
 
 CASES = {
     "unet": ["bench/unet.py", "--quick"],
+    # one child process per implementation, as the 2.6 B-parameter run needs
+    "sdxl_unet": ["bench/sdxl_unet.py", "--quick"],
     "load_memory": ["bench/load_memory.py", "--quick", "--dtypes", "fp16"],
     "engine": ["bench/engine.py", "--quick"],
     "engine_overhead": ["bench/engine_overhead.py", "--quick"],

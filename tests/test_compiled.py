@@ -40,7 +40,7 @@ def demo() -> Pipeline:
 def test_padded_calls_equal_eager_and_reuse_the_warm_graphs(demo: Pipeline) -> None:
     torch.manual_seed(0)
     x, t = torch.randn(7, 4, 8, 8), torch.linspace(50, 900, 7)
-    cond = Conditioning(demo.encode_prompts([f"p{i}" for i in range(7)]))
+    cond = demo.encode_prompts([f"p{i}" for i in range(7)])
     with torch.inference_mode():
         eager = demo.unet_forward(x, t, cond)
     compiled = demo.compile_unet((1, 2, 4), backend="aot_eager")

@@ -101,3 +101,18 @@ def test_capability_checks_follow_the_pipeline() -> None:
         except ValueError:
             model_ok = False
         assert api_ok == model_ok, case
+
+
+def test_model_fields_mirror_the_model_and_are_refused_where_not_read() -> None:
+    from model.pipeline import MODEL_FIELDS
+    from service import contract
+
+    assert contract.MODEL_FIELDS == MODEL_FIELDS
+    caps = build_demo().capabilities.to_dict()
+    assert caps["fields"] == []
+    for name in MODEL_FIELDS:
+        value: object = "x" if "prompt" in name else 5.0
+        params = GenerationParams(prompt="x", width=64, height=64, **{name: value})
+        with pytest.raises(ContractError) as info:
+            check_capabilities(params, caps)
+        assert info.value.field == name

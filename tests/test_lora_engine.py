@@ -72,8 +72,8 @@ def test_prompt_cache_keys_on_text_adapters(demo: Pipeline) -> None:
     ink = demo.adapter_set([{"name": "ink"}], allow_paths=False)
     neon = demo.adapter_set([{"name": "neon"}], allow_paths=False)  # UNet only
     plain, with_ink, with_neon = engine.prompts.get_many([prompt_key("owl")] * 3, [(), ink, neon])
-    assert not torch.equal(plain, with_ink)
-    assert torch.equal(plain, with_neon), "a UNet-only adapter shares the plain embedding"
+    assert not torch.equal(plain.crossattn, with_ink.crossattn)
+    assert torch.equal(plain.crossattn, with_neon.crossattn), "a UNet-only adapter shares it"
     assert len(engine.prompts) == 2
 
 
@@ -124,5 +124,5 @@ def test_names_and_tags_follow_the_contract(demo: Pipeline) -> None:
     assert GenerationParams(prompt=prompt_line).loras == p.loras
     twice = demo.adapter_set([{"name": "ink", "scale": 0.25}, {"name": "ink", "scale": 0.5}])
     once = demo.adapter_set([{"name": "ink", "scale": 0.75}])
-    a, b = demo.encode_prompts(["owl", "owl"], adapters=[twice, once])
+    a, b = demo.encode_prompts(["owl", "owl"], adapters=[twice, once]).crossattn
     assert torch.allclose(a, b, atol=1e-5), "a name given twice: the multipliers add up"

@@ -16,7 +16,7 @@ from model.prompt_encoding import (
 )
 from model.prompt_syntax import Span, parse_prompt
 from model.text import TextEncoder, random_text_encoder, tiny_text_config
-from service.prompt_cache import PromptCache
+from service.prompt_cache import PromptCache, prompt_key
 from tests.a1111_reference import BREAK_MARK, ref_chunks, ref_encode, ref_pair, ref_parse
 from tests.tiny import randomize_
 
@@ -203,13 +203,19 @@ def test_clip_skip_is_bounded_by_the_encoder(encoder: TextEncoder) -> None:
 def test_prompt_cache_keys_on_clip_skip_and_text() -> None:
     pipe = load_pipeline("demo", device="cpu")
     cache = PromptCache(pipe, capacity=8)
-    a1, a2, a1_again, b = cache.get_many([("a fox", 1), ("a fox", 2), ("a fox", 1), ("(a fox)", 1)])
+    keys = [
+        prompt_key("a fox", 1),
+        prompt_key("a fox", 2),
+        prompt_key("a fox"),
+        prompt_key("(a fox)"),
+    ]
+    a1, a2, a1_again, b = (c.crossattn for c in cache.get_many(keys))
     assert cache.misses == 3 and cache.hits == 1 and len(cache) == 3
     assert a1 is a1_again
     assert not torch.allclose(a1, a2) and not torch.allclose(a1, b)
-    torch.testing.assert_close(a2, pipe.embed_prompts(["a fox"], 2)[0])
-    (long,) = cache.get_many([(LONG, 1)])
-    assert long.shape[1] == 3 * CHUNK_LENGTH
+    torch.testing.assert_close(a2, pipe.embed_prompts(["a fox"], 2)[0].crossattn)
+    (long,) = cache.get_many([prompt_key(LONG)])
+    assert long.crossattn.shape[1] == 3 * CHUNK_LENGTH
 
 
 def test_weights_on_an_encoder_with_zero_mean_outputs_stay_finite() -> None:

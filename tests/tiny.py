@@ -1,4 +1,4 @@
-"""Tiny random-weight model configs shaped like SD 1.x and SD 2.x, shared by the tests."""
+"""Tiny random-weight model configs shaped like SD 1.x, SD 2.x and SDXL, shared by the tests."""
 
 from __future__ import annotations
 
@@ -37,6 +37,118 @@ UNET_SD2: dict[str, Any] = {
     "use_linear_projection": True,
     "upcast_attention": True,
     "norm_num_groups": 16,
+}
+
+# Heads per level that give no common head size (16, 16, 16, 24 channels per head): the
+# diffusers SD folder issue 11 names.
+UNET_IRREGULAR_HEADS: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [32, 64, 64, 96],
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "attention_head_dim": [2, 4, 4, 4],
+    "norm_num_groups": 32,
+}
+
+# Every per-level knob at once: ResBlocks (1, 2, 1), transformer depths (1, 3, 2) down and
+# other ones up, heads that do not divide the channels (3 heads of 10 over 32 channels),
+# attention on different levels down (1) and up (0, 2): plain blocks at every position.
+UNET_PER_LEVEL: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": [1, 2, 1],
+    "transformer_layers_per_block": [1, 3, 2],
+    "reverse_transformer_layers_per_block": [[2, 2], [1, 1, 1], [3, 3]],
+    "cross_attention_dim": 24,
+    "attention_head_dim": [3, 5, 4],
+    "norm_num_groups": 16,
+}
+
+# diffusers' own tiny SDXL UNet (tests/pipelines/stable_diffusion_xl): "text_time" added
+# embedding over a 32-d pooled vector and 6 time ids of 8 sinusoid channels each.
+UNET_SDXL: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": [1, 2],
+    "projection_class_embeddings_input_dim": 80,  # 6 * 8 + 32
+    "cross_attention_dim": 64,
+    "norm_num_groups": 1,
+}
+SDXL_POOLED_DIM = 32  # the pooled text vector UNET_SDXL's added embedding takes
+
+# diffusers' tiny SDXL refiner UNet: bigG's 32-d context only, 5 time ids (sizes, crop,
+# aesthetic score) of 8 channels after the 32-d pooled vector.
+UNET_SDXL_REFINER: dict[str, Any] = {
+    **UNET_SDXL,
+    "cross_attention_dim": 32,
+    "projection_class_embeddings_input_dim": 72,  # 5 * 8 + 32
+}
+
+# SDXL conditioning over per-level depths (1, 3), attention at both levels and heads that
+# share no size (3 of 10 over 32 channels, 5 of 12 over 64).
+UNET_SDXL_DEEP: dict[str, Any] = {
+    **UNET_SDXL,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 2,
+    "up_block_types": ["CrossAttnUpBlock2D"] * 2,
+    "transformer_layers_per_block": [1, 3],
+    "attention_head_dim": [3, 5],
+    "norm_num_groups": 16,
+}
+
+# The same SDXL shapes with what single files leave to convention: 64 channels per head and
+# 32 norm groups (SDXL's), so the original-layout file of them loads as they are.
+UNET_SDXL_SINGLE_FILE: dict[str, Any] = {
+    **UNET_SDXL,
+    "block_out_channels": [64, 128],
+    "attention_head_dim": [1, 2],
+    "norm_num_groups": 32,
+}
+UNET_SDXL_REFINER_SINGLE_FILE: dict[str, Any] = {
+    **UNET_SDXL_SINGLE_FILE,
+    "cross_attention_dim": UNET_SDXL_REFINER["cross_attention_dim"],
+    "projection_class_embeddings_input_dim": UNET_SDXL_REFINER[
+        "projection_class_embeddings_input_dim"
+    ],
+}
+
+# A class-label table (the x4 upscaler's noise-level embedding has 1000 rows).
+UNET_CLASSES: dict[str, Any] = {**UNET_SD2, "num_class_embeds": 1000}
+
+# diffusers' tiny x4 upscaler UNet: 7 input channels (latents + the low-res image), a class
+# table for the noise level, and first attentions that attend to the text (level 1 down and
+# up; the middle block keeps self-attention). Its context is 48-d here, not 32 (= level 1's
+# width), so that a single file of it tells cross- from self-attention by shape, as the real
+# one (1024-d context, 512 channels) does.
+UNET_X4: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 7,
+    "out_channels": 4,
+    "block_out_channels": [32, 32, 64],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 48,
+    "attention_head_dim": 8,
+    "use_linear_projection": True,
+    "only_cross_attention": [True, True, False],
+    "num_class_embeds": 100,
 }
 
 
