@@ -117,9 +117,13 @@ class Pipeline:
     def __post_init__(self) -> None:
         if prefers_channels_last(self.device):  # loaders read conv weights NHWC already
             self.unet.use_channels_last()
-            # The autoencoder too: its NCHW decode took 2.1x the channels_last one on CPU
-            # (SD VAE, 256x256: 4.2 s vs 2.1 s; bench/generate.py's default layout).
-            self.vae.to(memory_format=torch.channels_last)
+            # The decoder too: its NCHW decode took 2.1x the channels_last one on CPU (SD
+            # VAE, 256x256: 4.2 s vs 2.1 s). Not the encoder: channels_last convolutions round
+            # differently with the thread count, and an img2img trajectory starts from the
+            # encoding (31/255 apart between 1 and 2 threads on the demo model).
+            decoder = getattr(self.vae, "decoder", None)
+            if isinstance(decoder, torch.nn.Module):
+                decoder.to(memory_format=torch.channels_last)
         pooled = self.text.pooled_dim if isinstance(self.text, SDXLTextEncoder) else 0
         if isinstance(self.unet, UNetModel):
             self.time_id_count = time_id_count(self.unet.config, pooled, self.name)

@@ -72,8 +72,9 @@ def test_cpu_loads_read_conv_weights_channels_last_with_the_same_values(
     sd1: Pipeline, single_file_dict: dict[str, torch.Tensor], tmp_path: Path, dtype: torch.dtype
 ) -> None:
     """On CPU the UNet's conv weights are read straight into NHWC (not copied out of the
-    file's memory map); every value equals the file's. The VAE runs channels_last on CPU too
-    (converted after loading: its NCHW decode was 2x slower at 256x256)."""
+    file's memory map); every value equals the file's. The VAE's decoder runs channels_last
+    on CPU too (converted after loading: its NCHW decode was 2x slower at 256x256); its
+    encoder stays NCHW (thread-count-independent img2img starts)."""
     path = tmp_path / "model.safetensors"
     save_file({k: v.to(dtype) for k, v in single_file_dict.items()}, path)
     pipe = load_pipeline(str(path), device="cpu")
@@ -87,6 +88,7 @@ def test_cpu_loads_read_conv_weights_channels_last_with_the_same_values(
     assert vae_in.is_contiguous(memory_format=torch.channels_last)
     expected = single_file_dict["first_stage_model.decoder.conv_in.weight"].to(dtype).float()
     torch.testing.assert_close(vae_in, expected, rtol=0, atol=0)
+    assert pipe.vae.state_dict()["encoder.conv_in.weight"].is_contiguous()
     for name, sd in (("single file", pipe.unet.state_dict()), ("folder", sd1.unet.state_dict())):
         assert all(v.is_contiguous(memory_format=torch.channels_last) for k, v in sd.items()
                    if v.dim() == 4), name  # fmt: skip

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -277,3 +278,20 @@ def test_single_file_inpainting_checkpoint_loads_and_agrees(tmp_path: Path) -> N
     assert single.unet.config.in_channels == 9 and single.capabilities.modes == ("inpaint",)
     kw = {**BASE, "image": source_image(), "mask": hard_mask(), "steps": 4, "sampler": "ddim"}
     np.testing.assert_array_equal(_ours(single, **kw, seed=2), _ours(folder_pipe, **kw, seed=2))
+
+
+def test_img2img_does_not_depend_on_the_thread_count(models: Models) -> None:
+    """Workers run with their own thread counts: an img2img trajectory starts from the VAE
+    encoding, which must not round differently with the number of threads."""
+    _, ours, _ = models
+    kw = {**BASE, "image": source_image(), "mask": hard_mask(), "steps": 2, "strength": 0.5,
+          "sampler": "euler_a", "seed": 3}  # fmt: skip
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = _ours(ours, **kw)
+        torch.set_num_threads(1)
+        one = _ours(ours, **kw)
+    finally:
+        torch.set_num_threads(before)
+    assert max_diff(two, one) <= 1
