@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import httpx
 import redis
 
 from service.queue.keys import Keys
-from service.redis_server import free_port
+from service.redis_server import RedisServer, free_port
 from tests.queues import DEFAULT_KEYS
 
 FAST_WORKER_ENV = {
@@ -90,6 +90,30 @@ def api_process(redis_url: str, log: Path, **extra: str) -> Iterator[str]:
         yield base
     finally:
         stop(proc)
+
+
+@contextmanager
+def model_stack(
+    root: Path,
+    models: Sequence[str],
+    api_env: Mapping[str, str] | None = None,
+    worker_env: Mapping[str, str] | None = None,
+) -> Iterator[str]:
+    """redis-server, `ldmserve api` and one worker per model source, all live; yields the
+    API's base URL and stops everything after."""
+    server = RedisServer(root / "redis").start()
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        with api_process(server.url, root / "api.log", **(api_env or {})) as base:
+            env = service_env(server.url, **(worker_env or {}))
+            for i, model in enumerate(models):
+                workers.append(spawn(["worker", "--model", model], env, root / f"worker{i}.log"))
+            wait_until(lambda: live_workers(base) == len(models), 180, "live workers")
+            yield base
+    finally:
+        for w in workers:
+            stop(w)
+        server.stop()
 
 
 def live_workers(base: str) -> int:

@@ -7,7 +7,6 @@ model batch together in the worker and equal `generate()`."""
 from __future__ import annotations
 
 import io
-import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,15 +17,9 @@ import pytest
 from PIL import Image
 
 from model import load_pipeline
-from service.redis_server import RedisServer
 from tests.processes import (
-    api_process,
-    live_workers,
-    service_env,
-    spawn,
-    stop,
+    model_stack,
     wait_job,
-    wait_until,
 )
 from tests.test_e2e_image_modes import b64
 from tests.test_ldm_families import build_reference, low_res_image, save_reference
@@ -43,23 +36,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         folders[family] = root / family
         ref = build_reference(family, "test", n_embed=16)
         save_reference(ref, folders[family], BATCHING_SCHEDULER)
-    server = RedisServer(root / "redis").start()
-    workers: list[subprocess.Popen[bytes]] = []
-    try:
-        env = service_env(server.url, LDMSERVE_MODEL=str(folders["uncond"]))
-        with api_process(
-            server.url, root / "api.log", LDMSERVE_MODEL=str(folders["uncond"])
-        ) as base:
-            for family, folder in folders.items():
-                workers.append(
-                    spawn(["worker", "--model", str(folder)], env, root / f"worker-{family}.log")
-                )
-            wait_until(lambda: live_workers(base) == 2, 180, "two live workers")
-            yield {"base": base, "models": {k: str(v) for k, v in folders.items()}}
-    finally:
-        for w in workers:
-            stop(w)
-        server.stop()
+    env = {"LDMSERVE_MODEL": str(folders["uncond"])}
+    with model_stack(root, [str(f) for f in folders.values()], env, env) as base:
+        yield {"base": base, "models": {k: str(v) for k, v in folders.items()}}
 
 
 def test_models_list_the_modes(stack: dict[str, Any]) -> None:

@@ -6,7 +6,6 @@ tag) equal `generate()` with the same adapters, and a corrupt file fails only it
 from __future__ import annotations
 
 import io
-import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,16 +16,10 @@ import pytest
 from PIL import Image
 
 from model import load_pipeline
-from service.redis_server import RedisServer
 from tests import lora_kit
 from tests.processes import (
-    api_process,
-    live_workers,
-    service_env,
-    spawn,
-    stop,
+    model_stack,
     wait_job,
-    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -36,18 +29,9 @@ pytestmark = pytest.mark.slow
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("e2e-lora")
     loras = lora_kit.write_demo_loras(load_pipeline("demo", device="cpu"), root / "loras")
-    server = RedisServer(root / "redis").start()
-    workers: list[subprocess.Popen[bytes]] = []
-    try:
-        with api_process(server.url, root / "api.log", LDMSERVE_MAX_LORAS_PER_JOB="2") as base:
-            env = service_env(server.url, LDMSERVE_LORA_DIR=str(loras))
-            workers.append(spawn(["worker", "--model", "demo"], env, root / "worker.log"))
-            wait_until(lambda: live_workers(base) == 1, 180, "a live worker")
-            yield {"base": base, "loras": loras}
-    finally:
-        for w in workers:
-            stop(w)
-        server.stop()
+    with model_stack(root, ["demo"], {"LDMSERVE_MAX_LORAS_PER_JOB": "2"},
+                     {"LDMSERVE_LORA_DIR": str(loras)}) as base:  # fmt: skip
+        yield {"base": base, "loras": loras}
 
 
 def test_workers_publish_their_adapters_and_unknown_ones_are_refused(

@@ -6,7 +6,6 @@ model does not read is a 422 at submit."""
 from __future__ import annotations
 
 import io
-import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,15 +17,9 @@ from PIL import Image
 
 from model import load_pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG
-from service.redis_server import RedisServer
 from tests.processes import (
-    api_process,
-    live_workers,
-    service_env,
-    spawn,
-    stop,
+    model_stack,
     wait_job,
-    wait_until,
 )
 from tests.reference_sdxl import build_sdxl_reference
 from tests.test_pipeline_samplers import write_scheduler_config
@@ -40,19 +33,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     folder = root / "sdxl"
     build_sdxl_reference().save_pretrained(folder, safe_serialization=True)
     write_scheduler_config(folder, SD15_SCHEDULER_CONFIG)
-    server = RedisServer(root / "redis").start()
     env = {"LDMSERVE_MODEL": str(folder)}
-    workers: list[subprocess.Popen[bytes]] = []
-    try:
-        with api_process(server.url, root / "api.log", **env) as base:
-            workers.append(spawn(["worker", "--model", str(folder)],
-                                 service_env(server.url, **env), root / "worker.log"))  # fmt: skip
-            wait_until(lambda: live_workers(base) == 1, 180, "a live worker")
-            yield {"base": base, "folder": folder}
-    finally:
-        for w in workers:
-            stop(w)
-        server.stop()
+    with model_stack(root, [str(folder)], env, env) as base:
+        yield {"base": base, "folder": folder}
 
 
 def test_sdxl_jobs_over_http_equal_the_library(stack: dict[str, Any]) -> None:
