@@ -186,6 +186,16 @@ def summarize(name: str, jobs: list[Job], res: Outcome) -> dict[str, Any]:
     }
 
 
+def median_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the rounds (one round: that round's figures)."""
+    out = dict(results[0])
+    for key, value in results[0].items():
+        if isinstance(value, float):
+            out[key] = float(np.median([r[key] for r in results]))
+    out["rounds"] = len(results)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--unet", choices=["demo", "sd15"], default="demo")
@@ -203,6 +213,9 @@ def main() -> None:
     p.add_argument("--burst", action="store_true", help="groups workload: all jobs at once")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="6 short jobs (smoke test)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of (b) and (c), alternated")
+    p.add_argument("--eager", action="store_true", help="engine UNet eager even where a worker "
+                   "would compile it (compare with the default)")  # fmt: skip
     args = p.parse_args()
     if args.latent is None:
         args.latent = 16 if args.unet == "sd15" else 8
@@ -237,13 +250,19 @@ def main() -> None:
                                None if args.burst else rate, args.seed)  # fmt: skip
     else:
         jobs = make_jobs(args.jobs, rate, args.latent, args.steps, args.seed, args.uniform)
-    from service.call_cost import measure
+    from service.settings import Settings
+    from service.worker import warm_up
 
     t = time.monotonic()
-    # As a worker at warm-up (native size, default budget); --quick measures at the jobs' size.
-    costs = measure(ours, args.max_rows, side=8 * args.latent if args.quick else None)
-    print(f"engine call costs measured in {time.monotonic() - t:.1f}s: "
-          + ", ".join(f"{int(w)} rows {s:.3f}s" for w, s in costs.points))  # fmt: skip
+    # As a worker warms up with its defaults (the UNet compiled where that is the default,
+    # call costs measured), at the jobs' size rather than the model's native one.
+    side = 8 * args.latent
+    settings = Settings(max_batch=args.max_rows, compile_unet=False if args.eager else None,
+                        compile_sides=[side], call_sizing_side=side)  # fmt: skip
+    costs = warm_up(ours, settings)
+    compiled = ours.compiled_unet is not None
+    print(f"engine warm-up {time.monotonic() - t:.1f}s (UNet compiled: {compiled}); call costs: "
+          + ", ".join(f"{int(w)} rows {s:.3f}s" for w, s in costs.points))  # type: ignore[union-attr]  # fmt: skip
     arrivals = "at once" if args.workload == "groups" and args.burst else (
         f"Poisson {rate:.2f}/s (load {args.load}) over {jobs[-1].arrival:.1f}s")  # fmt: skip
     print(
@@ -253,17 +272,23 @@ def main() -> None:
         f"guidance), window {window:.2f}s; engine max_batch {args.max_rows} rows"
     )
 
-    runs = {}
-    for name, fn in (
-        ("a_serial_diffusers", lambda: serve_serial(ref, jobs)),
-        ("b_static_diffusers", lambda: serve_static(ref, jobs, args.static_batch, window)),
-        ("c_engine", lambda: serve_engine(ours, jobs, args.max_rows, costs)),
-    ):
+    runs: dict[str, Outcome] = {}
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    serve = {
+        "a_serial_diffusers": lambda: serve_serial(ref, jobs),
+        "b_static_diffusers": lambda: serve_static(ref, jobs, args.static_batch, window),
+        "c_engine": lambda: serve_engine(ours, jobs, args.max_rows, costs),
+    }
+    order = ["a_serial_diffusers"]  # (a) once; (b) and (c) alternate, flipped every round
+    for r in range(args.rounds):
+        order += ["b_static_diffusers", "c_engine"][:: 1 if r % 2 == 0 else -1]
+    for name in order:
         t = time.monotonic()
-        runs[name] = fn()
+        runs[name] = serve[name]()
+        rounds.setdefault(name, []).append(summarize(name, jobs, runs[name]))
         print(f"{name}: {time.monotonic() - t:.1f}s wall, load {load_average()}")
 
-    summary = {name: summarize(name, jobs, res) for name, res in runs.items()}
+    summary = {name: median_summary(results) for name, results in rounds.items()}
     a, b, c = (summary[k] for k in ("a_serial_diffusers", "b_static_diffusers", "c_engine"))
     diff = max(
         int(
@@ -316,6 +341,7 @@ def main() -> None:
             "serial_job_s": service_s,
             "static_window_s": window,
             "max_pixel_diff_a_vs_c": diff,
+            "engine_unet_compiled": compiled,
             "modes": summary,
             **ratios,
         },

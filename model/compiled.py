@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -22,6 +23,21 @@ from torch import Tensor, nn
 from model.conditioning import Conditioning, pad_rows
 
 log = logging.getLogger(__name__)
+
+
+BY_DEFAULT_MIN_PARAMS = 300_000_000
+"""UNets this large compile by default on CPU: measured at SD 1.5's (860M parameters) a
+compiled call took ~0.65 of eager's time (bench/unet.py --compile). Smaller ones (test and
+demo models) stay eager: their calls are cheap and compiling would dominate warm-up."""
+
+
+def compiles_by_default(unet: nn.Module) -> bool:
+    """Where compiling was measured faster: CPU and an SD 1.5-class UNet. CUDA stays eager
+    until bench/gpu.py has measured it on a card."""
+    p = next(unet.parameters())
+    return p.device.type == "cpu" and sum(t.numel() for t in unet.parameters()) >= (
+        BY_DEFAULT_MIN_PARAMS
+    )
 
 
 def default_buckets(max_rows: int) -> tuple[int, ...]:
@@ -48,7 +64,12 @@ class BucketedUNet:
         self.unet = unet
         self.buckets = tuple(sorted(set(buckets)))
         self.mode = mode
-        self.compiled: Any = torch.compile(unet, dynamic=False, mode=mode, backend=backend)
+        cpu = next(unet.parameters()).device.type == "cpu"
+        options = {"freezing": True} if cpu and backend == "inductor" and mode is None else None
+        self.compiled: Any = torch.compile(
+            unet, dynamic=False, mode=mode, backend=backend, options=options
+        )
+        self._warm: set[tuple[Any, ...]] = set()  # call signatures compiled at warm-up
 
     def bucket(self, rows: int) -> int:
         return next((b for b in self.buckets if b >= rows), self.buckets[-1])
@@ -63,22 +84,38 @@ class BucketedUNet:
             return torch.cat(parts)
         size = self.bucket(n)
         with torch.inference_mode():
-            return self.compiled(
-                _fit(x, size), _fit(t, size), cond.map_rows(lambda v: _fit(v, size))
-            )[:n]
+            args = (_fit(x, size), _fit(t, size), cond.map_rows(lambda v: _fit(v, size)))
+            key = _signature(*args)
+            if self._warming:
+                self._warm.add(key)
+            elif key not in self._warm:  # not compiled at warm-up: eager, never a stall
+                return self.unet(x, t, cond)
+            return self.compiled(*args)[:n]
+
+    _warming = False
 
     def warm(self, latent_shape: tuple[int, int, int], cond: Conditioning) -> float:
         """Compile (and run once) every bucket at ``latent_shape`` (C, h, w) with the one-row
-        ``cond``; returns the seconds it took."""
+        ``cond``; returns the seconds it took. Only warmed shapes run compiled."""
         start = time.perf_counter()
         p = next(self.unet.parameters())
-        for size in self.buckets:
-            x = torch.zeros(size, *latent_shape, device=p.device, dtype=p.dtype)
-            t = torch.full((size,), 500.0, device=p.device)
-            self(x, t, cond)
+        self._warming = True
+        try:
+            for size in self.buckets:
+                x = torch.zeros(size, *latent_shape, device=p.device, dtype=p.dtype)
+                t = torch.full((size,), 500.0, device=p.device)
+                self(x, t, cond)
+        finally:
+            self._warming = False
         took = time.perf_counter() - start
         log.info("compiled the UNet for %s rows at %s in %.1fs", self.buckets, latent_shape, took)
         return took
+
+
+def _signature(x: Tensor, t: Tensor, cond: Conditioning) -> tuple[Any, ...]:
+    """What a compiled graph is specialised to: every input's shape and dtype."""
+    values = [x, t, *(getattr(cond, f.name) for f in fields(cond))]
+    return tuple((tuple(v.shape), v.dtype) if isinstance(v, Tensor) else v for v in values)
 
 
 def _fit(t: Tensor, n: int) -> Tensor:

@@ -10,6 +10,7 @@ the noised source's trajectory (diffusers' StableDiffusionInpaintPipeline blend 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -53,12 +54,54 @@ class Row:
         return self.state.k >= self.traj.n_evals
 
 
-def denoise_step(unet: UNetFn, rows: Sequence[Row]) -> list[SampleState]:
-    """One UNet evaluation for every row; returns the new states (inputs are not mutated)."""
+class ConditioningCache:
+    """The batched conditioning of the last few calls, keyed by the rows' own conditioning
+    objects: a call whose rows are the same as at the previous step (the steady state of a
+    batch) reuses it instead of copying every row's text context again (at SD 1.5, 32 CFG
+    rows are 15 MB per step)."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[int, ...], tuple[list[Conditioning], Conditioning]]
+        self._items = OrderedDict()
+
+    def cat(self, items: list[Conditioning]) -> Conditioning:
+        key = tuple(map(id, items))  # the entry holds the items: their ids stay theirs
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+            return hit[1]
+        value = Conditioning.cat(items)
+        self._items[key] = (items, value)
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+
+def denoise_step(
+    unet: UNetFn, rows: Sequence[Row], cache: ConditioningCache | None = None
+) -> list[SampleState]:
+    """One UNet evaluation for every row; returns the new states (inputs are not mutated).
+
+    Rows are taken in the order of their sampler's update rule (rows never mix, so the order
+    is free), so that each rule's rows are one slice of the batch and the next step joins
+    them without copies (`samplers.joined`)."""
+    order = sorted(range(len(rows)), key=lambda i: samplers.rule_rank(rows[i].traj.sampler))
+    if order != list(range(len(rows))):
+        new = _step(unet, [rows[i] for i in order], cache)
+        result: list[SampleState] = [None] * len(rows)  # type: ignore[list-item]
+        for pos, i in enumerate(order):
+            result[i] = new[pos]
+        return result
+    return _step(unet, rows, cache)
+
+
+def _step(unet: UNetFn, rows: Sequence[Row], cache: ConditioningCache | None) -> list[SampleState]:
     trajs, states = [r.traj for r in rows], [r.state for r in rows]
     x_in, t = samplers.model_input(trajs, states)  # (n, C, h, w), (n,)
     guided = [i for i, r in enumerate(rows) if r.uncond is not None]
-    cond = Conditioning.cat([r.cond for r in rows] + [rows[i].uncond for i in guided])  # type: ignore[misc]
+    conds = [r.cond for r in rows] + [rows[i].uncond for i in guided]
+    cond = Conditioning.cat(conds) if cache is None else cache.cat(conds)  # type: ignore[arg-type]
     n = len(rows)
     if guided:
         idx = torch.tensor(guided, device=x_in.device)

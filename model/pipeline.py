@@ -24,7 +24,7 @@ from model import prompt_encoding, samplers
 from model.capabilities import Capabilities, describe
 from model.compiled import BucketedUNet
 from model.conditioning import Conditioning
-from model.denoise import Blend, Row, denoise_step
+from model.denoise import Blend, ConditioningCache, Row, denoise_step
 from model.embeddings import expand_prompt
 from model.first_stage import FirstStage, Posterior
 from model.lora_files import LoraError
@@ -419,6 +419,11 @@ class Pipeline:
         with self.loras.applied("unet", cond.loras):  # eager: adapters change per call
             return self.unet(x, t, cond).float()
 
+    @property
+    def compiled_unet(self) -> BucketedUNet | None:
+        """The compiled UNet (`compile_unet`), or None: eager."""
+        return self._compiled
+
     def compile_unet(
         self, buckets: Sequence[int], mode: str | None = None, backend: str = "inductor"
     ) -> BucketedUNet:
@@ -438,8 +443,8 @@ class Pipeline:
         if extra > 0:
             concat = torch.zeros(1, extra, h, w, device=self.device, dtype=self.dtype)
         ids = time_ids(self.time_id_count, width, height)
-        time = None if ids is None else ids[0].to(self.device)
-        return self._compiled.warm((c, h, w), replace(text, concat=concat, time_ids=time))
+        ids_row = None if ids is None else ids[0].to(self.device)
+        return self._compiled.warm((c, h, w), replace(text, concat=concat, time_ids=ids_row))
 
     def _float32_vae(self) -> FirstStage:
         """A float32 copy of a half-precision first stage, made on first need (SDXL's VAE
@@ -649,9 +654,10 @@ class Pipeline:
             adapters=adapters, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score,
         )  # fmt: skip
-        rows = job.rows
+        rows, cache = job.rows, ConditioningCache(1)  # the same rows every step
         while not rows[0].finished:
-            for row, state in zip(rows, denoise_step(self.unet_forward, rows), strict=True):
+            states = denoise_step(self.unet_forward, rows, cache)
+            for row, state in zip(rows, states, strict=True):
                 row.state = state
         pixels = self.finish(job, self.decode_latents(torch.cat([r.state.x for r in rows])))
         return [Image.fromarray(p) for p in pixels]

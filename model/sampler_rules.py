@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from model.schedules import NoiseSchedule, dpm_grid, spaced_timesteps, ve_grid
@@ -82,35 +83,37 @@ def _plan_ddim(steps: int, sched: NoiseSchedule, start: int) -> Table:
     for t in ts.tolist():
         a, ap = sched.alphas_cumprod[t], sched.alpha_at(t - ratio, default_one=True)
         ex, eo = (math.sqrt(1 - a), math.sqrt(a)) if sched.v_prediction else (0.0, 1.0)
-        rows.append((*_x0_vp(a, sched.v_prediction), ex, eo, math.sqrt(ap), math.sqrt(1 - ap)))
+        x0x, x0o = _x0_vp(a, sched.v_prediction)
+        sa, sb = math.sqrt(ap), math.sqrt(1 - ap)  # x_prev = sa·x0 + sb·eps (Song et al. 2021)
+        rows.append((sa * x0x + sb * ex, sa * x0o + sb * eo, 0.0))
     noise = [_vp(sched, t) for t in ts.tolist()]
     return Table(ts.tolist(), rows, noise=noise).tail(start)
 
 
-def _step_ddim(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
-    """Denoising Diffusion Implicit Models (Song et al. 2021), deterministic (eta = 0)."""
-    x0x, x0o, ex, eo, a_prev, s_prev = c
-    x0 = x0x * x + x0o * out
-    eps = ex * x + eo * out
-    return a_prev * x0 + s_prev * eps, mem
+def _step_linear(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor | None) -> Update:
+    """x' = cx·x + co·out (+ cn·noise): DDIM (eta 0), Euler, Euler ancestral and LCM all fold
+    into this form at plan time, so rows of the four share one group and three passes."""
+    cx, co, cn = c
+    x_new = cx * x + co * out
+    return (x_new if noise is None else x_new + cn * noise), mem
 
 
 def _plan_euler(steps: int, sched: NoiseSchedule, start: int) -> Table:
     """EulerDiscreteScheduler (s_churn = 0)."""
     ts, sig, init = ve_grid(sched, steps)
     s, sn = sig[:-1].tolist(), sig[1:].tolist()
-    rows = [(*_x0_ve(a, sched.v_prediction), a, b - a) for a, b in zip(s, sn, strict=True)]
+    rows = [_euler_linear(a, b - a, 0.0, sched.v_prediction) for a, b in zip(s, sn, strict=True)]
     noise = [(1.0, a) for a in s]
     return Table(ts.tolist(), rows, [math.sqrt(a * a + 1) for a in s], init, noise=noise).tail(
         start
     )
 
 
-def _step_euler(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
-    """Euler step of the probability-flow ODE (Karras et al. 2022, Algorithm 1)."""
-    x0x, x0o, sigma, dt = c
-    d = (x - (x0x * x + x0o * out)) / sigma
-    return x + d * dt, mem
+def _euler_linear(sigma: float, dt: float, up: float, v: bool) -> tuple[float, float, float]:
+    """An Euler step (Karras et al. 2022, Algorithm 1: x + dt·(x - x0)/sigma, plus up·noise
+    for the ancestral variant) folded into (cx, co, cn) of `_step_linear`."""
+    x0x, x0o = _x0_ve(sigma, v)
+    return 1 + dt * (1 - x0x) / sigma, -dt * x0o / sigma, up
 
 
 def _plan_euler_a(steps: int, sched: NoiseSchedule, start: int) -> Table:
@@ -120,7 +123,7 @@ def _plan_euler_a(steps: int, sched: NoiseSchedule, start: int) -> Table:
     for a, b in zip(sig[:-1].tolist(), sig[1:].tolist(), strict=True):
         up = math.sqrt(b * b * (a * a - b * b) / (a * a))
         down = math.sqrt(b * b - up * up)
-        rows.append((*_x0_ve(a, sched.v_prediction), a, down - a, up))
+        rows.append(_euler_linear(a, down - a, up, sched.v_prediction))
     return Table(
         ts.tolist(),
         rows,
@@ -129,13 +132,6 @@ def _plan_euler_a(steps: int, sched: NoiseSchedule, start: int) -> Table:
         [True] * len(rows),
         [(1.0, a) for a in sig[:-1].tolist()],
     ).tail(start)
-
-
-def _step_euler_a(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
-    """Euler ancestral step: deterministic to sigma_down, then noise up (Karras et al. 2022)."""
-    x0x, x0o, sigma, dt, sigma_up = c
-    d = (x - (x0x * x + x0o * out)) / sigma
-    return x + d * dt + noise * sigma_up, mem
 
 
 def _plan_heun(steps: int, sched: NoiseSchedule, start: int) -> Table:
@@ -148,7 +144,11 @@ def _plan_heun(steps: int, sched: NoiseSchedule, start: int) -> Table:
         first = k % 2 == 0
         s, sn = (float(hs[k]), float(hs[k + 1])) if first else (float(hs[k - 1]), float(hs[k]))
         s_in = s if first else sn
-        rows.append((*_x0_ve(s_in, sched.v_prediction), s_in, sn - s, float(first)))
+        x0x, x0o = _x0_ve(s_in, sched.v_prediction)
+        dx, do = (1 - x0x) / s_in, -x0o / s_in  # d = (x - x0) / sigma = dx·x + do·out
+        f, dt = float(first), sn - s
+        w = dt * (1.0 if first else 0.5)  # Euler slope, or the trapezoid's half of each
+        rows.append((dx, do, f + w * dx, w * do, 1 - f, (1 - f) * w))
     return Table(
         [float(t) for t in hts],
         rows,
@@ -158,13 +158,13 @@ def _plan_heun(steps: int, sched: NoiseSchedule, start: int) -> Table:
     ).tail(2 * start)  # two evaluations per step: begin_index = start * order
 
 
-def _step_heun(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
-    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); first ∈ {0, 1} picks the stage."""
-    x0x, x0o, sigma, dt, first = c
-    d = (x - (x0x * x + x0o * out)) / sigma
-    base = first * x + (1 - first) * mem["x_prev"]
-    slope = first * d + (1 - first) * ((mem["d_prev"] + d) / 2)
-    return base + slope * dt, {"x_prev": x, "d_prev": d}
+def _step_heun(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor | None) -> Update:
+    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1) with the derivative
+    d = dx·x + do·out: the Euler predictor x + dt·d, then the corrector
+    x_prev + dt·(d_prev + d)/2; the coefficients (0 or 1 per stage) pick the stage."""
+    dx, do, cx, co, cxp, cdp = c
+    x_new = cx * x + co * out + cxp * mem["x_prev"] + cdp * mem["d_prev"]
+    return x_new, {"x_prev": x, "d_prev": dx * x + do * out}
 
 
 def _plan_dpm(steps: int, sched: NoiseSchedule, start: int, karras: bool) -> Table:
@@ -192,7 +192,7 @@ def _plan_dpm(steps: int, sched: NoiseSchedule, start: int, karras: bool) -> Tab
     return Table([float(t) for t in ts[start:]], rows, noise=noise)
 
 
-def _step_dpmpp_2m(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
+def _step_dpmpp_2m(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor | None) -> Update:
     """DPM-Solver++(2M) multistep update in data-prediction form (Lu et al. 2022)."""
     x0x, x0o, cx, c0, c1 = c
     x0 = x0x * x + x0o * out
@@ -215,17 +215,12 @@ def _plan_lcm(steps: int, sched: NoiseSchedule, start: int) -> Table:
         st = t * sched.timestep_scaling
         c_skip, c_out = 0.25 / (st * st + 0.25), st / math.sqrt(st * st + 0.25)  # sigma_data = 0.5
         keep, fresh = (1.0, 0.0) if last else (math.sqrt(ap), math.sqrt(1 - ap))
-        rows.append((*_x0_vp(a, sched.v_prediction), c_out, c_skip, keep, fresh))
+        x0x, x0o = _x0_vp(a, sched.v_prediction)
+        # denoised = c_out·x0 + c_skip·x, then keep·denoised + fresh·noise (Luo et al. 2023)
+        rows.append((keep * (c_out * x0x + c_skip), keep * c_out * x0o, fresh))
     draws = [i < len(ts) - 1 for i in range(len(ts))]
     noise = [_vp(sched, t) for t in ts]
     return Table([float(t) for t in ts], rows, draws=draws, noise=noise).tail(start)
-
-
-def _step_lcm(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
-    """Latent Consistency Model multistep sampling (Luo et al. 2023, Algorithm 1)."""
-    x0x, x0o, c_out, c_skip, keep, fresh = c
-    denoised = c_out * (x0x * x + x0o * out) + c_skip * x
-    return keep * denoised + fresh * noise, mem
 
 
 # Weights of (current output, then the 3 previous pushed outputs) at evaluation c: Euler, the
@@ -260,31 +255,32 @@ def _plan_pndm(steps: int, sched: NoiseSchedule, start: int) -> Table:
     return Table([float(t) for t in ts], rows, noise=[_vp(sched, t) for t in ts])
 
 
-def _step_pndm(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor) -> Update:
-    """Pseudo linear multistep (PLMS) update (Liu et al. 2022, PNDM); push ∈ {0, 1} keeps history."""
+def _step_pndm(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor | None) -> Update:
+    """Pseudo linear multistep (PLMS) update (Liu et al. 2022, PNDM); push ∈ {0, 1} keeps
+    history. `lerp` with a 0/1 weight returns one end exactly, in one pass."""
     from_x, w0, w1, w2, w3, push, ex, eo, keep, gain = c
     e1, e2, e3 = mem["e1"], mem["e2"], mem["e3"]
-    base = from_x * x + (1 - from_x) * mem["x_start"]
+    base = torch.lerp(mem["x_start"], x, from_x)
     combo = w0 * out + w1 * e1 + w2 * e2 + w3 * e3
     eps = ex * base + eo * combo
     new = {
-        "e1": push * out + (1 - push) * e1,
-        "e2": push * e1 + (1 - push) * e2,
-        "e3": push * e2 + (1 - push) * e3,
+        "e1": torch.lerp(e1, out, push),
+        "e2": torch.lerp(e2, e1, push),
+        "e3": torch.lerp(e3, e2, push),
         "x_start": base,
     }
     return keep * base - gain * eps, new
 
 
-Step = Callable[[Tensor, Tensor, Memory, Cols, Tensor], Update]
+Step = Callable[[Tensor, Tensor, Memory, Cols, Tensor | None], Update]
 Planner = Callable[[int, NoiseSchedule, int], Table]  # (steps, schedule, start step)
 SAMPLER_RULES: dict[str, tuple[Planner, Step, tuple[str, ...]]] = {
-    "ddim": (_plan_ddim, _step_ddim, ()),
-    "euler": (_plan_euler, _step_euler, ()),
-    "euler_a": (_plan_euler_a, _step_euler_a, ()),
+    "ddim": (_plan_ddim, _step_linear, ()),
+    "euler": (_plan_euler, _step_linear, ()),
+    "euler_a": (_plan_euler_a, _step_linear, ()),
     "heun": (_plan_heun, _step_heun, ("x_prev", "d_prev")),
     "dpmpp_2m": (partial(_plan_dpm, karras=False), _step_dpmpp_2m, ("x0_prev",)),
     "dpmpp_2m_karras": (partial(_plan_dpm, karras=True), _step_dpmpp_2m, ("x0_prev",)),
-    "lcm": (_plan_lcm, _step_lcm, ()),
+    "lcm": (_plan_lcm, _step_linear, ()),
     "pndm": (_plan_pndm, _step_pndm, ("e1", "e2", "e3", "x_start")),
 }

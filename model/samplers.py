@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from model.sampler_rules import SAMPLER_RULES, Memory
+from model.sampler_rules import SAMPLER_RULES, Memory, Step
 from model.schedules import (
     SD15_SCHEDULER_CONFIG,
     NoiseSchedule,
@@ -71,6 +71,12 @@ class SampleState:
 
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLER_RULES)
+_RULES = list(dict.fromkeys(rule[1] for rule in SAMPLER_RULES.values()))
+
+
+def rule_rank(sampler: str) -> int:
+    """Samplers sharing an update rule share a rank (`advance` updates them as one group)."""
+    return _RULES.index(SAMPLER_RULES[sampler][1])
 
 
 def start_step(steps: int, strength: float | None) -> int:
@@ -166,63 +172,124 @@ def _check(traj: Trajectory, state: SampleState) -> None:
         )
 
 
+def _runs(parts: Sequence[Tensor]) -> list[Tensor]:
+    """The rows as few (n, ...) tensors as possible without copying: maximal runs of rows that
+    are consecutive rows of one tensor, as views (each step's states are slices of the last
+    update's batch, so a group that keeps its composition is one run)."""
+    runs: list[Tensor] = []
+    first, n = parts[0], 0
+    for p in parts:
+        if n and (
+            p.shape == first.shape
+            and p.is_contiguous()
+            and p.storage_offset() == first.storage_offset() + n * first.numel()
+            and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        ):
+            n += 1
+            continue
+        if n:
+            runs.append(_rows_of(first, n))
+        first, n = p, 1 if p.is_contiguous() else 0
+        if not n:
+            runs.append(p)
+    if n:
+        runs.append(_rows_of(first, n))
+    return runs
+
+
+def _rows_of(first: Tensor, n: int) -> Tensor:
+    """`n` consecutive rows of `first`'s storage starting at `first` (a view)."""
+    if n == 1:
+        return first
+    return first.as_strided((n * first.shape[0], *first.shape[1:]), first.stride(),
+                            first.storage_offset())  # fmt: skip
+
+
+def joined(parts: Sequence[Tensor]) -> Tensor:
+    """The rows as one (B, ...) tensor: a view when they are consecutive rows of one tensor,
+    else a copy (`torch.cat`)."""
+    runs = _runs(parts)
+    return runs[0] if len(runs) == 1 else torch.cat(runs)
+
+
 def model_input(
     trajs: Sequence[Trajectory], states: Sequence[SampleState]
 ) -> tuple[Tensor, Tensor]:
-    """UNet inputs for a batch: x_in (B, C, h, w) float32 and t (B,) float32, row by row."""
+    """UNet inputs for a batch: x_in (B, C, h, w) float32 and t (B,) float32, row by row; the
+    input scaling writes straight into the batch (one pass, no separate gather)."""
     for traj, st in zip(trajs, states, strict=True):
         _check(traj, st)
-    x = torch.cat([st.x for st in states])  # (B, C, h, w)
+    runs = _runs([st.x for st in states])
     scale = torch.tensor(
         [tr.in_scale[st.k] for tr, st in zip(trajs, states, strict=True)], dtype=torch.float32
     )
     t = torch.tensor(
         [tr.timesteps[st.k] for tr, st in zip(trajs, states, strict=True)], dtype=torch.float32
     )
-    return x / scale.to(x.device).view(-1, 1, 1, 1), t.to(x.device)
+    first = runs[0]
+    scale = scale.to(first.device).view(-1, 1, 1, 1)
+    if len(runs) == 1:
+        return first / scale, t.to(first.device)
+    x_in = torch.empty((len(states), *first.shape[1:]), dtype=first.dtype, device=first.device)
+    at = 0
+    for run in runs:
+        n = run.shape[0]
+        torch.div(run, scale[at : at + n], out=x_in[at : at + n])
+        at += n
+    return x_in, t.to(first.device)
 
 
 def _noise(
     trajs: Sequence[Trajectory], states: Sequence[SampleState], x: Tensor
-) -> tuple[Tensor, list[torch.Generator]]:
-    """Per-row noise (G, C, h, w) from each row's own generator where its step draws, else 0
-    (one zero tensor for the rows, and for whole groups, that draw nothing)."""
+) -> tuple[Tensor | None, list[torch.Generator]]:
+    """Per-row noise (G, C, h, w) from each row's own generator where its step draws, zeros
+    for the rows that do not; None when no row draws (no pass over the batch at all)."""
     drawing = [i for i, (tr, st) in enumerate(zip(trajs, states, strict=True)) if tr.draws[st.k]]
     gens = [st.generator for st in states]
-    noise = torch.zeros_like(x)
+    if not drawing:
+        return None, gens
     shape = (1, *x.shape[1:])
+    draws = []
     for i in drawing:
         gen = _fork(states[i].generator)  # copy first: the input state keeps its position
-        draw = torch.randn(shape, generator=gen, dtype=torch.float32, device=gen.device)
-        noise[i : i + 1] = draw.to(x.device)
+        draws.append(torch.randn(shape, generator=gen, dtype=torch.float32, device=gen.device))
         gens[i] = gen
+    if len(drawing) == len(states):
+        return torch.cat(draws).to(x.device), gens
+    noise = torch.zeros_like(x)
+    for i, draw in zip(drawing, draws, strict=True):
+        noise[i : i + 1] = draw.to(x.device)
     return noise, gens
 
 
 def advance(
-    trajs: Sequence[Trajectory], states: Sequence[SampleState], model_output: Tensor
+    trajs: Sequence[Trajectory],
+    states: Sequence[SampleState],
+    model_output: Tensor,
 ) -> list[SampleState]:
-    """New states after one evaluation per row; rows are grouped by sampler and updated together."""
+    """New states after one evaluation per row. Rows are grouped by update rule (DDIM, Euler,
+    Euler ancestral and LCM share one) and each group is updated together; a group whose rows
+    are consecutive in the batch reads its slice of the output without a copy."""
     if not len(trajs) == len(states) == model_output.shape[0]:
         raise ValueError(
             f"{len(trajs)} trajectories, {len(states)} states, {model_output.shape[0]} outputs"
         )
     out_all = model_output.float()
-    groups: dict[str, list[int]] = {}
+    groups: dict[Step, list[int]] = {}
     for i, (traj, st) in enumerate(zip(trajs, states, strict=True)):
         _check(traj, st)
-        groups.setdefault(traj.sampler, []).append(i)
+        groups.setdefault(SAMPLER_RULES[traj.sampler][1], []).append(i)
     result: list[SampleState | None] = [None] * len(states)
-    for name, rows in groups.items():
-        _, step, keys = SAMPLER_RULES[name]
-        x = torch.cat([states[i].x for i in rows])  # (G, C, h, w)
-        if len(rows) == len(states):  # one sampler: the rows are the whole batch, in order
-            out = out_all
+    for step, rows in groups.items():
+        keys = SAMPLER_RULES[trajs[rows[0]].sampler][2]
+        x = joined([states[i].x for i in rows])  # (G, C, h, w)
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            out = out_all.narrow(0, rows[0], len(rows))
         else:
             out = out_all.index_select(0, torch.tensor(rows, device=out_all.device))
         coef = torch.tensor([trajs[i].coefs[states[i].k] for i in rows], dtype=torch.float32)
         cols = list(coef.to(x.device).view(len(rows), -1, 1, 1, 1).unbind(1))  # each (G, 1, 1, 1)
-        mem = {key: torch.cat([states[i].memory[key] for i in rows]) for key in keys}
+        mem = {key: joined([states[i].memory[key] for i in rows]) for key in keys}
         noise, gens = _noise([trajs[i] for i in rows], [states[i] for i in rows], x)
         x_new, mem_new = step(x, out, mem, cols, noise)
         for j, i in enumerate(rows):

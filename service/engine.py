@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.denoise import denoise_step
+from model.denoise import ConditioningCache, denoise_step
 from model.pipeline import MODEL_FIELDS, GenerationError, Pipeline, pad_texts
 from model.preview import preview_pixels
 from service.call_cost import CallCosts
@@ -81,6 +81,7 @@ class Engine:
         self._cancel: set[str] = set()
         self._ended: list[JobHandle] = []  # ended outside step() (pending cancels)
         self._groups: dict[tuple[int, ...], list[Sample]] = {}
+        self._conditioning = ConditioningCache()  # a call's batched text, reused while it lasts
         self._last_stepped: dict[tuple[int, ...], int] = {}
         self._active_rows = 0
         self._running: set[str] = set()  # ids of admitted, unfinished jobs
@@ -329,7 +330,9 @@ class Engine:
             chunk = todo[: plan.pop(0)]
             rows = sum(s.rows for s in chunk)
             try:
-                states = denoise_step(self.pipeline.unet_forward, [s.row for s in chunk])
+                states = denoise_step(
+                    self.pipeline.unet_forward, [s.row for s in chunk], self._conditioning
+                )
             except _OOM:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

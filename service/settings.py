@@ -51,10 +51,17 @@ class Settings(BaseSettings):
     worker_ttl_s: float = Field(
         default=10.0, gt=0, description="A worker without a heartbeat for this long is dead."
     )
-    compile_unet: bool = Field(
-        default=False,
+    compile_unet: bool | None = Field(
+        default=None,
         description="Run the UNet through torch.compile at bucketed batch sizes, compiled at "
-        "warm-up (model.compiled; off by default: on CPU compiling takes minutes).",
+        "warm-up for the native image size (model.compiled). None: on where it measured "
+        "faster — CPU workers with a UNet of SD 1.5's class (model.compiled.compiles_by_default"
+        "; warm-up then takes ~2 minutes per bucket on a small CPU) — off elsewhere.",
+    )
+    compile_sides: list[int] | None = Field(
+        default=None,
+        description="Square image sides the compiled UNet is warmed at (None: the model's "
+        "native size); other sizes run eager rather than stall the batch while compiling.",
     )
     compile_mode: str | None = Field(
         default=None, description='torch.compile mode; None: "reduce-overhead" on CUDA.'

@@ -52,11 +52,11 @@ def advance(self: Engine, key: Any, out: Any) -> Any:
     return _advance(self, key, out)
 
 
-def denoise_step(unet: Any, rows: Any) -> Any:
+def denoise_step(unet: Any, rows: Any, cache: Any = None) -> Any:
     """The batched UNet step, raising what a GPU whose context broke raises when asked."""
     if DEVICE_BROKEN:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
-    return _denoise_step(unet, rows)
+    return _denoise_step(unet, rows, cache)
 
 
 engine_module.denoise_step = denoise_step

@@ -56,6 +56,25 @@ def test_padded_calls_equal_eager_and_reuse_the_warm_graphs(demo: Pipeline) -> N
     assert counters["stats"]["unique_graphs"] == graphs  # no compilation after warm-up
 
 
+def test_shapes_not_warmed_run_eager(demo: Pipeline) -> None:
+    """Another latent size or a longer prompt than warm-up's runs the eager module: compiling a
+    new shape mid-batch would stall every running job for minutes on a CPU."""
+    torch.manual_seed(1)
+    x, t = torch.randn(2, 4, 6, 10), torch.tensor([900.0, 40.0])
+    long = demo.encode_prompts([" ".join(["word"] * 90)] * 2)  # two 77-token chunks
+    assert long.crossattn.shape[1] == 154
+    with torch.inference_mode():
+        eager = demo.unet_forward(x, t, long)
+    demo.compile_unet((2,), backend="aot_eager")
+    demo.warm_compiled(64, 64)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        assert torch.equal(demo.unet_forward(x, t, long), eager)
+        short = demo.encode_prompts(["a", "b"])
+        assert torch.equal(demo.unet_forward(x, t, short), demo.unet(x, t, short).float())
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compiled_pipeline_images_equal_eager(demo: Pipeline) -> None:
     kw = {"width": 64, "height": 64, "steps": 3, "seed": 5, "num_images": 3}
     eager = np.stack([np.asarray(im) for im in demo.generate("a fox", **kw)])
