@@ -338,3 +338,30 @@ def ldm_pipeline(kind: str) -> Any:
         native_size=unet_cfg.sample_size * vq.downsampling_factor,
         family="ldm" if kind == "uncond" else "ldm-sr",
     )
+
+
+def x4_pipeline() -> Any:
+    """A tiny random-weight x4 upscaler built from our own modules (no diffusers): UNET_X4,
+    VAE_X4 and a 48-d OpenCLIP-style text encoder, the x4's schedules (checks, batching)."""
+    from model.pipeline import Pipeline
+    from model.samplers import NoiseSchedule
+    from model.sd_upscale import X4_FAMILY, X4_SCHEDULER_CONFIG, LowResNoise
+    from model.text import random_text_encoder, tiny_text_config
+    from model.unet import UNetModel
+    from model.unet_convert import unet_config_from_diffusers
+    from model.vae import AutoencoderKL
+    from model.vae_convert import vae_config_from_diffusers
+
+    unet = UNetModel(unet_config_from_diffusers(UNET_X4, source="tiny"))
+    vae = AutoencoderKL(vae_config_from_diffusers(VAE_X4, source="tiny"))
+    text_cfg = tiny_text_config(hidden=X4_TEXT_HIDDEN["test"], hidden_act="gelu")
+    return Pipeline(
+        unet=randomize_(unet, seed=52, scale=0.05).eval().requires_grad_(False),
+        vae=randomize_(vae, seed=51, scale=0.05).eval().requires_grad_(False),  # type: ignore[arg-type]
+        text=random_text_encoder(text_cfg, seed=53),
+        schedule=NoiseSchedule.from_config(X4_SCHEDULER_CONFIG),
+        name="tiny-x4",
+        native_size=128,
+        family=X4_FAMILY,
+        low_res_noise=LowResNoise.from_config(X4_LOW_RES_SCHEDULERS["test"]),
+    )
