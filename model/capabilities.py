@@ -22,7 +22,7 @@ _FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner
 class Capabilities:
     """A model's family, modes, shapes and per-sampler step limits."""
 
-    family: str  # sd1 | sd2 | sdxl | sdxl-refiner | <family>-inpainting | ldm | ldm-sr | ...
+    family: str  # sd1 | sd2 | sdxl | sdxl-refiner | <family>-inpainting | ldm | ldm-sr | sd-x4-upscaler | ...
     modes: tuple[str, ...]  # of txt2img, img2img, inpaint, unconditional, upscale
     latent_factor: int  # pixels per latent side (f)
     latent_channels: int
@@ -32,8 +32,10 @@ class Capabilities:
     max_steps: dict[str, int]  # sampler name -> most steps it can plan
     text_layers: int = 1  # text encoder blocks: the largest clip_skip (0: no text encoder)
     takes_prompt: bool = True  # False: unconditional and upscaling models
-    upscale_factor: int | None = None  # upscale: output side / input side (rounded down to 32)
+    upscale_factor: int | None = None  # upscale: output side / input side (rounded down)
     max_output_pixels: int | None = None  # upscale: the largest output
+    upscale_input_multiple: int | None = None  # upscale: what the input rounds down to
+    max_noise_level: int | None = None  # the x4 upscaler's largest noise_level
     loras: tuple[str, ...] = ()  # LoRA adapter names requests may use (its lora_dir's files)
     fields: tuple[str, ...] = ()  # the model-specific generation fields it reads (MODEL_FIELDS)
 
@@ -80,6 +82,8 @@ def describe(pipe: Pipeline) -> Capabilities:
         takes_prompt=pipe.takes_prompt,
         upscale_factor=pipe.vae_scale_factor if pipe.upscaler else None,
         max_output_pixels=pipe.max_upscale_pixels if pipe.upscaler else None,
+        upscale_input_multiple=pipe.upscale_input_multiple if pipe.upscaler else None,
+        max_noise_level=None if pipe.low_res_noise is None else pipe.low_res_noise.max_noise_level,
         loras=tuple(pipe.loras.names()) if pipe.lora_dir is not None else (),
         fields=pipe.model_fields,
     )

@@ -19,6 +19,17 @@ from model.ldm import is_ldm_folder, is_ldm_text_folder, load_ldm_folder, load_l
 from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
 from model.schedules import SDXL_SCHEDULER_CONFIG
+from model.sd_upscale import (
+    X4_FAMILY,
+    X4_NATIVE_SIZE,
+    X4_SCHEDULER_CONFIG,
+    X4_VAE_SCALING,
+    LowResNoise,
+    is_x4_folder,
+    is_x4_unet,
+    x4_folder_noise,
+    x4_single_file_unet,
+)
 from model.text import TextEncoder, text_encoder_from_ldm
 from model.text_diffusers import text_encoder_from_diffusers
 from model.text_sdxl import (
@@ -59,6 +70,7 @@ HUB_FILES = [
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
     "text_encoder_2/model.safetensors",
+    "low_res_scheduler/*.json",  # the x4 upscaler (model/sd_upscale.py)
     "vqvae/config.json",  # the LDM families (model/ldm.py)
     "bert/config.json",
     "bert/model.safetensors",
@@ -147,8 +159,8 @@ def _prediction_type_for(path: Path, metadata: dict[str, str]) -> str:
 
 
 def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pipeline:
-    """An original-layout single file (SD 1.x / 2.x, SDXL base / refiner; EMA-only or full,
-    `model_ema.*` ignored)."""
+    """An original-layout single file (SD 1.x / 2.x, SDXL base / refiner, the x4 upscaler;
+    EMA-only or full, `model_ema.*` ignored)."""
     source = str(path)
     wf = WeightFile(path)
     shapes = wf.shapes()
@@ -180,6 +192,10 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pi
         text = text_encoder_from_ldm(text_sd, source=source, device=device, dtype=dtype)
         unet_cfg = unet_config_from_ldm(unet_shapes, source=source)
     del text_sd
+    quant = shapes.get(VAE_PREFIX + "post_quant_conv.weight")  # (z, z, 1, 1): latent channels
+    x4 = not sdxl and quant is not None and is_x4_unet(unet_cfg.in_channels, int(quant.shape[0]))
+    if x4:  # the conventions a single file leaves implicit: model/sd_upscale.py
+        unet_cfg = x4_single_file_unet(unet_cfg)
     strip_unet = lambda k: k.removeprefix(UNET_PREFIX)  # noqa: E731
     nhwc = prefers_channels_last(device)  # read conv weights NHWC once (see Pipeline)
     unet = build_module(
@@ -202,7 +218,15 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pi
         device=device,
         dtype=vae_dtype,
         **({"scaling_factor": SDXL_VAE_SCALING} if sdxl else {}),
+        **({"scaling_factor": X4_VAE_SCALING} if x4 else {}),
     )
+    if x4:
+        log.info("loaded %s (x4 upscaler, v_prediction) on %s/%s", source, device, dtype)
+        return Pipeline(
+            unet=unet, vae=vae, text=text, schedule=NoiseSchedule.from_config(X4_SCHEDULER_CONFIG),
+            name=path.name, native_size=X4_NATIVE_SIZE, family=X4_FAMILY,
+            low_res_noise=LowResNoise.from_config(),
+        )  # fmt: skip
     prediction = _prediction_type_for(path, wf.metadata)
     base_schedule = SDXL_SCHEDULER_CONFIG if sdxl else SD15_SCHEDULER_CONFIG
     schedule = NoiseSchedule.from_config({**base_schedule, "prediction_type": prediction})
@@ -276,7 +300,9 @@ def load_diffusers_folder(
     else:
         text = text_encoder_from_diffusers(folder, device=device, dtype=dtype)
         family, zero_negative, vae_dtype = None, False, dtype
-    vae = vae_from_diffusers(folder / "vae", device=device, dtype=vae_dtype)
+    x4 = is_x4_folder(folder)
+    scaling = X4_VAE_SCALING if x4 else None  # diffusers' upscale pipeline fixes it
+    vae = vae_from_diffusers(folder / "vae", device=device, dtype=vae_dtype, scaling_factor=scaling)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched_cfg = read_json(sched_path) if sched_path.is_file() else None
     schedule = NoiseSchedule.from_config(sched_cfg)
@@ -290,6 +316,7 @@ def load_diffusers_folder(
         schedule=schedule,
         name=name or folder.name,
         native_size=native,
-        family=family,
+        family=X4_FAMILY if x4 else family,
         zero_empty_negative=zero_negative,
+        low_res_noise=x4_folder_noise(folder) if x4 else None,
     )

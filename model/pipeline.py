@@ -31,6 +31,7 @@ from model.lora_files import LoraError
 from model.lora_layers import AdapterSet
 from model.lora_library import LoraLibrary
 from model.micro_conditioning import DEFAULT_AESTHETIC_SCORES, time_id_count, time_ids
+from model.sd_upscale import LowResNoise
 from model.text import TextEncoder
 from model.text_sdxl import SDXLTextEncoder
 from model.unet import UNetModel, prefers_channels_last
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipeline defaults
 # Generation fields only some models read (service.contract.MODEL_FIELDS mirrors this).
-MODEL_FIELDS = ("prompt_2", "negative_prompt_2", "aesthetic_score", "negative_aesthetic_score")
+MODEL_FIELDS = (
+    "prompt_2", "negative_prompt_2", "aesthetic_score", "negative_aesthetic_score", "noise_level",
+)  # fmt: skip
 
 
 class NonFiniteDecodeError(RuntimeError):
@@ -82,10 +85,13 @@ def _finite(post: Posterior) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in post)  # type: ignore[attr-defined]
 
 
-def _pil_rgb(image: Image.Image, width: int, height: int) -> Image.Image:
-    """The image at the output size, resized as diffusers' VaeImageProcessor does (Lanczos)."""
+def _pil_rgb(
+    image: Image.Image, width: int, height: int, resample: int = Image.LANCZOS
+) -> Image.Image:
+    """The image at the output size, resized as diffusers' pipelines do (Lanczos; the x4
+    upscaler's VaeImageProcessor: bicubic)."""
     image = image.convert("RGB")
-    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+    return image if image.size == (width, height) else image.resize((width, height), resample)
 
 
 @dataclass
@@ -108,6 +114,8 @@ class Pipeline:
     embeddings: dict[str, int] = field(default_factory=dict)  # textual inversion: word -> vectors
     # SDXL's model_index.json: an empty negative prompt conditions on zeros, not on "".
     zero_empty_negative: bool = False
+    # The x4 upscaler (model.sd_upscale): its low-res image is noised and labelled per row.
+    low_res_noise: LowResNoise | None = None
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
     _vae_fp32: FirstStage | None = field(default=None, init=False, repr=False)
     _compiled: BucketedUNet | None = field(default=None, init=False, repr=False)
@@ -124,6 +132,8 @@ class Pipeline:
             decoder = getattr(self.vae, "decoder", None)
             if isinstance(decoder, torch.nn.Module):
                 decoder.to(memory_format=torch.channels_last)
+        if self.low_res_noise is not None:
+            self.low_res_noise = self.low_res_noise.within(self.unet.config.num_classes)
         pooled = self.text.pooled_dim if isinstance(self.text, SDXLTextEncoder) else 0
         if isinstance(self.unet, UNetModel):
             self.time_id_count = time_id_count(self.unet.config, pooled, self.name)
@@ -157,6 +167,8 @@ class Pipeline:
             fields += ("prompt_2", "negative_prompt_2")
         if self.time_id_count == 5:
             fields += ("aesthetic_score", "negative_aesthetic_score")
+        if self.low_res_noise is not None:
+            fields += ("noise_level",)
         return fields
 
     @property
@@ -165,8 +177,16 @@ class Pipeline:
 
     @property
     def upscaler(self) -> bool:
-        """A text-free UNet taking the low-res RGB image as concat channels (LDM super-resolution)."""
-        return self.text is None and self.unet.config.in_channels == self.latent_channels + 3
+        """A UNet taking the low-res RGB image as concat channels: the x4 upscaler, or a
+        text-free one (LDM super-resolution)."""
+        lowres = self.unet.config.in_channels == self.latent_channels + 3
+        return lowres and (self.text is None or self.low_res_noise is not None)
+
+    @property
+    def upscale_input_multiple(self) -> int:
+        """What an upscaler's input is rounded down to: the VAE factor for the x4 upscaler
+        (its VaeImageProcessor), 32 for LDM super-resolution."""
+        return self.vae_scale_factor if self.low_res_noise is not None else UPSCALE_INPUT_MULTIPLE
 
     @property
     def concat_inpainting(self) -> bool:
@@ -197,7 +217,8 @@ class Pipeline:
         else the model's native size."""
         f = self.vae_scale_factor
         if image is not None and self.upscaler:
-            w0, h0 = (f * (s - s % UPSCALE_INPUT_MULTIPLE) for s in image.size)
+            m = self.upscale_input_multiple
+            w0, h0 = (f * (s - s % m) for s in image.size)
         elif image is not None:
             w0, h0 = (s - s % f for s in image.size)
         else:
@@ -240,7 +261,7 @@ class Pipeline:
         strength: float | None,
         clip_skip: int | None = None,
         prompt: str = "",
-        **model_fields: object,
+        **model_fields: Any,
     ) -> tuple[str, float | None]:
         """(mode, strength) of a request, or GenerationError naming the parameter;
         `model_fields` are MODEL_FIELDS as given (None: not given)."""
@@ -248,6 +269,11 @@ class Pipeline:
         for name, value in model_fields.items():
             if value is not None and name not in self.model_fields:
                 raise GenerationError(f"{self.name} does not take {name}", name)
+        if self.low_res_noise is not None:
+            try:
+                self.low_res_noise.level(model_fields.get("noise_level"))
+            except ValueError as exc:
+                raise GenerationError(str(exc), "noise_level") from None
         layers = self.text.layers if self.text is not None else 0
         if clip_skip is not None and not 1 <= clip_skip <= layers:
             raise GenerationError(
@@ -280,7 +306,7 @@ class Pipeline:
             if (width, height) != expected or 0 in image.size:
                 raise GenerationError(
                     f"an upscaler's output is {self.vae_scale_factor}x the input rounded down to "
-                    f"multiples of {UPSCALE_INPUT_MULTIPLE}: {expected[0]}x{expected[1]} here, "
+                    f"multiples of {self.upscale_input_multiple}: {expected[0]}x{expected[1]} here, "
                     f"got {width}x{height}",
                     "width",
                 )
@@ -312,10 +338,11 @@ class Pipeline:
         side = max(f, side // f * f)
         mode = self.capabilities.modes[0]
         if mode == "upscale":
-            low = max(UPSCALE_INPUT_MULTIPLE, side // f)
+            low = max(self.upscale_input_multiple, side // f)
             image = Image.new("RGB", (low, low))
             width, height = self.output_size(None, None, image)
-            return {"image": image, "width": width, "height": height}
+            prompt = {"prompt": "warm-up"} if self.takes_prompt else {}
+            return {"image": image, "width": width, "height": height, **prompt}
         kw: dict[str, Any] = {"width": side, "height": side}
         if mode == "inpaint":
             kw |= {
@@ -444,7 +471,11 @@ class Pipeline:
             concat = torch.zeros(1, extra, h, w, device=self.device, dtype=self.dtype)
         ids = time_ids(self.time_id_count, width, height)
         ids_row = None if ids is None else ids[0].to(self.device)
-        return self._compiled.warm((c, h, w), replace(text, concat=concat, time_ids=ids_row))
+        labels = None
+        if self.low_res_noise is not None:
+            labels = self.low_res_noise.labels(self.low_res_noise.level(None)).to(self.device)
+        warm = replace(text, concat=concat, time_ids=ids_row, class_labels=labels)
+        return self._compiled.warm((c, h, w), warm)
 
     def _float32_vae(self) -> FirstStage:
         """A float32 copy of a half-precision first stage, made on first need (SDXL's VAE
@@ -509,11 +540,13 @@ class Pipeline:
         adapters: AdapterSet = (),
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
+        noise_level: int | None = None,
     ) -> JobStart:
         """Rows for one job's images (one row of text conditioning given: `encode_prompts`,
         `unconditional`), following the noise
         convention: image i draws from Generator("cpu").manual_seed(seed + i), in the order the
-        diffusers pipeline of the mode draws (source posterior, noise, masked-image posterior)."""
+        diffusers pipeline of the mode draws (source posterior or the x4 upscaler's low-res
+        noise, noise, masked-image posterior)."""
         mode, strength = self.check(
             width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
             image=image, mask=mask, strength=strength,
@@ -523,7 +556,9 @@ class Pipeline:
         traj = samplers.plan(sampler, steps, self.schedule, start)
         sf = self.vae.scaling_factor
         size = (width, height) if mode != "upscale" else shape[:1:-1]  # the low-res input's
-        source = _pil_rgb(image, *size) if image is not None else None
+        x4 = self.low_res_noise if mode == "upscale" else None
+        resample = Image.BICUBIC if x4 is not None else Image.LANCZOS
+        source = _pil_rgb(image, *size, resample) if image is not None else None
         pixels = None
         if source is not None:
             arr = np.asarray(source, dtype=np.float32) / 255.0  # (H, W, 3)
@@ -544,6 +579,8 @@ class Pipeline:
             mask_lat = F.interpolate(mask_px, size=shape[2:]).to(self.device)  # nearest
         guided = guidance_scale > 1.0 and self.takes_prompt  # as diffusers: no CFG at or below 1
         lowres = pixels.to(self.device) if mode == "upscale" else None  # type: ignore[union-attr]
+        level = x4.level(noise_level) if x4 is not None else 0
+        labels = x4.labels(level).to(self.device) if x4 is not None else None
         score, negative = DEFAULT_AESTHETIC_SCORES
         scores = (
             score if aesthetic_score is None else aesthetic_score,
@@ -555,19 +592,21 @@ class Pipeline:
         for i in range(num_images):
             gen = torch.Generator("cpu").manual_seed(seed + i)
             clean = posterior.sample(gen) * sf if posterior is not None else None
+            concat = lowres  # (1, 3, h, w) for an upscaler, else None
+            if x4 is not None:  # drawn before the latents' noise, as diffusers does
+                concat = x4.noised(pixels, level, gen).to(self.device)  # type: ignore[arg-type]
             noise = torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
             if pure_noise:
                 state = samplers.from_noise(traj, noise, gen)
             else:
                 state = samplers.start_noised(traj, clean, noise, gen)  # type: ignore[arg-type]
-            concat = lowres  # (1, 3, h, w) for an upscaler, else None
             if masked is not None:
                 masked_lat = masked.sample(gen) * sf
                 if self.concat_inpainting:
                     concat = torch.cat([mask_lat, masked_lat], dim=1)  # type: ignore[list-item]
             c = replace(
-                text, concat=concat, scale_concat=mode == "upscale",
-                loras=(adapters,) if adapters else None,
+                text, concat=concat, scale_concat=mode == "upscale" and x4 is None,
+                class_labels=labels, loras=(adapters,) if adapters else None,
             )  # fmt: skip
             u = None
             if guided and uncond is not None:
@@ -623,6 +662,7 @@ class Pipeline:
         negative_prompt_2: str | None = None,
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
+        noise_level: int | None = None,
         clip_skip: int | None = None,
         loras: Sequence[Mapping[str, Any]] = (),
     ) -> list[Image.Image]:
@@ -631,13 +671,15 @@ class Pipeline:
         uses the generator seeded with seed + i; `loras` [{"name", "scale"}] (a name in
         lora_dir, or a .safetensors path). SDXL's second text encoder reads `prompt_2` /
         `negative_prompt_2` (default: the first ones, as diffusers); the refiner's time ids
-        `aesthetic_score` / `negative_aesthetic_score` (default 6.0 / 2.5)."""
+        `aesthetic_score` / `negative_aesthetic_score` (default 6.0 / 2.5); the x4 upscaler's
+        `noise_level` (default 20)."""
         width, height = self.output_size(width, height, image)
         self.check(
             width=width, height=height, steps=steps, sampler=sampler, num_images=num_images,
             image=image, mask=mask, strength=strength, clip_skip=clip_skip, prompt=prompt,
             prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+            noise_level=noise_level,
         )  # fmt: skip
         guided = guidance_scale > 1.0 and self.takes_prompt
         adapters = self.adapter_set(loras)
@@ -652,7 +694,7 @@ class Pipeline:
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,
             image=image, mask=mask, strength=strength, keep_unmasked=keep_unmasked,
             adapters=adapters, aesthetic_score=aesthetic_score,
-            negative_aesthetic_score=negative_aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score, noise_level=noise_level,
         )  # fmt: skip
         rows, cache = job.rows, ConditioningCache(1)  # the same rows every step
         while not rows[0].finished:

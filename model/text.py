@@ -326,6 +326,26 @@ def _open_clip_to_hf(
     return config, out
 
 
+def open_clip_state_dict(model: CLIPTextModel, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel's weights as OpenCLIP text-tower keys below `prefix` (the inverse of
+    the single-file loader's conversion, for writing checkpoints: SDXL's bigG, SD 2.x)."""
+    sd = model.state_dict()
+    out = {
+        prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
+    }
+    for p in ("weight", "bias"):
+        out[f"{prefix}ln_final.{p}"] = sd[f"final_layer_norm.{p}"]
+    for i in range(model.config.num_hidden_layers):
+        hf, block = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            qkv = [sd[f"{hf}self_attn.{n}_proj.{p}"] for n in "qkv"]
+            out[f"{block}attn.in_proj_{p}"] = torch.cat(qkv)
+            for theirs, ours in _OPEN_CLIP_MODULES.items():
+                out[f"{block}{theirs}.{p}"] = sd[f"{hf}{ours}.{p}"]
+    return out
+
+
 def text_encoder_from_ldm(
     state_dict: Mapping[str, torch.Tensor],
     *,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from model.prompt_encoding import encode_prompts, pad_to_chunks
-from model.text import _OPEN_CLIP_MODULES, TextEncoder, text_encoder_from_ldm
+from model.text import TextEncoder, open_clip_state_dict, text_encoder_from_ldm
 from model.text_diffusers import text_encoder_from_diffusers, text_encoder_with_projection
 from model.weights import CheckpointError
 
@@ -203,18 +203,7 @@ def sdxl_text_state_dict_to_ldm(text: SDXLTextEncoder) -> dict[str, Tensor]:
         hf = f"{SGM_PREFIX}0.transformer.text_model."
         out.update({hf + k: v for k, v in text.first.model.state_dict().items()})
         index = 1
-    sd = text.second.model.state_dict()
     oc = f"{SGM_PREFIX}{index}.model."
-    out[oc + "token_embedding.weight"] = sd["embeddings.token_embedding.weight"]
-    out[oc + "positional_embedding"] = sd["embeddings.position_embedding.weight"]
-    for p in ("weight", "bias"):
-        out[f"{oc}ln_final.{p}"] = sd[f"final_layer_norm.{p}"]
+    out.update(open_clip_state_dict(text.second.model, oc))
     out[oc + "text_projection"] = text.projection.weight.T.contiguous()
-    for i in range(text.second.model.config.num_hidden_layers):
-        hf, block = f"encoder.layers.{i}.", f"{oc}transformer.resblocks.{i}."
-        for p in ("weight", "bias"):
-            qkv = [sd[f"{hf}self_attn.{n}_proj.{p}"] for n in "qkv"]
-            out[f"{block}attn.in_proj_{p}"] = torch.cat(qkv)
-            for theirs, ours in _OPEN_CLIP_MODULES.items():
-                out[f"{block}{theirs}.{p}"] = sd[f"{hf}{ours}.{p}"]
     return out

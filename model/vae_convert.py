@@ -16,6 +16,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -340,11 +341,15 @@ def vae_from_diffusers(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    scaling_factor: float | None = None,
 ) -> AutoencoderKL:
-    """Load a diffusers AutoencoderKL folder (the `vae/` subfolder of a pipeline), strictly."""
+    """Load a diffusers AutoencoderKL folder (the `vae/` subfolder of a pipeline), strictly;
+    `scaling_factor` overrides the config's (a pipeline that fixes it: the x4 upscaler)."""
     folder = Path(folder)
     raw, sd, weights = read_diffusers_first_stage(folder)
     config = vae_config_from_diffusers(raw, source=str(folder))
+    if scaling_factor is not None:
+        config = replace(config, scaling_factor=scaling_factor)
     return build_module(
         lambda: AutoencoderKL(config),
         sd,

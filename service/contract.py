@@ -45,7 +45,9 @@ LORA_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,127}$"
 # AUTOMATIC1111's extra-network syntax in prompts: <lora:name> or <lora:name:multiplier>.
 LORA_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
 # Fields only some models read (capabilities' "fields" lists them); mirrors model.pipeline's.
-MODEL_FIELDS = ("prompt_2", "negative_prompt_2", "aesthetic_score", "negative_aesthetic_score")
+MODEL_FIELDS = (
+    "prompt_2", "negative_prompt_2", "aesthetic_score", "negative_aesthetic_score", "noise_level",
+)  # fmt: skip
 
 
 class ContractError(ValueError):
@@ -150,6 +152,13 @@ class GenerationParams(BaseModel):
     negative_aesthetic_score: float | None = Field(
         default=None, description="SDXL refiner: the unconditional row's score; default 2.5."
     )
+    noise_level: int | None = Field(
+        default=None,
+        ge=0,
+        description="x4 upscaler: the noise added to the low-res input (its own DDPM "
+        "schedule's step, also the UNet's class label), 0..the model's max_noise_level "
+        "(350); default 20. Higher: more detail invented, less fidelity.",
+    )
     clip_skip: int | None = Field(
         default=None,
         ge=1,
@@ -193,13 +202,18 @@ def steps_skipped(steps: int, strength: float) -> int:
     return max(steps - min(int(steps * strength), steps), 0)
 
 
+def upscale_input_multiple(caps: dict[str, Any]) -> int:
+    """What an upscaler's input rounds down to (workers before this field: 32)."""
+    return int(caps.get("upscale_input_multiple") or UPSCALE_INPUT_MULTIPLE)
+
+
 def resolved_size(
     params: GenerationParams, caps: dict[str, Any], image_size: tuple[int, int] | None
 ) -> tuple[int, int]:
     """(width, height): as requested, else the image's rounded down, else the native size."""
     f = int(caps["latent_factor"])
     if image_size is not None and caps.get("upscale_factor"):
-        up, m = int(caps["upscale_factor"]), UPSCALE_INPUT_MULTIPLE
+        up, m = int(caps["upscale_factor"]), upscale_input_multiple(caps)
         w0, h0 = (up * (s - s % m) for s in image_size)
     elif image_size is not None:
         w0, h0 = (s - s % f for s in image_size)
@@ -232,6 +246,11 @@ def check_capabilities(
     for name in MODEL_FIELDS:
         if getattr(params, name) is not None and name not in caps.get("fields", ()):
             raise ContractError(name, f"this model ({caps['family']}) does not take {name}")
+    top = caps.get("max_noise_level")
+    if params.noise_level is not None and top is not None and params.noise_level > int(top):
+        raise ContractError(
+            "noise_level", f"must be in 0..{top} for this model, got {params.noise_level}"
+        )
     if mask_size is not None and image_size is not None and mask_size != image_size:
         raise ContractError(
             "mask",
@@ -248,7 +267,7 @@ def check_capabilities(
             raise ContractError(
                 "width",
                 f"an upscaler's output is {caps['upscale_factor']}x the input rounded down to "
-                f"multiples of {UPSCALE_INPUT_MULTIPLE}: {expected[0]}x{expected[1]} here",
+                f"multiples of {upscale_input_multiple(caps)}: {expected[0]}x{expected[1]} here",
             )
         if width * height > int(caps.get("max_output_pixels") or width * height):
             raise ContractError(

@@ -286,6 +286,7 @@ class Engine:
                     adapters=adapters[handle.id],
                     aesthetic_score=p.aesthetic_score,
                     negative_aesthetic_score=p.negative_aesthetic_score,
+                    noise_level=p.noise_level,
                 )  # fmt: skip
             except Exception as exc:
                 log.exception("job %s could not start", handle.id)

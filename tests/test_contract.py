@@ -111,7 +111,7 @@ def test_model_fields_mirror_the_model_and_are_refused_where_not_read() -> None:
     caps = build_demo().capabilities.to_dict()
     assert caps["fields"] == []
     for name in MODEL_FIELDS:
-        value: object = "x" if "prompt" in name else 5.0
+        value: object = "x" if "prompt" in name else 5 if name == "noise_level" else 5.0
         params = GenerationParams(prompt="x", width=64, height=64, **{name: value})
         with pytest.raises(ContractError) as info:
             check_capabilities(params, caps)

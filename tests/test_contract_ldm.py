@@ -1,5 +1,6 @@
 """The API's torch-free judgement and the pipeline's own agree on the text-free LDM families
-(unconditional, upscale): prompt, mode, upscale size and limit, strength."""
+(unconditional, upscale) and the x4 upscaler: prompt, mode, upscale size and limit, strength,
+noise level."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from model.pipeline import GenerationError
+from model.pipeline import MODEL_FIELDS, GenerationError
 from service.contract import ContractError, GenerationParams, check_capabilities, resolved_size
-from tests.tiny import ldm_pipeline
+from tests.tiny import ldm_pipeline, x4_pipeline
 
 CASES: dict[str, list[dict[str, Any]]] = {
     "uncond": [
@@ -34,15 +35,35 @@ CASES: dict[str, list[dict[str, Any]]] = {
         {},
         {"image": (1056, 1024)},  # 2112 x 2048 > 2048^2 pixels
     ],
+    "x4": [  # inputs round down to multiples of 4; the tiny UNet embeds noise levels 0..99
+        {"image": (36, 32)},
+        {"image": (38, 33)},
+        {"image": (36, 32), "width": 144, "height": 128},
+        {"image": (36, 32), "width": 128, "height": 128},
+        {"image": (36, 32), "noise_level": 0},
+        {"image": (36, 32), "noise_level": 99},
+        {"image": (36, 32), "noise_level": 100},
+        {"image": (36, 32), "negative_prompt": "blurry", "guidance_scale": 9.0},
+        {"image": (36, 32), "strength": 0.3},
+        {"image": (36, 32), "mask": (36, 32)},
+        {"image": (36, 32), "aesthetic_score": 6.0},
+        {},
+        {"image": (520, 520)},  # 2080 x 2080 > 2048^2 pixels
+    ],
+}
+PIPELINES = {
+    "uncond": lambda: ldm_pipeline("uncond"),
+    "sr": lambda: ldm_pipeline("sr"),
+    "x4": x4_pipeline,
 }
 
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_capability_checks_follow_the_pipeline(kind: str) -> None:
-    pipe = ldm_pipeline(kind)
+    pipe = PIPELINES[kind]()
     caps = pipe.capabilities.to_dict()
     for case in CASES[kind]:
-        kw = {"steps": 4, **case}
+        kw = {"steps": 4, **({"prompt": "a fox"} if kind == "x4" else {}), **case}
         img = Image.new("RGB", kw.pop("image")) if "image" in kw else None
         msk = Image.new("L", kw.pop("mask")) if "mask" in kw else None
         params = GenerationParams(**kw)
@@ -55,7 +76,8 @@ def test_capability_checks_follow_the_pipeline(kind: str) -> None:
         try:
             pipe.check(width=width, height=height, steps=params.steps, sampler=params.sampler,
                        num_images=1, image=img, mask=msk, strength=params.strength,
-                       prompt=params.prompt)  # fmt: skip
+                       prompt=params.prompt,
+                       **{name: getattr(params, name) for name in MODEL_FIELDS})  # fmt: skip
             model_field = None
         except GenerationError as exc:
             model_field = exc.field

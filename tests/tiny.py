@@ -150,6 +150,48 @@ UNET_X4: dict[str, Any] = {
     "only_cross_attention": [True, True, False],
     "num_class_embeds": 100,
 }
+# An irregular x4-style UNet: 6 channels (3 latent + RGB), three attention levels (one
+# cross-only, at level 0), per-level heads, 16 norm groups, 400 noise-level classes.
+UNET_X4_IRREGULAR: dict[str, Any] = {
+    **UNET_X4,
+    "sample_size": 16,
+    "in_channels": 6,
+    "out_channels": 3,
+    "block_out_channels": [16, 48, 64],
+    "layers_per_block": 1,
+    "down_block_types": UNET_SD1["down_block_types"],
+    "up_block_types": UNET_SD1["up_block_types"],
+    "cross_attention_dim": 40,
+    "attention_head_dim": [2, 4, 4],
+    "only_cross_attention": [True, False, False],
+    "num_class_embeds": 400,
+    "norm_num_groups": 16,
+}
+# diffusers' tiny x4 VAE (f=4, attention in the decoder's mid block), and an irregular one.
+VAE_X4: dict[str, Any] = {
+    "block_out_channels": [32, 32, 64],
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "latent_channels": 4,
+    "scaling_factor": 0.08333,
+}
+VAE_X4_IRREGULAR: dict[str, Any] = {
+    **VAE_X4,
+    "block_out_channels": [16, 32, 48],
+    "layers_per_block": 2,
+    "latent_channels": 3,
+    "norm_num_groups": 16,
+}
+# The x4's text encoder widths (= the UNets' context) and low-res schedules: the published
+# folder's (linear in sqrt(beta), what a single file gets) and DDPMScheduler()'s linear betas,
+# which diffusers' own test uses.
+X4_TEXT_HIDDEN = {"test": UNET_X4["cross_attention_dim"], "irregular": 40}
+X4_LOW_RES_SCHEDULERS: dict[str, dict[str, Any]] = {
+    "test": {"beta_schedule": "scaled_linear", "beta_start": 0.0001, "beta_end": 0.02},
+    "irregular": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+}
 
 
 def randomize_(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
@@ -295,4 +337,31 @@ def ldm_pipeline(kind: str) -> Any:
         name=f"tiny-{kind}",
         native_size=unet_cfg.sample_size * vq.downsampling_factor,
         family="ldm" if kind == "uncond" else "ldm-sr",
+    )
+
+
+def x4_pipeline() -> Any:
+    """A tiny random-weight x4 upscaler built from our own modules (no diffusers): UNET_X4,
+    VAE_X4 and a 48-d OpenCLIP-style text encoder, the x4's schedules (checks, batching)."""
+    from model.pipeline import Pipeline
+    from model.samplers import NoiseSchedule
+    from model.sd_upscale import X4_FAMILY, X4_SCHEDULER_CONFIG, LowResNoise
+    from model.text import random_text_encoder, tiny_text_config
+    from model.unet import UNetModel
+    from model.unet_convert import unet_config_from_diffusers
+    from model.vae import AutoencoderKL
+    from model.vae_convert import vae_config_from_diffusers
+
+    unet = UNetModel(unet_config_from_diffusers(UNET_X4, source="tiny"))
+    vae = AutoencoderKL(vae_config_from_diffusers(VAE_X4, source="tiny"))
+    text_cfg = tiny_text_config(hidden=X4_TEXT_HIDDEN["test"], hidden_act="gelu")
+    return Pipeline(
+        unet=randomize_(unet, seed=52, scale=0.05).eval().requires_grad_(False),
+        vae=randomize_(vae, seed=51, scale=0.05).eval().requires_grad_(False),  # type: ignore[arg-type]
+        text=random_text_encoder(text_cfg, seed=53),
+        schedule=NoiseSchedule.from_config(X4_SCHEDULER_CONFIG),
+        name="tiny-x4",
+        native_size=128,
+        family=X4_FAMILY,
+        low_res_noise=LowResNoise.from_config(X4_LOW_RES_SCHEDULERS["test"]),
     )
