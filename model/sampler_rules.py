@@ -26,6 +26,7 @@ from model.schedules import NoiseSchedule, dpm_grid, spaced_timesteps, ve_grid
 Memory = dict[str, Tensor]
 Cols = list[Tensor]  # one (G, 1, 1, 1) coefficient column per name, gathered row by row
 Update = tuple[Tensor, Memory]
+Noise = tuple[Tensor | None, Tensor] | None  # (rows that draw, None: all; their draws) or none
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,20 @@ def _plan_ddim(steps: int, sched: NoiseSchedule, start: int) -> Table:
     return Table(ts.tolist(), rows, noise=noise).tail(start)
 
 
-def _step_linear(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor | None) -> Update:
+def _step_linear(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Noise) -> Update:
     """x' = cx·x + co·out (+ cn·noise): DDIM (eta 0), Euler, Euler ancestral and LCM all fold
-    into this form at plan time, so rows of the four share one group and three passes."""
+    into this form at plan time, so rows of the four share one group and three passes; the
+    noise term touches only the rows that draw."""
     cx, co, cn = c
-    x_new = cx * x + co * out
-    return (x_new if noise is None else x_new + cn * noise), mem
+    x_new = cx * x
+    x_new += co * out
+    if noise is not None:
+        rows, draws = noise
+        if rows is None:
+            x_new += cn * draws
+        else:
+            x_new.index_add_(0, rows, cn.index_select(0, rows) * draws)
+    return x_new, mem
 
 
 def _plan_euler(steps: int, sched: NoiseSchedule, start: int) -> Table:
@@ -158,7 +167,7 @@ def _plan_heun(steps: int, sched: NoiseSchedule, start: int) -> Table:
     ).tail(2 * start)  # two evaluations per step: begin_index = start * order
 
 
-def _step_heun(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor | None) -> Update:
+def _step_heun(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Noise) -> Update:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1) with the derivative
     d = dx·x + do·out: the Euler predictor x + dt·d, then the corrector
     x_prev + dt·(d_prev + d)/2; the coefficients (0 or 1 per stage) pick the stage."""
@@ -192,7 +201,7 @@ def _plan_dpm(steps: int, sched: NoiseSchedule, start: int, karras: bool) -> Tab
     return Table([float(t) for t in ts[start:]], rows, noise=noise)
 
 
-def _step_dpmpp_2m(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor | None) -> Update:
+def _step_dpmpp_2m(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Noise) -> Update:
     """DPM-Solver++(2M) multistep update in data-prediction form (Lu et al. 2022)."""
     x0x, x0o, cx, c0, c1 = c
     x0 = x0x * x + x0o * out
@@ -255,7 +264,7 @@ def _plan_pndm(steps: int, sched: NoiseSchedule, start: int) -> Table:
     return Table([float(t) for t in ts], rows, noise=[_vp(sched, t) for t in ts])
 
 
-def _step_pndm(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor | None) -> Update:
+def _step_pndm(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Noise) -> Update:
     """Pseudo linear multistep (PLMS) update (Liu et al. 2022, PNDM); push ∈ {0, 1} keeps
     history. `lerp` with a 0/1 weight returns one end exactly, in one pass."""
     from_x, w0, w1, w2, w3, push, ex, eo, keep, gain = c
@@ -272,7 +281,7 @@ def _step_pndm(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Tensor | Non
     return keep * base - gain * eps, new
 
 
-Step = Callable[[Tensor, Tensor, Memory, Cols, Tensor | None], Update]
+Step = Callable[[Tensor, Tensor, Memory, Cols, Noise], Update]
 Planner = Callable[[int, NoiseSchedule, int], Table]  # (steps, schedule, start step)
 SAMPLER_RULES: dict[str, tuple[Planner, Step, tuple[str, ...]]] = {
     "ddim": (_plan_ddim, _step_linear, ()),

@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from model.sampler_rules import SAMPLER_RULES, Memory, Step
+from model.sampler_rules import SAMPLER_RULES, Memory, Noise, Step
 from model.schedules import (
     SD15_SCHEDULER_CONFIG,
     NoiseSchedule,
@@ -241,9 +241,10 @@ def model_input(
 
 def _noise(
     trajs: Sequence[Trajectory], states: Sequence[SampleState], x: Tensor
-) -> tuple[Tensor | None, list[torch.Generator]]:
-    """Per-row noise (G, C, h, w) from each row's own generator where its step draws, zeros
-    for the rows that do not; None when no row draws (no pass over the batch at all)."""
+) -> tuple[Noise, list[torch.Generator]]:
+    """The rows whose step draws (None: every row) and their noise (D, C, h, w), each row's
+    from its own generator, drawn where the generator lives and moved to the latents' device
+    in one copy; None when no row draws."""
     drawing = [i for i, (tr, st) in enumerate(zip(trajs, states, strict=True)) if tr.draws[st.k]]
     gens = [st.generator for st in states]
     if not drawing:
@@ -254,12 +255,10 @@ def _noise(
         gen = _fork(states[i].generator)  # copy first: the input state keeps its position
         draws.append(torch.randn(shape, generator=gen, dtype=torch.float32, device=gen.device))
         gens[i] = gen
+    noise = torch.cat(draws).to(x.device)
     if len(drawing) == len(states):
-        return torch.cat(draws).to(x.device), gens
-    noise = torch.zeros_like(x)
-    for i, draw in zip(drawing, draws, strict=True):
-        noise[i : i + 1] = draw.to(x.device)
-    return noise, gens
+        return (None, noise), gens
+    return (torch.tensor(drawing, device=x.device), noise), gens
 
 
 def advance(
