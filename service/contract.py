@@ -99,7 +99,8 @@ class GenerationParams(BaseModel):
     prompt: str = Field(
         default="",
         description="Text to render; length limit is a setting. Required, except by models "
-        "that take none (unconditional models and upscalers: capabilities.takes_prompt).",
+        "that take none (capabilities.takes_prompt: unconditional models, the LDM upscaler) "
+        "and in upscale mode, where it may be blank.",
     )
     negative_prompt: str = ""
     width: int | None = Field(
@@ -230,7 +231,8 @@ def check_capabilities(
 ) -> tuple[int, int]:
     """The request's (width, height) if the model can run it; else ContractError naming the field."""
     mode = mode_of(image_size is not None, mask_size is not None, caps["modes"])
-    if caps.get("takes_prompt", True) and not params.prompt.strip():
+    if caps.get("takes_prompt", True) and not params.prompt.strip() and mode != "upscale":
+        # an upscaler's prompt only steers detail: none is a common request (diffusers too)
         raise ContractError("prompt", "must not be blank", code="validation_error")
     if not caps.get("takes_prompt", True) and (params.prompt or params.negative_prompt):
         field = "prompt" if params.prompt else "negative_prompt"

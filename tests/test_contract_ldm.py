@@ -44,6 +44,7 @@ CASES: dict[str, list[dict[str, Any]]] = {
         {"image": (36, 32), "noise_level": 99},
         {"image": (36, 32), "noise_level": 100},
         {"image": (36, 32), "negative_prompt": "blurry", "guidance_scale": 9.0},
+        {"image": (36, 32), "prompt": ""},  # upscaling without a prompt, as diffusers allows
         {"image": (36, 32), "strength": 0.3},
         {"image": (36, 32), "mask": (36, 32)},
         {"image": (36, 32), "aesthetic_score": 6.0},
