@@ -33,6 +33,7 @@ class CallCosts:
 
     points: tuple[tuple[float, float], ...]  # (work, seconds), work increasing
     pixels: int  # latent pixels (h × w) of the measured calls
+    buckets: tuple[int, ...] | None = None  # a compiled UNet's call sizes: rows pad up to one
 
     def __post_init__(self) -> None:
         works = [w for w, _ in self.points]
@@ -41,7 +42,10 @@ class CallCosts:
 
     def seconds(self, rows: int, pixels: int) -> float:
         """Estimated seconds of one call of ``rows`` rows at ``pixels`` latent pixels:
-        piecewise linear through the measurements, extended by the nearest segment."""
+        piecewise linear through the measurements, extended by the nearest segment. With
+        buckets a call costs its bucket's rows (the compiled UNet pads it up to them)."""
+        if self.buckets is not None:
+            rows = next((b for b in self.buckets if b >= rows), rows)
         work = rows * pixels / self.pixels
         pts = self.points
         if len(pts) == 1:
@@ -79,7 +83,8 @@ class CallCosts:
         return best[1]
 
     def to_dict(self) -> dict[str, object]:
-        return {"pixels": self.pixels, "points": [list(p) for p in self.points]}
+        return {"pixels": self.pixels, "points": [list(p) for p in self.points],
+                "buckets": None if self.buckets is None else list(self.buckets)}  # fmt: skip
 
 
 def _fill(rows: Sequence[int], target: int) -> tuple[list[int], list[int]]:
@@ -124,7 +129,9 @@ def measure(pipeline: Pipeline, max_rows: int, side: int | None = None,
         if spent > budget_s:
             break
     f = pipeline.vae_scale_factor
-    costs = CallCosts(tuple(points), (width // f) * (height // f))
+    compiled = pipeline.compiled_unet
+    buckets = None if compiled is None else compiled.buckets
+    costs = CallCosts(tuple(points), (width // f) * (height // f), buckets)
     log.info("UNet call costs at %dx%d: %s", width, height,
              ", ".join(f"{int(w)} rows {s * 1000:.1f} ms" for w, s in points))  # fmt: skip
     return costs

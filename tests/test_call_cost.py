@@ -30,6 +30,21 @@ def test_estimates_interpolate_and_scale_with_pixels() -> None:
         CallCosts(((2, 1.0), (1, 0.5)), 64)
 
 
+def test_a_compiled_unets_calls_cost_their_bucket() -> None:
+    """A compiled UNet pads 12 rows to its 16-row bucket: the estimate says so, and the split
+    then prefers calls that fill buckets over one padded call."""
+    linear = ((1, 1.0), (2, 2.0), (4, 4.0), (8, 8.0), (16, 16.0))
+    eager = CallCosts(linear, 1024)
+    compiled = CallCosts(linear, 1024, buckets=(1, 2, 4, 8, 16))
+    assert eager.seconds(12, 1024) == pytest.approx(12.0)
+    assert compiled.seconds(12, 1024) == pytest.approx(16.0)
+    assert compiled.seconds(3, 1024) == pytest.approx(4.0)
+    counts = compiled.split([1] * 12, 1024, 16)
+    assert counts != [12] and all(n in (1, 2, 4, 8, 16) for n in counts), counts
+    assert eager.split([1] * 12, 1024, 16) == [12]  # unpadded, one call is as cheap
+    assert compiled.to_dict()["buckets"] == [1, 2, 4, 8, 16]
+
+
 def test_split_minimises_estimated_time_and_keeps_samples_whole() -> None:
     assert CPU_LIKE.split([1] * 12, 1024, 16) == [4, 4, 4]
     assert GPU_LIKE.split([1] * 12, 1024, 16) == [12]
