@@ -8,6 +8,7 @@ the job that asked for it, naming the file and key; nothing else is affected.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections import OrderedDict
@@ -20,7 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.lora_files import LoraError, LoraFile, Targets, read_lora, text_targets, unet_targets
+from model.lora_files import (
+    TEXT_PARTS,
+    LoraError,
+    LoraFile,
+    Targets,
+    read_lora,
+    text_targets,
+    unet_targets,
+)
 from model.lora_layers import AdapterSet, LoraSlot, applied, install
 
 log = logging.getLogger(__name__)
@@ -29,8 +38,21 @@ NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,127}$")  # a name, never a p
 SUFFIX = ".safetensors"
 
 
+def adaptable_networks(unet: nn.Module, text: Any) -> dict[str, nn.Module]:
+    """part -> network of a pipeline: the UNet, its text encoder ("text"), or SDXL's two
+    towers ("text": CLIP ViT-L, absent in the refiner; "text_2": bigG)."""
+    networks = {"unet": unet}
+    if hasattr(text, "second"):  # model.text_sdxl.SDXLTextEncoder
+        if text.first is not None:
+            networks["text"] = text.first.model
+        networks["text_2"] = text.second.model
+    elif hasattr(text, "model"):
+        networks["text"] = text.model
+    return networks
+
+
 class LoraLibrary:
-    """Adapters for one pipeline's UNet and text encoder."""
+    """Adapters for one pipeline's UNet and text encoder(s)."""
 
     def __init__(
         self,
@@ -41,7 +63,7 @@ class LoraLibrary:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        self.networks = dict(networks)  # part -> module ("unet", "text")
+        self.networks = dict(networks)  # part -> module ("unet", "text", "text_2")
         self.directory = directory
         self.budget_bytes = budget_bytes
         self.device, self.dtype = device, dtype
@@ -52,8 +74,10 @@ class LoraLibrary:
     @property
     def targets(self) -> dict[str, Targets]:
         if self._targets is None:
-            finders = {"unet": unet_targets, "text": text_targets}
-            self._targets = {p: finders[p](m) for p, m in self.networks.items()}
+            self._targets = {
+                p: unet_targets(m) if p == "unet" else text_targets(m)
+                for p, m in self.networks.items()
+            }
         return self._targets
 
     def names(self) -> list[str]:
@@ -112,7 +136,18 @@ class LoraLibrary:
         with applied(self.slots[part], per_row, self.device):
             yield
 
+    @contextmanager
+    def text_applied(self, adapters: AdapterSet) -> Iterator[None]:
+        """One adapter set active in every text encoder, on every row of their calls."""
+        with contextlib.ExitStack() as stack:
+            for part in TEXT_PARTS:
+                if part in self.slots:
+                    stack.enter_context(
+                        applied(self.slots[part], None, self.device, every=adapters)
+                    )
+            yield
+
 
 def text_signature(adapters: AdapterSet) -> tuple[tuple[str, float], ...]:
     """What of a row's adapters changes its text embedding (a prompt cache key part)."""
-    return tuple((a.key, scale) for a, scale in adapters if a.weights("text"))
+    return tuple((a.key, scale) for a, scale in adapters if any(map(a.weights, TEXT_PARTS)))
