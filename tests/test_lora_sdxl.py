@@ -105,6 +105,7 @@ def test_sdxl_jobs_with_different_adapters_share_calls_and_equal_solo(
         req("kp", "a red fox", seed=2, prompt_2="ink", loras=[{"name": "xl_k"}, {"name": "xl_p", "scale": 0.5}], **kw),
         req("p", "a boat <lora:xl_p:1.3>", seed=3, negative_prompt="grainy", **kw),
     ]  # fmt: skip
+    ours.adapter_set([{"name": "xl_k"}, {"name": "xl_p"}])  # resident: no read to wait for
     engine = Engine(ours, max_batch=16)
     handles = [engine.submit(j) for j in jobs]
     calls = [c for o in run_until_idle(engine) for c in o.calls]
