@@ -84,9 +84,17 @@ def test_running_jobs_step_while_an_adapter_is_read(fresh: Pipeline) -> None:
 
 
 def test_a_failed_read_fails_only_its_job(fresh: Pipeline) -> None:
+    layer = next(n for n in lora_kit.layers(fresh.unet) if n.endswith("to_k"))
+    good = lora_kit.kohya_tensors({"lora_unet_": (fresh.unet, [layer])}, rank=2, alpha=1, seed=0)
+    wrong = {k: v[:, :3] if "down" in k else v for k, v in good.items()}
+    lora_kit.write(fresh.lora_dir / "narrow.safetensors", wrong)  # type: ignore[operator]
     engine = Engine(fresh, max_batch=16)
-    good = engine.submit(req("good", "moss", seed=5, loras=[{"name": "neon"}], **KW))
+    ok = engine.submit(req("ok", "moss", seed=5, loras=[{"name": "neon"}], **KW))
     broken = engine.submit(req("broken", "moss", loras=[{"name": "ink"}, {"name": "broken"}], **KW))
+    narrow = engine.submit(req("narrow", "moss", loras=[{"name": "narrow"}], **KW))
     run_until_idle(engine)
     assert broken.state is JobState.FAILED and "broken.safetensors" in (broken.error or "")
-    assert_all_equal_solo(fresh, [good])
+    key = f"lora_unet_{layer.replace('.', '_')}.lora_down.weight"
+    assert narrow.state is JobState.FAILED
+    assert f"narrow.safetensors: key '{key}'" in (narrow.error or ""), narrow.error
+    assert_all_equal_solo(fresh, [ok])
