@@ -127,10 +127,6 @@ def text_layers(text: nn.Module) -> list[str]:
     return [n for n in names if n != "text_projection"]
 
 
-def _text_module(text: nn.Module, name: str) -> nn.Module:
-    return text.get_submodule(name if hasattr(text, "encoder") else f"text_model.{name}")
-
-
 class _TextView(nn.Module):
     """`text_model.<name>` of a tower, whichever way transformers nests it (for the writers)."""
 
@@ -139,7 +135,10 @@ class _TextView(nn.Module):
         self.text = text
 
     def get_submodule(self, target: str) -> nn.Module:
-        return _text_module(self.text, target.removeprefix("text_model."))
+        name = target.removeprefix("text_model.")
+        return self.text.get_submodule(
+            name if hasattr(self.text, "encoder") else f"text_model.{name}"
+        )
 
 
 def kohya_sdxl(
