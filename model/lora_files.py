@@ -1,12 +1,14 @@
 """LoRA adapter files → low-rank weights keyed by the module they adapt in our networks.
 
 Formats (safetensors only, detected from the keys):
-- kohya-ss / sd-scripts: `lora_unet_<module>` and `lora_te_<module>` with `.lora_down.weight`,
+- kohya-ss / sd-scripts: `lora_unet_<module>` and `lora_te_<module>` (SDXL: `lora_te1_` for
+  CLIP ViT-L, `lora_te2_` for bigG) with `.lora_down.weight`,
   `.lora_up.weight` and an optional `.alpha`, the module path flattened with `_` (diffusers
   spelling, or the original LDM spelling `input_blocks_1_1_...`); LoCon adds conv adapters
   (a k x k `lora_down` convolution with the adapted layer's stride and padding, 1x1 `lora_up`).
+  kohya's SDXL files use the original layout (`input_blocks_4_1_transformer_blocks_0_...`).
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` and
-  `text_encoder.<module>...`; alpha from an optional `<module>.alpha` key or the file's
+  `text_encoder.<module>...` (SDXL's second: `text_encoder_2.`); alpha from an optional `<module>.alpha` key or the file's
   `lora_adapter_metadata` (`<part>.lora_alpha`, `<part>.alpha_pattern`), else the rank.
 
 The update a layer adds is `multiplier * alpha / rank * up(down(x))`, as diffusers' unfused
@@ -39,9 +41,15 @@ _UNSUPPORTED = {
     "dora_scale": "DoRA",
     "diff": "full weight difference",
 }
-PARTS = ("unet", "text")  # SDXL would add a second text encoder here
-_KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text"}
-_PEFT_PREFIX = {"unet.": "unet", "text_encoder.": "text"}
+TEXT_PARTS = ("text", "text_2")  # the (first) text encoder; SDXL's second (bigG)
+PARTS = ("unet", *TEXT_PARTS)
+_KOHYA_PREFIX = {
+    "lora_unet_": "unet",
+    "lora_te_": "text",
+    "lora_te1_": "text",
+    "lora_te2_": "text_2",
+}
+_PEFT_PREFIX = {"unet.": "unet", "text_encoder.": "text", "text_encoder_2.": "text_2"}
 
 
 class LoraError(ValueError):
@@ -65,7 +73,7 @@ class LoraWeight:
 
 @dataclass(frozen=True, eq=False)
 class LoraFile:
-    """A loaded adapter: per part ("unet", "text"), module name -> weight. Compared by identity."""
+    """A loaded adapter: per part (PARTS), module name -> weight. Compared by identity."""
 
     key: str  # the file (and its version): one adapter file is one adapter
     parts: dict[str, dict[str, LoraWeight]] = field(default_factory=dict, repr=False)

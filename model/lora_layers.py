@@ -31,8 +31,8 @@ class RowGroup:
     """The rows of a call that use one adapter, each with its multiplier."""
 
     adapter: LoraFile
-    rows: Tensor  # (n,) int64 row indices
-    scales: Tensor  # (n,) multipliers, float32
+    rows: Tensor | None  # (n,) int64 row indices; None: every row of the call
+    scales: Tensor  # (n,) multipliers, float32 ((1,) for every row)
 
 
 class LoraSlot:
@@ -57,9 +57,13 @@ class _Adapted:
             w = group.adapter.weights(self.lora_slot.part).get(self.lora_name)
             if w is None:
                 continue
-            h = low_rank(x.index_select(0, group.rows), w)  # (n, ...) like out[rows]
+            rows = group.rows
+            h = low_rank(x if rows is None else x.index_select(0, rows), w)  # like out[rows]
             scale = (group.scales * w.scale).to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
-            out.index_add_(0, group.rows, h * scale)  # out is this layer's own fresh output
+            if rows is None:
+                out.add_(h * scale)  # out is this layer's own fresh output
+            else:
+                out.index_add_(0, rows, h * scale)
         return out
 
 
@@ -120,12 +124,31 @@ def row_groups(
     )
 
 
+def every_row(adapters: AdapterSet, part: str, device: torch.device) -> tuple[RowGroup, ...]:
+    """One adapter set for every row of a call, however many (a text encoder's chunks)."""
+    scales: dict[int, tuple[LoraFile, float]] = {}
+    for adapter, scale in adapters:  # a file named twice: its multipliers add up
+        if adapter.weights(part):
+            scales[id(adapter)] = (adapter, scales.get(id(adapter), (adapter, 0.0))[1] + scale)
+    return tuple(
+        RowGroup(adapter, None, torch.tensor([scale], dtype=torch.float32, device=device))
+        for adapter, scale in scales.values()
+    )
+
+
 @contextmanager
 def applied(
-    slot: LoraSlot, per_row: Sequence[AdapterSet] | None, device: torch.device
+    slot: LoraSlot,
+    per_row: Sequence[AdapterSet] | None,
+    device: torch.device,
+    *,
+    every: AdapterSet = (),
 ) -> Iterator[None]:
-    """The rows' adapters active in the slot's network for one call."""
-    slot.groups = row_groups(per_row, slot.part, device) if per_row else ()
+    """The rows' adapters (or `every` row's) active in the slot's network for one call."""
+    if every:
+        slot.groups = every_row(every, slot.part, device)
+    else:
+        slot.groups = row_groups(per_row, slot.part, device) if per_row else ()
     try:
         yield
     finally:

@@ -29,7 +29,7 @@ from model.embeddings import expand_prompt
 from model.first_stage import FirstStage, Posterior
 from model.lora_files import LoraError
 from model.lora_layers import AdapterSet
-from model.lora_library import LoraLibrary
+from model.lora_library import LoraLibrary, adaptable_networks
 from model.micro_conditioning import DEFAULT_AESTHETIC_SCORES, time_id_count, time_ids
 from model.sd_upscale import LowResNoise
 from model.text import TextEncoder
@@ -230,8 +230,7 @@ class Pipeline:
         """This model's LoRA adapters (made on first use, so a model without any pays nothing)."""
         if self._loras is None:
             self._loras = LoraLibrary(
-                {"unet": self.unet, **({"text": self.text.model} if hasattr(self.text, "model") else {})},
-                self.lora_dir,
+                adaptable_networks(self.unet, self.text), self.lora_dir,
                 budget_bytes=self.lora_cache_bytes, device=self.device, dtype=self.dtype,
             )  # fmt: skip
         return self._loras
@@ -381,28 +380,28 @@ class Pipeline:
         if self.text is None:
             empty = torch.zeros((1, 0, 0), device=self.device, dtype=self.dtype)
             return [Conditioning(empty) for _ in prompts]
-        prompts = list(prompts)
-        if isinstance(self.text, SDXLTextEncoder):
-            second = list(prompts if prompts_2 is None else prompts_2)
-            pairs = self.text.embed(prompts, second, clip_skip=skip)
-            return [Conditioning(h, pooled=p).to(self.device, self.dtype) for h, p in pairs]
-        if self.embeddings:
-            prompts = [expand_prompt(p, self.embeddings, self.text) for p in prompts]
+        sdxl = isinstance(self.text, SDXLTextEncoder)
+        second = list(prompts if prompts_2 is None else prompts_2)
+        if self.embeddings:  # both SDXL towers hold the same words
+            tower = self.text.second if sdxl else self.text  # type: ignore[union-attr]
+            prompts, second = ([expand_prompt(p, self.embeddings, tower) for p in ps]  # type: ignore[arg-type]
+                               for ps in (prompts, second))  # fmt: skip
         sets = list(adapters) if adapters else [()] * len(prompts)
         out: list[Conditioning | None] = [None] * len(prompts)
         for adapter_set in dict.fromkeys(sets):  # prompts sharing adapters encode together
             idx = [i for i, a in enumerate(sets) if a == adapter_set]
-            chunks = [prompt_encoding.chunk_prompt(self.text, prompts[i]) for i in idx]
-            rows = sum(c.count for c in chunks)  # the encoder call's batch: every chunk
+            mine = [prompts[i] for i in idx]
             scope = (
-                self.loras.applied("text", [adapter_set] * rows)
-                if adapter_set
-                else contextlib.nullcontext()
+                self.loras.text_applied(adapter_set) if adapter_set else contextlib.nullcontext()
             )
             with scope:
-                embs = prompt_encoding.encode_chunks(self.text, chunks, clip_skip=skip)
-            for i, e in zip(idx, embs, strict=True):
-                out[i] = Conditioning(e.hidden.to(self.device, self.dtype))
+                if sdxl:
+                    pairs = self.text.embed(mine, [second[i] for i in idx], clip_skip=skip)  # type: ignore[union-attr]
+                else:
+                    embs = prompt_encoding.encode_prompts(self.text, mine, clip_skip=skip)  # type: ignore[arg-type]
+                    pairs = [(e.hidden, None) for e in embs]
+            for i, (h, pooled) in zip(idx, pairs, strict=True):
+                out[i] = Conditioning(h, pooled=pooled).to(self.device, self.dtype)
         return out  # type: ignore[return-value]
 
     def encode_prompts(

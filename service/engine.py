@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from model.denoise import ConditioningCache, denoise_step
+from model.lora_files import LoraError
+from model.lora_library import PendingAdapters
 from model.pipeline import MODEL_FIELDS, GenerationError, Pipeline, pad_texts
 from model.preview import preview_pixels
 from service.call_cost import CallCosts
@@ -44,6 +46,7 @@ from service.prompt_cache import PromptCache, prompt_key
 log = logging.getLogger(__name__)
 
 _OOM = (torch.OutOfMemoryError,)
+ADAPTER_POLL_S = 0.02  # an engine with nothing to step but adapter loads looks again this soon
 
 
 class Engine:
@@ -85,6 +88,7 @@ class Engine:
         self._last_stepped: dict[tuple[int, ...], int] = {}
         self._active_rows = 0
         self._running: set[str] = set()  # ids of admitted, unfinished jobs
+        self._adapter_loads: dict[str, PendingAdapters] = {}  # pending jobs' LoRA reads
         self._tick = 0
         self._head_waits = 0
         self._good_calls = 0
@@ -131,6 +135,7 @@ class Engine:
             for handle in self._pending:
                 if handle.id == job_id:
                     self._pending.remove(handle)
+                    self._adapter_loads.pop(job_id, None)
                     handle.end(JobState.CANCELED)
                     self._ended.append(handle)
                     return True
@@ -154,6 +159,7 @@ class Engine:
             self._admitting = False
             handed_back = list(self._pending)
             self._pending.clear()
+            self._adapter_loads.clear()
             return handed_back
 
     def run_until_idle(self, limit: int = 100_000) -> list[StepOutput]:
@@ -184,6 +190,8 @@ class Engine:
             self._start_samples(admitted, out)
         key = self._pick_group()
         if key is None:
+            if self._adapter_loads and not out.wait_s:
+                out.wait_s = ADAPTER_POLL_S  # only jobs whose adapters are being read
             return out
         self._tick += 1
         self._last_stepped[key] = self._tick
@@ -223,6 +231,8 @@ class Engine:
         free = self.max_batch - self._active_rows
         admitted: list[JobHandle] = []
         for i, handle in enumerate(list(self._pending)):
+            if not self._adapters_ready_locked(handle):
+                continue  # its adapters are being read off this thread; others go on
             rows = handle.request.rows
             if rows <= free:
                 admitted.append(handle)
@@ -239,6 +249,18 @@ class Engine:
             self._running.add(handle.id)
         return admitted
 
+    def _adapters_ready_locked(self, handle: JobHandle) -> bool:
+        """Whether a pending job's LoRA adapters are read (or failed to be); starts reading them
+        on the library's loader thread the first time, so a large file never stalls a step."""
+        loras = handle.request.params.loras
+        if not loras:
+            return True
+        if handle.id not in self._adapter_loads:
+            specs = [lo.model_dump() for lo in loras]
+            load = self.pipeline.loras.prefetch(specs, allow_paths=False)
+            self._adapter_loads[handle.id] = load
+        return self._adapter_loads[handle.id].done()
+
     def _start_samples(self, handles: Sequence[JobHandle], out: StepOutput) -> None:
         """Embed prompts (one batch for all new ones), prepare images, group the samples.
 
@@ -246,11 +268,15 @@ class Engine:
         admitted and releases their rows; it never leaves them holding rows unfinished."""
         adapters = {}
         for handle in handles:  # a missing or corrupt adapter fails only the job naming it
-            try:
-                specs = [lo.model_dump() for lo in handle.request.params.loras]
-                adapters[handle.id] = self.pipeline.adapter_set(specs, allow_paths=False)
-            except GenerationError as exc:
+            with self._lock:
+                load = self._adapter_loads.pop(handle.id, None)
+            try:  # read already: installing the layers here, between UNet calls, is cheap
+                adapters[handle.id] = load.adapter_set() if load is not None else ()
+            except LoraError as exc:
                 self._fail_unstarted(handle, str(exc), out)
+            except Exception as exc:
+                log.exception("job %s: reading its LoRA adapters failed", handle.id)
+                self._fail_unstarted(handle, f"LoRA load failed: {type(exc).__name__}: {exc}", out)
         handles = [h for h in handles if h.id in adapters]
         keys = [
             key

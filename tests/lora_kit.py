@@ -7,7 +7,9 @@ from the reader under test; kohya LoCon convolutions use the layer's own kernel 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +117,79 @@ def write_demo_loras(pipe: Any, folder: Path) -> Path:
     write(folder / "neon.safetensors", peft_tensors({"unet": (unet, attn)}, rank=8, seed=4))
     (folder / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     return folder
+
+
+def text_layers(text: nn.Module) -> list[str]:
+    """A CLIP text tower's Linear layers below `text_model.` (as files name them; transformers
+    5's CLIPTextModel has no `text_model` submodule, CLIPTextModelWithProjection does), without
+    bigG's `text_projection`, which kohya does not train."""
+    names = [n.removeprefix("text_model.") for n in layers(text, kinds=(nn.Linear,))]
+    return [n for n in names if n != "text_projection"]
+
+
+class _TextView(nn.Module):
+    """`text_model.<name>` of a tower, whichever way transformers nests it (for the writers)."""
+
+    def __init__(self, text: nn.Module) -> None:
+        super().__init__()
+        self.text = text
+
+    def get_submodule(self, target: str) -> nn.Module:
+        name = target.removeprefix("text_model.")
+        return self.text.get_submodule(
+            name if hasattr(self.text, "encoder") else f"text_model.{name}"
+        )
+
+
+def kohya_sdxl(
+    unet_ldm: nn.Module, te1: nn.Module, te2: nn.Module, *, rank: int, alpha: float, seed: int
+) -> dict[str, Tensor]:
+    """kohya LoCon for SDXL as sd-scripts writes it: every UNet Linear / Conv2d in the original
+    layout (`lora_unet_input_blocks_4_1_...`: `unet_ldm` must be a UNet with those names) and
+    every Linear of both towers (`lora_te1_text_model_...`, `lora_te2_text_model_...`)."""
+    return kohya_tensors(
+        {
+            "lora_unet_": (unet_ldm, layers(unet_ldm)),
+            "lora_te1_text_model_": (_TextView(te1), text_layers(te1)),
+            "lora_te2_text_model_": (_TextView(te2), text_layers(te2)),
+        },
+        rank=rank,
+        alpha=alpha,
+        seed=seed,
+    )
+
+
+def peft_sdxl(
+    unet: nn.Module, te1: nn.Module, te2: nn.Module, unet_names: list[str], text_suffixes: tuple
+) -> tuple[dict[str, list[str]], dict[str, tuple[nn.Module, list[str]]]]:
+    """(metadata targets, peft_tensors networks) for an SDXL diffusers/PEFT file: `unet.`,
+    `text_encoder.text_model.` and `text_encoder_2.text_model.` keys."""
+    towers = {"text_encoder": te1, "text_encoder_2": te2}
+    keys = {p: [f"text_model.{n}" for n in text_layers(t) if n.endswith(text_suffixes)]
+            for p, t in towers.items()}  # fmt: skip
+    own = {p: [n for n in layers(t, kinds=(nn.Linear,)) if n.endswith(text_suffixes)]
+           for p, t in towers.items()}  # fmt: skip  # PEFT's target_modules: the tower's names
+    networks = {
+        "unet": (unet, unet_names),
+        **{p: (_TextView(t), keys[p]) for p, t in towers.items()},
+    }
+    return {"unet": unet_names, **own}, networks
+
+
+@contextmanager
+def reference_adapters(
+    ref: Any, files: Mapping[str, Path], weights: Mapping[str, float]
+) -> Iterator[None]:
+    """A diffusers pipeline with adapter files loaded by `load_lora_weights` and weighted by
+    `set_adapters` (unfused: the oracle of the parity tests); unloaded afterwards."""
+    ref.unload_lora_weights()
+    for name, path in files.items():
+        with warnings.catch_warnings():  # PEFT warns that a second adapter is a second adapter
+            warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
+            ref.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    if weights:
+        ref.set_adapters(list(weights), list(weights.values()))
+    try:
+        yield
+    finally:
+        ref.unload_lora_weights()

@@ -37,6 +37,8 @@ CASES = {
     "capacity": ["bench/capacity.py", "--quick"],
     # one UNet call over 4 LoRA adapters vs without (tiny UNet)
     "lora": ["bench/lora.py", "--quick"],
+    # a mixed-adapter burst: merged one set at a time vs per-row adapters (tiny UNet)
+    "lora_workload": ["bench/lora_workload.py", "--quick"],
 }
 
 

@@ -45,6 +45,7 @@ def test_jobs_with_different_adapters_share_calls_and_equal_solo(demo: Pipeline)
         ),
         req("neon", "a boat <lora:neon:1.3>", seed=3, **KW),  # A1111 tag
     ]
+    demo.adapter_set([{"name": "ink"}, {"name": "neon"}])  # resident: no read to wait for
     engine = Engine(demo, max_batch=16)
     handles = [engine.submit(j) for j in jobs]
     outputs = run_until_idle(engine)

@@ -9,13 +9,10 @@ adapt the attention projections with alpha from their metadata.
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from diffusers import StableDiffusionPipeline
 
 from model import load_pipeline
 from model.pipeline import Pipeline
@@ -55,19 +52,9 @@ def setup(
 
 
 def _reference(setup: dict[str, Any], adapters: dict[str, float]) -> np.ndarray:
-    ref: StableDiffusionPipeline = setup["ref"]
-    ref.unload_lora_weights()
-    for name in adapters:
-        path: Path = setup[name]
-        with warnings.catch_warnings():  # PEFT warns that a second adapter is a second adapter
-            warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
-            ref.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-    if adapters:
-        ref.set_adapters(list(adapters), list(adapters.values()))
-    try:
-        return reference_images(ref, **KW)
-    finally:
-        ref.unload_lora_weights()
+    files = {name: setup[name] for name in adapters}
+    with lora_kit.reference_adapters(setup["ref"], files, adapters):
+        return reference_images(setup["ref"], **KW)
 
 
 def _ours(pipe: Pipeline, loras: list[dict[str, Any]]) -> np.ndarray:
