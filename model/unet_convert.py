@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from model.unet import UNetConfig
+from model.unet_config import UNetConfig
 from model.weights import CheckpointError
 
 LDM_PREFIX = "model.diffusion_model."

@@ -17,7 +17,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from model import load_pipeline
 from model.conditioning import Conditioning
-from model.unet import UNetConfig, UNetModel
+from model.unet import UNetModel
+from model.unet_config import UNetConfig
 from model.unet_convert import (
     LDM_PREFIX,
     unet_config_from_diffusers,
