@@ -86,7 +86,8 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[Any, An
     from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
     from model.text import TextEncoder, bundled_tokenizer, clip_text_config
     from model.unet import UNetModel
-    from model.unet_convert import unet_config_from_diffusers, unet_state_dict_from_diffusers
+    from model.unet_config_diffusers import unet_config_from_diffusers
+    from model.unet_convert import unet_state_dict_from_diffusers
     from model.vae import AutoencoderKL as OurVAE
     from model.vae_convert import vae_config_from_diffusers, vae_state_dict_from_diffusers
     from model.weights import build_module

@@ -50,7 +50,7 @@ def _status() -> dict[str, int]:
 
 def _configs(quick: bool) -> tuple[Any, Any, Any]:
     from model.text import clip_text_config
-    from model.unet import UNetConfig
+    from model.unet_config import UNetConfig
     from model.vae import TINY_VAE_CONFIG, VAEConfig
 
     if quick:

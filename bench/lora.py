@@ -26,7 +26,8 @@ from torch import nn
 from model.conditioning import Conditioning
 from model.lora_files import LoraFile, LoraWeight
 from model.lora_layers import LoraSlot, applied, install
-from model.unet import UNetConfig, UNetModel
+from model.unet import UNetModel
+from model.unet_config import UNetConfig
 
 TINY = UNetConfig(
     model_channels=32, channel_mult=(1, 2), attention_levels=(0,), num_res_blocks=1, context_dim=32

@@ -86,7 +86,8 @@ def child(args: argparse.Namespace) -> None:
     state = seeded_state(ref, seed=0)
     if args.impl == "ours":
         from model.unet import UNetModel
-        from model.unet_convert import unet_config_from_diffusers, unet_state_dict_from_diffusers
+        from model.unet_config_diffusers import unet_config_from_diffusers
+        from model.unet_convert import unet_state_dict_from_diffusers
         from model.weights import build_module
 
         cfg = unet_config_from_diffusers(dict(ref.config), source="bench")

@@ -54,7 +54,8 @@ def build_pair(config: dict[str, Any], seed: int = 0) -> tuple[torch.nn.Module, 
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from model.unet import UNetModel
-    from model.unet_convert import unet_config_from_diffusers, unet_state_dict_from_diffusers
+    from model.unet_config_diffusers import unet_config_from_diffusers
+    from model.unet_convert import unet_state_dict_from_diffusers
     from model.weights import build_module
 
     torch.manual_seed(seed)

@@ -44,7 +44,8 @@ import torch
 torch.set_num_threads(int(sys.argv[1]))
 quick, latent = sys.argv[2] == "1", int(sys.argv[3])
 from model import load_pipeline
-from model.unet import UNetConfig, UNetModel
+from model.unet import UNetModel
+from model.unet_config import UNetConfig
 from service.engine import Engine
 from service import engine_types as et
 

@@ -12,7 +12,8 @@ import torch
 from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
 from model.text import random_text_encoder, tiny_text_config
-from model.unet import UNetConfig, UNetModel
+from model.unet import UNetModel
+from model.unet_config import UNetConfig
 from model.vae import TINY_VAE_CONFIG, AutoencoderKL
 
 DEMO_SEED = 20221220  # any fixed number: the demo model's identity

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from model.unet import UNetConfig
+from model.unet_config import UNetConfig
 
 DEFAULT_AESTHETIC_SCORES = (6.0, 2.5)  # the refiner's (aesthetic_score, negative_...): diffusers'
 

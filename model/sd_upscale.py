@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from model.schedules import NoiseSchedule
-from model.unet import UNetConfig
+from model.unet_config import UNetConfig
 from model.weight_files import read_json
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,7 @@ Errors are typed (:class:`ApiError` and subclasses by status; :class:`JobFailed`
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -31,7 +29,6 @@ from typing import Any
 import httpx
 
 from service.client_models import (  # the values and errors users catch, re-exported here
-    ERROR_BY_STATUS,
     TERMINAL,
     ApiError,
     AuthenticationError,
@@ -53,6 +50,15 @@ from service.client_models import (  # the values and errors users catch, re-exp
     ProgressEvent,
     RateLimited,
     Unavailable,
+)
+from service.client_wire import (
+    SSEParser,
+    decode_event,
+    job_from_submit,
+    raise_for,
+    retry_delay,
+    retryable,
+    submit_body,
 )
 
 __all__ = [
@@ -82,95 +88,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_RETRY_STATUSES = frozenset({429, 503})
-
-# ---------------------------------------------------------------------------- shared logic
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _raise_for(response: httpx.Response) -> None:
-    if response.status_code < 400:
-        return
-    try:
-        error = response.json().get("error") or {}
-    except (ValueError, AttributeError):
-        error = {}
-    cls = ERROR_BY_STATUS.get(response.status_code, ApiError)
-    raise cls(
-        response.status_code,
-        str(error.get("code") or f"http_{response.status_code}"),
-        str(error.get("message") or response.text[:200]),
-        error.get("field"),
-        _retry_after(response),
-    )
-
-
-def _delay(attempt: int, response: httpx.Response, base: float, cap: float) -> float:
-    """Retry-After when given, else exponential backoff with jitter."""
-    after = _retry_after(response)
-    if after is not None:
-        return min(after, cap)
-    return min(cap, base * 2**attempt) * (0.5 + random.random() / 2)
-
-
-def _retryable(method: str, headers: dict[str, str], response: httpx.Response) -> bool:
-    safe = method == "GET" or "Idempotency-Key" in headers
-    return safe and response.status_code in _RETRY_STATUSES
-
-
-def _job_from_submit(data: dict[str, Any]) -> Job:
-    return Job.model_validate(data)
-
-
-def _event(name: str, data: dict[str, Any]) -> Event | None:
-    if name in ("job", "done"):
-        job = Job.model_validate(data)
-        return JobEvent(job=job) if name == "job" else DoneEvent(job=job)
-    if name == "progress":
-        return ProgressEvent.model_validate(data)
-    if name == "preview":
-        return PreviewEvent.model_validate(data)
-    if name == "error":
-        raise Unavailable(503, str(data.get("code", "stream_error")), str(data.get("message")),
-                          None, None)  # fmt: skip
-    return None
-
-
-class _SSE:
-    """Incremental Server-Sent Events parser: feed lines, get (event, data) at blank lines."""
-
-    def __init__(self) -> None:
-        self.name: str = "message"
-        self.data: list[str] = []
-
-    def feed(self, line: str) -> tuple[str, dict[str, Any]] | None:
-        if not line:
-            if not self.data:
-                return None
-            out = (self.name, json.loads("\n".join(self.data)))
-            self.name, self.data = "message", []
-            return out
-        if line.startswith(":"):
-            return None
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "event":
-            self.name = value
-        elif field == "data":
-            self.data.append(value)
-        return None
-
-
-def _submit_body(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if v is not None}
 
 
 class _Base:
@@ -223,20 +140,20 @@ class Client(_Base):
         headers = {**self.headers, **kwargs.pop("headers", {})}
         for attempt in range(self.max_retries + 1):
             response = self._http.request(method, path, headers=headers, **kwargs)
-            if attempt < self.max_retries and _retryable(method, headers, response):
-                delay = _delay(attempt, response, self.backoff_s, self.max_backoff_s)
+            if attempt < self.max_retries and retryable(method, headers, response):
+                delay = retry_delay(attempt, response, self.backoff_s, self.max_backoff_s)
                 log.info("%s %s: %d, retry in %.2f s", method, path, response.status_code, delay)
                 time.sleep(delay)
                 continue
-            _raise_for(response)
+            raise_for(response)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
     def submit(self, *, idempotency_key: str | None = None, **fields: Any) -> Job:
         """Queue a job (native field names: prompt, steps, seed, num_images, ...)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        r = self._request("POST", "/v1/jobs", json=_submit_body(fields), headers=headers)
-        return _job_from_submit(r.json())
+        r = self._request("POST", "/v1/jobs", json=submit_body(fields), headers=headers)
+        return job_from_submit(r.json())
 
     def get(self, job_id: str) -> Job:
         return Job.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
@@ -254,16 +171,16 @@ class Client(_Base):
 
     def stream(self, job_id: str) -> Iterator[Event]:
         """The job's events (job, progress, preview, done) as they happen."""
-        parser = _SSE()
+        parser = SSEParser()
         url = f"/v1/jobs/{job_id}/events"
         timeout = httpx.Timeout(self.timeout, read=None)
         with self._http.stream("GET", url, headers=self.headers, timeout=timeout) as response:
             if response.status_code >= 400:
                 response.read()
-                _raise_for(response)
+                raise_for(response)
             for line in response.iter_lines():
                 parsed = parser.feed(line)
-                event = _event(*parsed) if parsed else None
+                event = decode_event(*parsed) if parsed else None
                 if event is not None:
                     yield event
                     if isinstance(event, DoneEvent):
@@ -284,7 +201,7 @@ class Client(_Base):
         cursor: str | None = None
         while True:
             params = {"limit": page_size, "status": status, "cursor": cursor}
-            body = self._request("GET", "/v1/jobs", params=_submit_body(params)).json()
+            body = self._request("GET", "/v1/jobs", params=submit_body(params)).json()
             yield from (Job.model_validate(j) for j in body["jobs"])
             cursor = body.get("next_cursor")
             if not cursor:
@@ -332,19 +249,19 @@ class AsyncClient(_Base):
         headers = {**self.headers, **kwargs.pop("headers", {})}
         for attempt in range(self.max_retries + 1):
             response = await self._http.request(method, path, headers=headers, **kwargs)
-            if attempt < self.max_retries and _retryable(method, headers, response):
-                delay = _delay(attempt, response, self.backoff_s, self.max_backoff_s)
+            if attempt < self.max_retries and retryable(method, headers, response):
+                delay = retry_delay(attempt, response, self.backoff_s, self.max_backoff_s)
                 log.info("%s %s: %d, retry in %.2f s", method, path, response.status_code, delay)
                 await asyncio.sleep(delay)
                 continue
-            _raise_for(response)
+            raise_for(response)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def submit(self, *, idempotency_key: str | None = None, **fields: Any) -> Job:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        r = await self._request("POST", "/v1/jobs", json=_submit_body(fields), headers=headers)
-        return _job_from_submit(r.json())
+        r = await self._request("POST", "/v1/jobs", json=submit_body(fields), headers=headers)
+        return job_from_submit(r.json())
 
     async def get(self, job_id: str) -> Job:
         return Job.model_validate((await self._request("GET", f"/v1/jobs/{job_id}")).json())
@@ -360,16 +277,16 @@ class AsyncClient(_Base):
             await asyncio.sleep(poll_s)
 
     async def stream(self, job_id: str) -> AsyncIterator[Event]:
-        parser = _SSE()
+        parser = SSEParser()
         url = f"/v1/jobs/{job_id}/events"
         timeout = httpx.Timeout(self.timeout, read=None)
         async with self._http.stream("GET", url, headers=self.headers, timeout=timeout) as r:
             if r.status_code >= 400:
                 await r.aread()
-                _raise_for(r)
+                raise_for(r)
             async for line in r.aiter_lines():
                 parsed = parser.feed(line)
-                event = _event(*parsed) if parsed else None
+                event = decode_event(*parsed) if parsed else None
                 if event is not None:
                     yield event
                     if isinstance(event, DoneEvent):
@@ -388,7 +305,7 @@ class AsyncClient(_Base):
         cursor: str | None = None
         while True:
             params = {"limit": page_size, "status": status, "cursor": cursor}
-            body = (await self._request("GET", "/v1/jobs", params=_submit_body(params))).json()
+            body = (await self._request("GET", "/v1/jobs", params=submit_body(params))).json()
             for j in body["jobs"]:
                 yield Job.model_validate(j)
             cursor = body.get("next_cursor")

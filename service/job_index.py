@@ -1,7 +1,7 @@
 """Reads over one owner's jobs: ``GET /v1/jobs`` pages and the A1111 progress/interrupt view.
 
 The index ``P:owner:{owner}:jobs`` (a zset scored by submit order) is written by the
-SUBMIT script (service.queue.scripts); ids whose record expired are dropped here as they
+SUBMIT script (service.queue.request_scripts); ids whose record expired are dropped here as they
 are met. The unfinished set ``P:owner:{owner}:active`` is the queue's own (per-key cap).
 Kept apart from :mod:`service.queue` on purpose: read-only, API side, owner-scoped.
 """

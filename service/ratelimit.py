@@ -5,7 +5,7 @@ the Redis clock) of the next request. A request at ``now`` is allowed when
 ``TAT + T - burst * T <= now`` (``T`` = 60000 / per_min ms); the TAT then advances by
 ``T``. So a key may make ``burst`` requests at once and then one every ``T`` — the same
 as a token bucket of ``burst`` tokens refilled at ``per_min`` per minute, with one number
-of state. The check runs inside the submit script (:data:`service.queue.scripts.SUBMIT`),
+of state. The check runs inside the submit script (:data:`service.queue.request_scripts.SUBMIT`),
 atomically with the queue caps, on the Redis clock: every API replica shares the limit.
 
 A refused request learns exactly when it would pass: ``allow_at - now`` ms, sent as

@@ -1,6 +1,6 @@
 """The webhook dispatcher: an asyncio task in each API process (started by the lifespan).
 
-Deliveries are queued by the queue's finalize step (:mod:`service.queue.scripts`) in the
+Deliveries are queued by the queue's finalize step (:mod:`service.queue.lua`) in the
 stream ``P:webhooks``, atomically with the job's final state, so a worker never waits on a
 receiver. Every API replica reads that stream in the consumer group ``dispatchers``:
 
@@ -11,7 +11,7 @@ receiver. Every API replica reads that stream in the consumer group ``dispatcher
    ``webhook_timeout_s`` for the whole exchange, the response body never read;
 3. a 2xx answer ends it (``XACK`` + ``XDEL``); otherwise the entry moves, in one script,
    to the zset ``P:webhooks:retry`` scored by its due time — ``webhook_backoff_s *
-   2**(attempt-1)`` ±20% — and ``WEBHOOK_PROMOTE`` (:mod:`service.queue.scripts`) moves
+   2**(attempt-1)`` ±20% — and ``WEBHOOK_PROMOTE`` (:mod:`service.queue.webhook_scripts`) moves
    due ones back to the stream; after
    ``webhook_max_attempts`` attempts it is dropped and counted as failed;
 4. ``XAUTOCLAIM`` takes over deliveries idle for ``webhook_claim_idle_s`` (their
@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 from redis.exceptions import RedisError, ResponseError
 
-from service.queue import scripts
+from service.queue import webhook_scripts
 from service.queue.keys import WEBHOOK_GROUP
 from service.queue.records import new_worker_id
 from service.queue.store import QueueStore
@@ -152,7 +152,9 @@ class WebhookDispatcher:
         """One round: promote due retries, take over stale ones, read new ones. Returns
         the number of deliveries started."""
         await self._ensure_group()
-        await self.store.run(scripts.WEBHOOK_PROMOTE, now_ms=int(time.time() * 1000), limit=100)
+        await self.store.run(
+            webhook_scripts.WEBHOOK_PROMOTE, now_ms=int(time.time() * 1000), limit=100
+        )
         entries: list[tuple[str, dict[str, str] | None]] = []
         now = time.monotonic()
         if now >= self._next_autoclaim:
@@ -215,7 +217,7 @@ class WebhookDispatcher:
                 due_ms = int((time.time() + delay) * 1000)
                 member = json.dumps({**fields, "attempt": str(attempt + 1)}, sort_keys=True)
                 await self.store.run(
-                    scripts.WEBHOOK_RETRY, entry_id=entry_id, due_ms=due_ms, member=member
+                    webhook_scripts.WEBHOOK_RETRY, entry_id=entry_id, due_ms=due_ms, member=member
                 )
         except RedisError as exc:  # the entry stays pending; XAUTOCLAIM retries it later
             log.warning("webhook entry %s: Redis error: %s", entry_id, exc)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from model import load_pipeline
-from service.compat.a1111 import txt2img_fields
+from service.compat.a1111_requests import txt2img_fields
 from tests.apps import AppClientFactory, post_job
 from tests.conftest import LIVE_KEYS
 from tests.test_api_capabilities import DEMO_CAPS, queued_jobs, with_caps

@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
-from service.api import prefer_wait_s
+from service.api_jobs import prefer_wait_s
 from service.infotext import image_infotexts, infotext
 from service.settings import Settings
 from tests.apps import AppClientFactory, post_job

@@ -19,8 +19,8 @@ from service.queue import (
     IdempotencyMismatch,
     QueueFull,
     WorkerInfo,
+    claim_scripts,
     new_worker_id,
-    scripts,
 )
 from service.queue.keys import GROUP
 from service.redis_server import start_embedded
@@ -177,7 +177,7 @@ async def test_cancel_between_read_and_activate_skips_the_job(q: Queues) -> None
     assert await q.api.cancel(job_id) == "canceled"
     entry_id = raw[0][1][0][0].decode()
     rows = await q.store.run(
-        scripts.ACTIVATE,
+        claim_scripts.ACTIVATE,
         worker="w1",
         now="1",
         model=MODEL,

@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from service.queue import scripts
+from service.queue import (
+    claim_scripts,
+    outcome_scripts,
+    request_scripts,
+    run_scripts,
+    webhook_scripts,
+)
 from service.queue.keys import LAYOUT, STREAM_ROLE, Keys
-from service.queue.scripts import Script
+from service.queue.lua import Script
 from service.queue.store import QueueStore
 from service.settings import Settings
 
@@ -64,11 +70,15 @@ async def test_script_arguments_are_checked_by_name(redis_url: str) -> None:
     store = QueueStore(client, Settings())
     try:
         with pytest.raises(TypeError, match=r"missing .*lease"):
-            await store.run(scripts.RELEASE, job_id="j", worker="w", now="1")
+            await store.run(outcome_scripts.RELEASE, job_id="j", worker="w", now="1")
         with pytest.raises(TypeError, match=r"unknown .*leese"):
-            await store.run(scripts.RELEASE, job_id="j", worker="w", now="1", lease=1, leese=2)
+            await store.run(
+                outcome_scripts.RELEASE, job_id="j", worker="w", now="1", lease=1, leese=2
+            )
         with pytest.raises(TypeError, match="no variable-length"):
-            await store.run(scripts.RELEASE, job_id="j", worker="w", now="1", lease=1, rest=[1])
+            await store.run(
+                outcome_scripts.RELEASE, job_id="j", worker="w", now="1", lease=1, rest=[1]
+            )
         # Arguments arrive under their names, whatever order the caller wrote them in.
         echo = Script("echo", body="return {b, a, #tail}", params=("a", "b"), rest="tail")
         assert await store.run(echo, b="2", a="1", rest=["x", "y", "z"]) == [b"2", b"1", 3]
@@ -77,7 +87,8 @@ async def test_script_arguments_are_checked_by_name(redis_url: str) -> None:
 
 
 def test_every_script_compiles_to_distinct_source() -> None:
-    found = [v for v in vars(scripts).values() if isinstance(v, Script)]
+    stages = (request_scripts, claim_scripts, run_scripts, outcome_scripts, webhook_scripts)
+    found = [v for m in stages for v in vars(m).values() if isinstance(v, Script)]
     assert len({s.name for s in found}) == len(found) >= 12
     for script in found:
         for param in script.params:

@@ -11,12 +11,9 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from model.conditioning import Conditioning
 from model.unet import UNetModel
-from model.unet_convert import (
-    unet_config_from_diffusers,
-    unet_config_from_ldm,
-    unet_state_dict_from_diffusers,
-    unet_state_dict_to_ldm,
-)
+from model.unet_config_diffusers import unet_config_from_diffusers
+from model.unet_config_ldm import unet_config_from_ldm
+from model.unet_convert import unet_state_dict_from_diffusers, unet_state_dict_to_ldm
 from model.weights import CheckpointError, build_module
 from tests.tiny import UNET_SD1, UNET_SD2, randomize_
 

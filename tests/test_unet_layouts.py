@@ -17,14 +17,11 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from model import load_pipeline
 from model.conditioning import Conditioning
-from model.unet import UNetConfig, UNetModel
-from model.unet_convert import (
-    LDM_PREFIX,
-    unet_config_from_diffusers,
-    unet_config_from_ldm,
-    unet_state_dict_from_diffusers,
-    unet_state_dict_to_ldm,
-)
+from model.unet import UNetModel
+from model.unet_config import UNetConfig
+from model.unet_config_diffusers import unet_config_from_diffusers
+from model.unet_config_ldm import unet_config_from_ldm
+from model.unet_convert import LDM_PREFIX, unet_state_dict_from_diffusers, unet_state_dict_to_ldm
 from model.weights import CheckpointError, build_module
 from tests.reference import PARITY_KW, build_reference, reference_images
 from tests.tiny import (

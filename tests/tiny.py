@@ -348,7 +348,7 @@ def x4_pipeline() -> Any:
     from model.sd_upscale import X4_FAMILY, X4_SCHEDULER_CONFIG, LowResNoise
     from model.text import random_text_encoder, tiny_text_config
     from model.unet import UNetModel
-    from model.unet_convert import unet_config_from_diffusers
+    from model.unet_config_diffusers import unet_config_from_diffusers
     from model.vae import AutoencoderKL
     from model.vae_convert import vae_config_from_diffusers
 

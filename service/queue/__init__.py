@@ -1,7 +1,10 @@
 """The Redis data model by role: the API side and the worker side over one shared store.
 
 - :mod:`service.queue.keys`: the key layout (once; the Lua scripts derive theirs from it)
-- :mod:`service.queue.scripts`: the Lua scripts, with named arguments
+- :mod:`service.queue.lua`: :class:`Script` (named arguments) and the preamble all scripts share
+- :mod:`service.queue.request_scripts`, :mod:`service.queue.claim_scripts`,
+  :mod:`service.queue.run_scripts`, :mod:`service.queue.outcome_scripts`,
+  :mod:`service.queue.webhook_scripts`: the Lua scripts by lifecycle stage
 - :mod:`service.queue.store`: :class:`QueueStore` (connection, keys, script calls)
 - :mod:`service.queue.api_side`: :class:`ApiQueue` (submit, get, image, cancel, registry reads)
 - :mod:`service.queue.worker_side`: :class:`WorkerQueue` (heartbeat, claim, reclaim,

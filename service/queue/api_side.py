@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any
 
-from service.queue import scripts
+from service.queue import request_scripts
 from service.queue.errors import IdempotencyMismatch, OwnerQueueFull, QueueFull, RateLimited
 from service.queue.keys import ANONYMOUS, PRIORITIES
 from service.queue.records import JobRecord, SubmitResult, WorkerInfo, text
@@ -101,7 +101,7 @@ class ApiQueue:
     ) -> SubmitResult:
         st, s = self.store, self.store.settings
         kind, found, status, rank, params_json = await st.run(
-            scripts.SUBMIT,
+            request_scripts.SUBMIT,
             job_id=job_id,
             model=model,
             priority=priority,
@@ -194,7 +194,7 @@ class ApiQueue:
         A running job's worker sees it through a refused progress write and drops it.
         """
         result = await self.store.run(
-            scripts.CANCEL,
+            request_scripts.CANCEL,
             job_id=job_id,
             now=repr(time.time()),
             job_ttl=self.store.job_ttl,

@@ -2,7 +2,7 @@
 
 ``P`` = ``Settings.key_prefix`` (default ``ldmserve``). :data:`LAYOUT` maps each key's role
 to its name below ``P:``; :class:`Keys` formats them in Python and :func:`lua_keys` emits
-the same names as a Lua table ``K`` for the scripts (:mod:`service.queue.scripts`), so a
+the same names as a Lua table ``K`` for the scripts (:mod:`service.queue.lua`), so a
 key is renamed in one place.
 
 ==================================  ======  ==================================================

@@ -18,7 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 
 from service.queue.keys import Keys
-from service.queue.scripts import Script
+from service.queue.lua import Script
 from service.results import ResultStore, open_result_store
 from service.settings import Settings
 

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import ResponseError
 
-from service.queue import scripts
+from service.queue import claim_scripts, outcome_scripts, run_scripts
 from service.queue.keys import BATCH_ROW_BOUNDS, GROUP, LATENCY_BOUNDS, PRIORITIES
 from service.queue.records import Claim, WorkerInfo, text
 from service.queue.store import QueueStore
@@ -143,7 +143,7 @@ class WorkerQueue:
         otherwise stays a consumer of the group forever.
         """
         removed = await self._with_group(
-            model, lambda: self.store.run(scripts.PRUNE_CONSUMERS, model=model)
+            model, lambda: self.store.run(claim_scripts.PRUNE_CONSUMERS, model=model)
         )
         return int(removed)
 
@@ -203,7 +203,7 @@ class WorkerQueue:
         if not entries:
             return []
         rows = await self.store.run(
-            scripts.ACTIVATE,
+            claim_scripts.ACTIVATE,
             worker=worker_id,
             now=repr(time.time()),
             model=model,
@@ -227,7 +227,7 @@ class WorkerQueue:
 
         async def run() -> Any:
             return await self.store.run(
-                scripts.RECLAIM,
+                claim_scripts.RECLAIM,
                 worker=worker_id,
                 now=repr(time.time()),
                 model=model,
@@ -264,7 +264,7 @@ class WorkerQueue:
         """Record and publish progress; False means the job is no longer this worker's
         (canceled or taken over): drop it before the next UNet step."""
         args = self._progress_args(claim, step, total, eta_s)
-        return bool(await self.store.run(scripts.PROGRESS, **args))
+        return bool(await self.store.run(run_scripts.PROGRESS, **args))
 
     async def progress_many(self, updates: Sequence[ProgressUpdate]) -> set[str]:
         """Progress for a whole batch in one round trip; returns the ids to drop."""
@@ -272,11 +272,13 @@ class WorkerQueue:
             return set()
         calls = [self._progress_args(c, step, total, eta) for c, step, total, eta in updates]
         if self.store.settings.redis_cluster:  # cluster pipelines refuse EVALSHA
-            results = await asyncio.gather(*(self.store.run(scripts.PROGRESS, **a) for a in calls))
+            results = await asyncio.gather(
+                *(self.store.run(run_scripts.PROGRESS, **a) for a in calls)
+            )
         else:
             async with self.store.redis.pipeline(transaction=False) as pipe:
                 for args in calls:
-                    await self.store.run(scripts.PROGRESS, pipe=pipe, **args)
+                    await self.store.run(run_scripts.PROGRESS, pipe=pipe, **args)
                 results = await pipe.execute()
         return {u[0].job_id for u, ok in zip(updates, results, strict=True) if not ok}
 
@@ -299,11 +301,11 @@ class WorkerQueue:
             for c, message in items
         ]
         if self.store.settings.redis_cluster:
-            await asyncio.gather(*(self.store.run(scripts.PREVIEW, **a) for a in calls))
+            await asyncio.gather(*(self.store.run(run_scripts.PREVIEW, **a) for a in calls))
             return
         async with self.store.redis.pipeline(transaction=False) as pipe:
             for args in calls:
-                await self.store.run(scripts.PREVIEW, pipe=pipe, **args)
+                await self.store.run(run_scripts.PREVIEW, pipe=pipe, **args)
             await pipe.execute()
 
     async def canceled(self, job_ids: Sequence[str]) -> set[str]:
@@ -334,7 +336,7 @@ class WorkerQueue:
         fmt = str(claim.params.get("output_format", "png"))
         refs = await self._put_results(claim, images, fmt)
         done = await self.store.run(
-            scripts.FINISH,
+            outcome_scripts.FINISH,
             job_id=claim.job_id,
             worker=claim.worker_id,
             lease=claim.lease,
@@ -379,7 +381,7 @@ class WorkerQueue:
     async def fail(self, claim: Claim, code: str, message: str) -> bool:
         """Mark the job failed for good (no retry); guarded like :meth:`finish`."""
         done = await self.store.run(
-            scripts.FAIL,
+            outcome_scripts.FAIL,
             job_id=claim.job_id,
             worker=claim.worker_id,
             lease=claim.lease,
@@ -394,7 +396,7 @@ class WorkerQueue:
         """Hand a running job back (drain timeout): queued again, next reclaim takes it,
         and this run does not count as an attempt."""
         done = await self.store.run(
-            scripts.RELEASE,
+            outcome_scripts.RELEASE,
             job_id=claim.job_id,
             worker=claim.worker_id,
             lease=claim.lease,
@@ -407,5 +409,8 @@ class WorkerQueue:
         values = [rows] if isinstance(rows, int) else list(rows)
         if values:
             await self.store.run(
-                scripts.OBSERVE, name="unet_batch_rows", bounds=_csv(BATCH_ROW_BOUNDS), rest=values
+                run_scripts.OBSERVE,
+                name="unet_batch_rows",
+                bounds=_csv(BATCH_ROW_BOUNDS),
+                rest=values,
             )
