@@ -8,9 +8,8 @@ a job served by the engine and a `generate()` call with the same parameters give
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from model.conditioning import Conditioning
 from model.denoise import Blend, ConditioningCache, Row, denoise_step
 from model.embeddings import expand_prompt
 from model.first_stage import FirstStage, Posterior
+from model.first_stage_guard import FiniteFirstStage
 from model.lora_files import LoraError
 from model.lora_layers import AdapterSet
 from model.lora_library import LoraLibrary, adaptable_networks
@@ -44,10 +44,6 @@ DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipeline defau
 MODEL_FIELDS = (
     "prompt_2", "negative_prompt_2", "aesthetic_score", "negative_aesthetic_score", "noise_level",
 )  # fmt: skip
-
-
-class NonFiniteDecodeError(RuntimeError):
-    """The VAE gave NaN or inf even in float32: such an image is never returned."""
 
 
 UPSCALE_INPUT_MULTIPLE = 32  # LDMSuperResolutionPipeline resizes its input down to multiples of 32
@@ -79,10 +75,6 @@ def pad_texts(texts: Sequence[Conditioning], empty: Conditioning) -> list[Condit
 
 def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
-
-
-def _finite(post: Posterior) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in post)  # type: ignore[attr-defined]
 
 
 def _pil_rgb(
@@ -117,12 +109,13 @@ class Pipeline:
     # The x4 upscaler (model.sd_upscale): its low-res image is noised and labelled per row.
     low_res_noise: LowResNoise | None = None
     _capabilities: Capabilities | None = field(default=None, init=False, repr=False)
-    _vae_fp32: FirstStage | None = field(default=None, init=False, repr=False)
+    _guard: FiniteFirstStage = field(init=False, repr=False)  # the float32 retry
     _compiled: BucketedUNet | None = field(default=None, init=False, repr=False)
     _loras: LoraLibrary | None = field(default=None, init=False, repr=False)
     time_id_count: int = field(default=0, init=False)  # SDXL: 6, its refiner: 5
 
     def __post_init__(self) -> None:
+        self._guard = FiniteFirstStage(self.name)
         if prefers_channels_last(self.device):  # loaders read conv weights NHWC already
             self.unet.use_channels_last()
             # The decoder too: its NCHW decode took 2.1x the channels_last one on CPU (SD
@@ -476,48 +469,17 @@ class Pipeline:
         warm = replace(text, concat=concat, time_ids=ids_row, class_labels=labels)
         return self._compiled.warm((c, h, w), warm)
 
-    def _float32_vae(self) -> FirstStage:
-        """A float32 copy of a half-precision first stage, made on first need (SDXL's VAE
-        overflows in fp16 where its checkpoint does not ask for float32 itself)."""
-        if self._vae_fp32 is None:
-            self._vae_fp32 = copy.deepcopy(self.vae).float()  # type: ignore[attr-defined]
-        return self._vae_fp32  # type: ignore[return-value]
-
-    def _finite_vae(self, run: Callable[[FirstStage], torch.Tensor], what: str) -> torch.Tensor:
-        """`run(vae)` in float32 out; where half precision gave NaN or inf, run again with the
-        VAE in float32; still non-finite: NonFiniteDecodeError (never a black "image")."""
-        out = run(self.vae).float()
-        if torch.isfinite(out).all():
-            return out
-        if self.vae_dtype != torch.float32:
-            log.warning("%s: VAE %s gave non-finite values in %s; retrying in float32",
-                        self.name, what, self.vae_dtype)  # fmt: skip
-            out = run(self._float32_vae()).float()
-            if torch.isfinite(out).all():
-                return out
-        raise NonFiniteDecodeError(
-            f"the VAE {what} gave non-finite values (NaN or inf), in float32 too: "
-            "the weights or the latents are broken"
-        )
+    @property
+    def first_stage_guard(self) -> FiniteFirstStage:
+        """The first stage's float32 retry (model.first_stage_guard)."""
+        return self._guard
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> Posterior:
         """First-stage posterior of (1, 3, H, W) pixels in [-1, 1], in float32 (unscaled); a
         non-finite half-precision encoding is redone in float32 (NonFiniteDecodeError if that
         does not fix it)."""
-        post = self.vae.encode(pixels.to(self.device, self.vae_dtype)).float()
-        if _finite(post):
-            return post
-        if self.vae_dtype != torch.float32:
-            log.warning("%s: VAE encoding gave non-finite values in %s; retrying in float32",
-                        self.name, self.vae_dtype)  # fmt: skip
-            post = self._float32_vae().encode(pixels.to(self.device, torch.float32)).float()
-            if _finite(post):
-                return post
-        raise NonFiniteDecodeError(
-            "the VAE encoding gave non-finite values (NaN or inf), in float32 too: "
-            "the weights or the input are broken"
-        )
+        return self._guard.encode(self.vae, pixels.to(self.device))
 
     @torch.inference_mode()
     def begin(
@@ -626,10 +588,7 @@ class Pipeline:
         h, w = latents.shape[2:]
         tile = self.decode_tile if h * w > self.decode_tile**2 else None
         for part in latents.split(self.decode_chunk):
-            images = self._finite_vae(  # (b, 3, H, W) in [-1, 1]
-                lambda vae, z=part: vae.decode(z.to(self.device, _dtype_of(vae)) / sf, tile=tile),  # type: ignore[arg-type]
-                "decoding",
-            )
+            images = self._guard.decode(self.vae, part.to(self.device), sf, tile)
             images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
             chunks.append((images * 255).round().astype(np.uint8))
         return np.concatenate(chunks)

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from model.demo import build_demo
-from model.pipeline import NonFiniteDecodeError, Pipeline
+from model.first_stage_guard import NonFiniteDecodeError
+from model.pipeline import Pipeline
 from service.engine import Engine
 from service.engine_types import JobState
 from tests.test_engine import req, run_until_idle
@@ -35,7 +36,9 @@ def test_fp16_decode_overflow_is_decoded_again_in_float32() -> None:
         assert not torch.isfinite(pipe.vae.decode(z / pipe.vae.scaling_factor)).all()
     got = pipe.decode_latents(z)
     fp32 = build_demo()
-    fp32.vae = pipe._float32_vae()  # the same (fp16-rounded) weights, in float32
+    fp32.vae = pipe.first_stage_guard.float32(
+        pipe.vae
+    )  # the same (fp16-rounded) weights, in float32
     assert np.array_equal(got, fp32.decode_latents(z))
     assert got.std() > 1, "a real image, not a flat one"
 
@@ -45,7 +48,7 @@ def test_fp16_encode_overflow_is_encoded_again_in_float32() -> None:
     pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.inference_mode():
         assert not torch.isfinite(pipe.vae.encode(pixels)[0]).all()
-        expected = pipe._float32_vae().encode(pixels)
+        expected = pipe.first_stage_guard.float32(pipe.vae).encode(pixels)
     got = pipe.encode_image(pixels)
     torch.testing.assert_close(got.mean, expected.mean)
     torch.testing.assert_close(got.logvar, expected.logvar)
