@@ -27,6 +27,11 @@ from model.denoise import Blend, ConditioningCache, Row, denoise_step
 from model.embeddings import expand_prompt
 from model.first_stage import FirstStage, Posterior
 from model.first_stage_guard import FiniteFirstStage
+from model.generation_checks import (
+    DEFAULT_STRENGTH,
+    GenerationError,
+    check_generation,
+)
 from model.lora_files import LoraError
 from model.lora_layers import AdapterSet
 from model.lora_library import LoraLibrary, adaptable_networks
@@ -39,22 +44,8 @@ from model.unet2d import UNet2DModel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipeline defaults
-# Generation fields only some models read (service.contract.MODEL_FIELDS mirrors this).
-MODEL_FIELDS = (
-    "prompt_2", "negative_prompt_2", "aesthetic_score", "negative_aesthetic_score", "noise_level",
-)  # fmt: skip
-
 
 UPSCALE_INPUT_MULTIPLE = 32  # LDMSuperResolutionPipeline resizes its input down to multiples of 32
-
-
-class GenerationError(ValueError):
-    """A generation request the pipeline cannot run; the message says which parameter and why."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -239,89 +230,10 @@ class Pipeline:
         except LoraError as exc:
             raise GenerationError(str(exc), "loras") from None
 
-    # ----------------------------------------------------------------- checks
-    def check(
-        self,
-        *,
-        width: int,
-        height: int,
-        steps: int,
-        sampler: str,
-        num_images: int,
-        image: Image.Image | None,
-        mask: Image.Image | None,
-        strength: float | None,
-        clip_skip: int | None = None,
-        prompt: str = "",
-        **model_fields: Any,
-    ) -> tuple[str, float | None]:
-        """(mode, strength) of a request, or GenerationError naming the parameter;
-        `model_fields` are MODEL_FIELDS as given (None: not given)."""
-        self.latent_shape(width, height)
-        for name, value in model_fields.items():
-            if value is not None and name not in self.model_fields:
-                raise GenerationError(f"{self.name} does not take {name}", name)
-        if self.low_res_noise is not None:
-            try:
-                self.low_res_noise.level(model_fields.get("noise_level"))
-            except ValueError as exc:
-                raise GenerationError(str(exc), "noise_level") from None
-        layers = self.text.layers if self.text is not None else 0
-        if clip_skip is not None and not 1 <= clip_skip <= layers:
-            raise GenerationError(
-                f"clip_skip must be in 1..{layers} for this model, got {clip_skip}"
-                if layers
-                else f"{self.name} has no text encoder: clip_skip does not apply",
-                "clip_skip",
-            )
-        if num_images < 1:
-            raise GenerationError(f"num_images must be at least 1, got {num_images}", "num_images")
-        if mask is not None and image is None:
-            raise GenerationError("a mask needs an image to inpaint", "mask")
-        if prompt and not self.takes_prompt:
-            raise GenerationError(f"{self.name} takes no prompt", "prompt")
-        mode = self.mode_of(image, mask)
-        if mode not in self.capabilities.modes:
-            inpainter = mode == "img2img" and "inpaint" in self.capabilities.modes
-            raise GenerationError(
-                f"{self.name} cannot run {mode}; it runs {', '.join(self.capabilities.modes)}",
-                "mask" if mode == "inpaint" or inpainter else "image",
-            )
-        if mask is not None and image is not None and mask.size != image.size:
-            raise GenerationError(
-                f"mask is {mask.size[0]}x{mask.size[1]} but image is "
-                f"{image.size[0]}x{image.size[1]}; they must be the same size",
-                "mask",
-            )
-        if mode == "upscale" and image is not None:
-            expected = self.output_size(None, None, image)
-            if (width, height) != expected or 0 in image.size:
-                raise GenerationError(
-                    f"an upscaler's output is {self.vae_scale_factor}x the input rounded down to "
-                    f"multiples of {self.upscale_input_multiple}: {expected[0]}x{expected[1]} here, "
-                    f"got {width}x{height}",
-                    "width",
-                )
-            if width * height > self.max_upscale_pixels:
-                raise GenerationError(
-                    f"the output {width}x{height} exceeds {self.max_upscale_pixels} pixels", "image"
-                )
-        if mode not in DEFAULT_STRENGTH and strength is not None:
-            raise GenerationError("strength needs an image (img2img or inpainting)", "strength")
-        strength = DEFAULT_STRENGTH.get(mode) if strength is None else strength
-        try:
-            start = samplers.start_step(steps, strength) if mode in DEFAULT_STRENGTH else 0
-            samplers.plan(sampler, steps, self.schedule, start)
-        except ValueError as exc:
-            name = (
-                "strength"
-                if "strength" in str(exc)
-                else "sampler"
-                if "sampler" in str(exc)
-                else "steps"
-            )
-            raise GenerationError(str(exc), name) from None
-        return mode, strength
+    def check(self, **request: Any) -> tuple[str, float | None]:
+        """(mode, strength) of a request, or GenerationError naming the parameter
+        (model.generation_checks.check_generation)."""
+        return check_generation(self, **request)
 
     def probe_inputs(self, side: int) -> dict[str, Any]:
         """`generate()` keywords for a throwaway job of this model's first mode with a

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from model.denoise import ConditioningCache, denoise_step
+from model.generation_checks import MODEL_FIELDS, GenerationError
 from model.lora_files import LoraError
 from model.lora_library import PendingAdapters
-from model.pipeline import MODEL_FIELDS, GenerationError, Pipeline, pad_texts
+from model.pipeline import Pipeline, pad_texts
 from model.preview import preview_pixels
 from service.call_cost import CallCosts
 from service.engine_types import (

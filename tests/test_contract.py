@@ -104,7 +104,7 @@ def test_capability_checks_follow_the_pipeline() -> None:
 
 
 def test_model_fields_mirror_the_model_and_are_refused_where_not_read() -> None:
-    from model.pipeline import MODEL_FIELDS
+    from model.generation_checks import MODEL_FIELDS
     from service import contract
 
     assert contract.MODEL_FIELDS == MODEL_FIELDS

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from model.pipeline import MODEL_FIELDS, GenerationError
+from model.generation_checks import MODEL_FIELDS, GenerationError
 from service.contract import ContractError, GenerationParams, check_capabilities, resolved_size
 from tests.tiny import ldm_pipeline, x4_pipeline
 
