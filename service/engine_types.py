@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from model.denoise import Row
-from model.pipeline import JobStart
+from model.job_start import JobStart
 from service.contract import GenerationParams
 
 
