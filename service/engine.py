@@ -15,7 +15,6 @@ caller, which decides what to write where; nothing runs on a hidden thread.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import threading
 import time
@@ -33,6 +32,7 @@ from model.lora_library import PendingAdapters
 from model.pipeline import Pipeline, pad_texts
 from model.preview import preview_pixels
 from service.call_cost import CallCosts
+from service.call_plan import CallPlanner
 from service.engine_types import (
     GenerationRequest,
     JobHandle,
@@ -74,11 +74,9 @@ class Engine:
             raise ValueError("max_batch must be at least 1")
         self.pipeline = pipeline
         self.max_batch = max_batch
-        self.call_rows = max_batch  # rows per UNet call; lowered after an out-of-memory error
-        self.grow_after = grow_after  # good calls before a lowered call_rows doubles again
+        self.planner = CallPlanner(max_batch, call_costs, grow_after)  # rows per call
         self.backfill_limit = backfill_limit  # calls a too-big head job lets smaller ones pass
         self.prompts = PromptCache(pipeline, prompt_cache_size)
-        self.call_costs = call_costs  # None: calls as large as call_rows allows
         self.admission_wait_s = admission_wait_s  # bound on gathering jobs into an idle engine
         self._lock = threading.Lock()
         self._pending: deque[JobHandle] = deque()
@@ -92,10 +90,14 @@ class Engine:
         self._adapter_loads: dict[str, PendingAdapters] = {}  # pending jobs' LoRA reads
         self._tick = 0
         self._head_waits = 0
-        self._good_calls = 0
         self._admitting = True
         self.calls = 0  # UNet calls made
         self._family = pipeline.capabilities.family  # picks the live previews' colour map
+
+    @property
+    def call_rows(self) -> int:
+        """Rows a UNet call may hold now (lowered after an out-of-memory error)."""
+        return self.planner.limit
 
     # ----------------------------------------------------------------- public, thread-safe
     def submit(self, request: GenerationRequest) -> JobHandle:
@@ -209,7 +211,8 @@ class Engine:
         than one step would take), bounded by `admission_wait_s`; jobs submitted at about the
         same time then share calls from their first step instead of the first one running
         ahead alone and the others stretching it."""
-        if self.admission_wait_s <= 0 or self.call_costs is None or not self._pending:
+        costs = self.planner.costs
+        if self.admission_wait_s <= 0 or costs is None or not self._pending:
             return False
         if self._active_rows > 0 or not self._admitting:
             return False
@@ -217,10 +220,10 @@ class Engine:
         f = self.pipeline.vae_scale_factor
         pixels = (head.width or 0) // f * ((head.height or 0) // f)
         rows = sum(h.request.rows for h in self._pending)
-        best = self.call_costs.best_rows(self.max_batch, pixels)
+        best = costs.best_rows(self.max_batch, pixels)
         if rows >= min(best, self.max_batch) or pixels <= 0:
             return False
-        wait = min(self.admission_wait_s, self.call_costs.seconds(rows, pixels))
+        wait = min(self.admission_wait_s, costs.seconds(rows, pixels))
         waited = time.monotonic() - min(h.submitted_at for h in self._pending)
         if waited >= wait:
             return False
@@ -354,7 +357,7 @@ class Engine:
         plan: list[int] = []
         while todo:
             if not plan:
-                plan = self._plan_calls(todo, pixels)
+                plan = self.planner.plan(todo, pixels)
             chunk = todo[: plan.pop(0)]
             rows = sum(s.rows for s in chunk)
             try:
@@ -371,11 +374,8 @@ class Engine:
                     todo = [s for s in todo if s.job is not job]
                     plan = []
                     continue
-                self.call_rows = max(1, min(self.call_rows, rows) // 2)
-                self._good_calls = 0
+                self.planner.out_of_memory(rows)
                 plan = []
-                log.warning("out of memory at %d UNet rows; calls now hold <= %d", rows,
-                            self.call_rows)  # fmt: skip
                 continue  # retry this chunk, smaller
             except Exception as exc:
                 log.exception("UNet call failed for %d samples", len(chunk))
@@ -390,27 +390,8 @@ class Engine:
                 sample.row.state = state
             self.calls += 1
             out.calls.append((rows, len({s.job.id for s in chunk})))
-            self._grow_call_rows()
+            self.planner.succeeded()
             todo = todo[len(chunk) :]
-
-    def _plan_calls(self, todo: Sequence[Sample], pixels: int) -> list[int]:
-        """Samples per call for this step, per run of one context length: the measured
-        cheapest split, else filled greedily to call_rows."""
-        counts: list[int] = []
-        for _, run in itertools.groupby(todo, key=lambda s: s.context_length):
-            rows = [s.rows for s in run]
-            if self.call_costs is not None:
-                counts += self.call_costs.split(rows, pixels, self.call_rows)
-                continue
-            size = self.call_rows + 1
-            for r in rows:
-                if size + r <= self.call_rows:
-                    counts[-1] += 1
-                    size += r
-                else:
-                    counts.append(1)
-                    size = r
-        return counts
 
     def _oom_message(self, sample: Sample) -> str:
         p = sample.job.request.params
@@ -418,16 +399,6 @@ class Engine:
             f"out of memory: one {p.width}x{p.height} image ({sample.rows} UNet rows) does not "
             "fit on this worker's device even alone; use a smaller size"
         )
-
-    def _grow_call_rows(self) -> None:
-        """After a run of good calls, let a lowered call size grow back (memory frees up)."""
-        if self.call_rows >= self.max_batch:
-            return
-        self._good_calls += 1
-        if self._good_calls >= self.grow_after:
-            self.call_rows = min(self.max_batch, self.call_rows * 2)
-            self._good_calls = 0
-            log.info("UNet calls may hold %d rows again", self.call_rows)
 
     def _report_progress(self, group: list[Sample], out: StepOutput) -> None:
         now = time.monotonic()
