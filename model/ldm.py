@@ -39,6 +39,10 @@ LDM_SCHEDULER_CONFIG: dict[str, Any] = {
 """The CompVis LDM training schedule (linear in sqrt(beta)), for folders without a scheduler
 config; the published folders carry DDIM configs over it."""
 
+LDM_SR_SCHEDULER_CONFIG: dict[str, Any] = {**LDM_SCHEDULER_CONFIG, "beta_end": 0.0155}
+"""The super-resolution model's training schedule (`models/ldm/bsr_sr/config.yaml`: linear_end
+0.0155), for its single files without a `betas` buffer; LDM_SCHEDULER_CONFIG is celebahq's."""
+
 
 def is_ldm_folder(folder: Path) -> bool:
     """A diffusers folder of the text-free LDM families: a `vqvae/` and no text encoder."""
