@@ -10,6 +10,7 @@ definition, so writer and reader cannot share a mistake there.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ from model.ldm_single_file import HEAD_CHANNELS, split_legacy_qkv
 from model.pipeline import Pipeline
 from model.samplers import NoiseSchedule
 from model.unet2d import Attention
-from model.unet_convert import _RESNET_RENAMES
+from model.unet_convert import _RESNET_RENAMES, unet_state_dict_to_ldm
+from model.vae_convert import vae_state_dict_to_ldm
 from model.vq_convert import vq_from_diffusers, vq_state_dict_to_ldm
 from model.weights import CheckpointError
 from tests.test_ldm_families import (
@@ -38,6 +40,13 @@ from tests.test_ldm_families import (
     reference_pipeline,
     save_reference,
 )
+from tests.test_ldmbert import (
+    LDM_TEXT_DDIM,
+    LDM_TEXT_UNET,
+    LDM_TEXT_VAE,
+    TINY_LDMBERT,
+    bert_tokenizer,
+)
 from tests.tiny import (
     UNET2D_IRREGULAR_SINGLE_FILE,
     UNET2D_IRREGULAR_SR_SINGLE_FILE,
@@ -46,6 +55,7 @@ from tests.tiny import (
     VQ_IRREGULAR,
     VQ_IRREGULAR_SR,
     VQ_TEST,
+    randomize_,
 )
 
 UNET = "model.diffusion_model."
@@ -334,3 +344,125 @@ def test_refusals(tmp_path: Path) -> None:
     for change, message in cases:
         with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(".", r"\.")):
             load_pipeline(str(rewrite(path, tmp_path, change)), device="cpu")
+
+
+# ---------------------------------------------------------------- text-to-image (txt2img-f8-large)
+
+# x-transformers' attention has 64 channels per head (DEFAULT_DIM_HEAD): 2 heads over d_model 32.
+LDMBERT_SINGLE_FILE = {**TINY_LDMBERT, "encoder_attention_heads": 2, "head_dim": 64}
+TEXT = "cond_stage_model.transformer."
+PROMPT = "a painting of a squirrel eating a burger"
+
+
+def original_ldmbert(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """diffusers LDMBertModel weights under BERTEmbedder's x-transformers names."""
+    out = {
+        TEXT + "token_emb.weight": sd["model.embed_tokens.weight"],
+        TEXT + "pos_emb.emb.weight": sd["model.embed_positions.weight"],
+        TEXT + "to_logits.weight": sd["to_logits.weight"],
+        TEXT + "to_logits.bias": sd["to_logits.bias"],
+    }
+    for p in ("weight", "bias"):
+        out[f"{TEXT}norm.{p}"] = sd[f"model.layer_norm.{p}"]
+    layers = {int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")}
+    for i in layers:
+        ours, a, f = (
+            f"model.layers.{i}",
+            f"{TEXT}attn_layers.layers.{2 * i}",
+            f"{TEXT}attn_layers.layers.{2 * i + 1}",
+        )
+        for n in "qkv":
+            out[f"{a}.1.to_{n}.weight"] = sd[f"{ours}.self_attn.{n}_proj.weight"]
+        for p in ("weight", "bias"):
+            out[f"{a}.0.{p}"] = sd[f"{ours}.self_attn_layer_norm.{p}"]
+            out[f"{a}.1.to_out.{p}"] = sd[f"{ours}.self_attn.out_proj.{p}"]
+            out[f"{f}.0.{p}"] = sd[f"{ours}.final_layer_norm.{p}"]
+            out[f"{f}.1.net.0.0.{p}"] = sd[f"{ours}.fc1.{p}"]
+            out[f"{f}.1.net.2.{p}"] = sd[f"{ours}.fc2.{p}"]
+    assert len(out) == len(sd), "every LDMBert tensor written once"
+    return out
+
+
+@pytest.fixture(scope="module")
+def text2im(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Pipeline, Pipeline, Path]:
+    from diffusers import AutoencoderKL, DDIMScheduler, LDMTextToImagePipeline, UNet2DConditionModel
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
+        LDMBertConfig,
+        LDMBertModel,
+    )
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("text2im")
+    ref = LDMTextToImagePipeline(
+        vqvae=AutoencoderKL(**LDM_TEXT_VAE), bert=LDMBertModel(LDMBertConfig(**LDMBERT_SINGLE_FILE)),
+        tokenizer=bert_tokenizer(root / "vocab"),
+        unet=randomize_(UNet2DConditionModel(**LDM_TEXT_UNET), seed=3),
+        scheduler=DDIMScheduler(**LDM_TEXT_DDIM),
+    )  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    ref.bert.eval()
+    ref.save_pretrained(root / "pipeline", safe_serialization=True)
+    folder = load_pipeline(str(root / "pipeline"), device="cpu")
+    sd = unet_state_dict_to_ldm(folder.unet)
+    sd.update(vae_state_dict_to_ldm(folder.vae))  # type: ignore[arg-type]
+    sd.update(original_ldmbert(ref.bert.state_dict()))
+    sd["betas"] = ldm_betas(LDM_TEXT_DDIM)
+    sd["alphas_cumprod"] = torch.cumprod(1 - sd["betas"], dim=0)
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    path = root / "txt2img-f8-large.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    shutil.copytree(root / "pipeline" / "tokenizer", root / "tokenizer")  # the file's tokenizer
+    return ref, folder, load_pipeline(str(path), device="cpu"), path
+
+
+def text_images(pipe: Pipeline, guidance: float) -> np.ndarray:
+    out = pipe.generate(PROMPT, negative_prompt="snow", steps=4, guidance_scale=guidance,
+                        sampler="ddim", seed=5, num_images=2, width=64, height=64)  # fmt: skip
+    return np.stack([np.asarray(im) for im in out])
+
+
+@pytest.mark.parametrize("guidance", [1.0, 6.0])
+def test_text2im_single_file_gives_the_folder_images(
+    text2im: tuple[Any, Pipeline, Pipeline, Path], guidance: float
+) -> None:
+    ref, folder, single, _ = text2im
+    got = text_images(single, guidance)
+    assert max_diff(got[0], got[1]) > 10
+    assert max_diff(got, text_images(folder, guidance)) == 0
+    out = ref(PROMPT, num_inference_steps=4, guidance_scale=guidance, output_type="np",
+              width=64, height=64, generator=[torch.Generator("cpu").manual_seed(5)]).images  # fmt: skip
+    single_one = np.asarray(single.generate(PROMPT, steps=4, guidance_scale=guidance,
+                                            sampler="ddim", seed=5, width=64, height=64)[0])  # fmt: skip
+    assert max_diff(single_one, (out[0] * 255).round().astype(np.uint8)) <= 2
+    caps = single.capabilities
+    assert caps.family == "ldm-text2im" and caps.takes_prompt and caps.native_size == 256
+    assert single.schedule.alphas_cumprod == folder.schedule.alphas_cumprod
+    assert single.schedule.set_alpha_to_one is folder.schedule.set_alpha_to_one is False
+    assert single.vae.scaling_factor == 0.18215
+
+
+def test_text2im_refusals(text2im: tuple[Any, Pipeline, Pipeline, Path], tmp_path: Path) -> None:
+    *_, path = text2im
+    shutil.copytree(path.parent / "tokenizer", tmp_path / "tokenizer")
+    q = f"{TEXT}attn_layers.layers.0.1.to_q.weight"
+    cases: list[tuple[dict[str, Tensor | None], str]] = [
+        ({f"{TEXT}attn_layers.layers.0.1.talking.weight": torch.zeros(1)}, "unexpected key"),
+        ({q: torch.zeros(96, 32)}, "gives 96 channels, not heads of 64"),
+        ({f"{TEXT}norm.bias": None}, "missing key 'layer_norm.bias'"),
+        ({"cond_stage_model.embedding.weight": torch.zeros(2, 2)}, "conditional CompVis LDM"),
+    ]
+    for change, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            load_pipeline(str(rewrite(path, tmp_path, change)), device="cpu")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(path, alone / path.name)
+    with pytest.raises(CheckpointError, match="no BERT tokenizer"):
+        load_pipeline(str(alone / path.name), device="cpu")
+    (alone / "tokenizer").mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(1000))]
+    (alone / "tokenizer" / "vocab.txt").write_text("\n".join(words) + "\n")
+    with pytest.raises(
+        CheckpointError, match="tokenizer has 1005 tokens; the text encoder embeds 1000"
+    ):
+        load_pipeline(str(alone / path.name), device="cpu")
