@@ -6,7 +6,7 @@ and super-resolution (ldm-super-resolution-4x-openimages, `models/ldm/bsr_sr/con
 They hold `model.diffusion_model.*` (openaimodel's UNetModel without context:
 `input_blocks.N.0.in_layers`, AttentionBlock `input_blocks.N.1.norm/qkv/proj_out`,
 `time_embed.0/2`, `out.0/2`) and `first_stage_model.*` (a VQModel, model/vq_convert.py). The
-UNet's keys are mapped onto our UNet2DModel (diffusers' layout); the family is told by the
+UNet's keys are mapped onto our UNet2DModel (model/unet2d_convert.py); the family is told by the
 UNet's input channels: the VQ latents (unconditional) or latents + 3 low-res RGB channels
 (super-resolution). What the weights leave implicit, from the two yaml files (they agree on all
 but the schedule's end):
@@ -42,13 +42,11 @@ does any other `cond_stage_model.*` (a conditional model of another kind).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from model.ldm import LDM_SCHEDULER_CONFIG, LDM_SR_SCHEDULER_CONFIG, LDM_TEXT2IM_SCHEDULER_CONFIG
 from model.ldmbert import COMPVIS_PREFIX as TEXT_PREFIX
@@ -56,9 +54,10 @@ from model.ldmbert import BertTextEncoder, LDMBert, ldmbert_from_compvis
 from model.pipeline import Pipeline
 from model.samplers import NoiseSchedule
 from model.unet import UNetModel, prefers_channels_last
-from model.unet2d import UNet2DConfig, UNet2DModel
-from model.unet_convert import _RESNET_RENAMES, unet_config_from_ldm
+from model.unet2d import UNet2DModel
+from model.unet2d_convert import unet2d_from_original
 from model.unet_convert import LDM_PREFIX as UNET_PREFIX
+from model.unet_convert import unet_config_from_ldm
 from model.vae_convert import LDM_VAE_PREFIX as VAE_PREFIX
 from model.vae_convert import vae_from_ldm
 from model.vq_convert import CODEBOOK_KEY, vq_from_ldm
@@ -67,8 +66,6 @@ from model.weights import CheckpointError, build_module
 
 log = logging.getLogger(__name__)
 
-HEAD_CHANNELS = 32  # num_head_channels of celebahq-ldm-vq-4.yaml and bsr_sr/config.yaml
-NORM_GROUPS = 32  # openaimodel's normalization(): GroupNorm32(32, channels)
 LATENT_SIDE = 64  # image_size of both yaml files
 DERIVED_SCHEDULE_KEYS = frozenset(
     {
@@ -88,10 +85,6 @@ DERIVED_SCHEDULE_KEYS = frozenset(
     }
 )
 IGNORED_PREFIXES = ("model_ema.", VAE_PREFIX + "loss.")
-_ORIGINAL_RESNET = {orig: ours for ours, orig in _RESNET_RENAMES.items()}
-_BLOCK = re.compile(
-    r"((?:input_blocks|output_blocks)\.\d+\.\d+|middle_block\.\d+|time_embed\.\d+|out\.\d+)\.(.+)"
-)
 
 
 def is_ldm_vq_single_file(shapes: Mapping[str, Any]) -> bool:
@@ -102,189 +95,6 @@ def is_ldm_vq_single_file(shapes: Mapping[str, Any]) -> bool:
 def is_ldm_text_single_file(shapes: Mapping[str, Any]) -> bool:
     """txt2img-f8-large's layout: a BERTEmbedder (x-transformers token embedding) text encoder."""
     return TEXT_PREFIX + "token_emb.weight" in shapes
-
-
-def split_legacy_qkv(fused: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """QKVAttentionLegacy's fused 1x1-conv rows (3C, ...), per head q, k, v -> three (C, ...)."""
-    c = fused.shape[0] // 3
-    rows = fused.reshape(heads, 3, c // heads, *fused.shape[1:])  # (heads, qkv, d, ...)
-    q, k, v = (rows[:, i].reshape(c, *fused.shape[1:]) for i in range(3))
-    return q, k, v
-
-
-class _Plan:
-    """Where each original block goes in UNet2DModel, plus the architecture the walk finds."""
-
-    def __init__(self, sd: Mapping[str, Tensor], source: str) -> None:
-        self.sd, self.source = sd, source
-        self.moves: dict[str, tuple[str, str]] = {  # original block -> (ours, kind)
-            "input_blocks.0.0": ("conv_in", "plain"),
-            "time_embed.0": ("time_embedding.linear_1", "plain"),
-            "time_embed.2": ("time_embedding.linear_2", "plain"),
-            "out.0": ("conv_norm_out", "plain"),
-            "out.2": ("conv_out", "plain"),
-        }
-
-    def need(self, key: str) -> Tensor:
-        if key not in self.sd:
-            raise CheckpointError(
-                f"{self.source}: UNet weights are missing key '{UNET_PREFIX}{key}'"
-            )
-        return self.sd[key]
-
-    def block(self, orig: str, ours: str, kind: str) -> None:
-        self.moves[orig] = (ours, kind)
-
-    def config(self) -> UNet2DConfig:
-        conv_in = self.need("input_blocks.0.0.weight")  # (C0, in, 3, 3)
-        time_dim = int(self.need("time_embed.0.weight").shape[0])
-        widths, attention, counts = self._down()
-        layers = counts[0]
-        if any(c != layers for c in counts):
-            raise CheckpointError(
-                f"{self.source}: UNet res blocks per level differ ({counts}); UNet2DModel needs one count"
-            )
-        mid_attention = self._middle()
-        self._up(attention, layers)
-        first = self.need("input_blocks.1.0.emb_layers.1.weight")
-        scale_shift = int(first.shape[0]) == 2 * widths[0]
-        return UNet2DConfig(
-            in_channels=int(conv_in.shape[1]),
-            out_channels=int(self.need("out.2.weight").shape[0]),
-            block_out_channels=tuple(widths),
-            attention_levels=tuple(attention),
-            layers_per_block=layers,
-            attention_head_dim=HEAD_CHANNELS,
-            norm_num_groups=NORM_GROUPS,
-            attn_norm_num_groups=NORM_GROUPS,
-            scale_shift=scale_shift,
-            flip_sin_to_cos=True,
-            freq_shift=0.0,
-            time_embedding_dim=time_dim,
-            downsample_padding=1,
-            mid_attention=mid_attention,
-            sample_size=LATENT_SIDE,
-        )
-
-    def _attention(self, orig: str, ours: str) -> bool:
-        key = f"{orig}.qkv.weight"
-        if key not in self.sd:
-            return False
-        width = int(self.sd[key].shape[0]) // 3
-        if width % HEAD_CHANNELS:
-            raise CheckpointError(
-                f"{self.source}: '{UNET_PREFIX}{key}' is {width} channels wide, not a multiple of "
-                f"the {HEAD_CHANNELS} channels per head the CompVis LDM configs use"
-            )
-        self.block(orig, ours, "attn")
-        return True
-
-    def _down(self) -> tuple[list[int], list[bool], list[int]]:
-        widths: list[int] = []
-        attention: list[bool] = []
-        counts: list[int] = []
-        level: list[bool] = []  # attention after each res block of the level being walked
-
-        def close() -> None:
-            if len(set(level)) > 1:
-                raise CheckpointError(
-                    f"{self.source}: UNet down level {len(widths)} has attention after some res "
-                    "blocks only; UNet2DModel needs all or none"
-                )
-            widths.append(width)
-            attention.append(level[0])
-            counts.append(len(level))
-            level.clear()
-
-        indices = sorted(
-            {int(m[1]) for k in self.sd if (m := re.match(r"input_blocks\.(\d+)\.", k))}
-        )
-        width = 0
-        for i in indices[1:]:
-            orig = f"input_blocks.{i}"
-            if f"{orig}.0.op.weight" in self.sd:
-                self.block(f"{orig}.0", f"down_blocks.{len(widths)}.downsamplers.0", "down")
-                close()
-                continue
-            width = int(self.need(f"{orig}.0.in_layers.2.weight").shape[0])
-            ours = f"down_blocks.{len(widths)}"
-            self.block(f"{orig}.0", f"{ours}.resnets.{len(level)}", "res")
-            level.append(self._attention(f"{orig}.1", f"{ours}.attentions.{len(level)}"))
-        if not level:
-            raise CheckpointError(f"{self.source}: the UNet's last level has no res blocks")
-        close()
-        return widths, attention, counts
-
-    def _middle(self) -> bool:
-        self.need("middle_block.0.in_layers.2.weight")
-        self.block("middle_block.0", "mid_block.resnets.0", "res")
-        attention = self._attention("middle_block.1", "mid_block.attentions.0")
-        last = "middle_block.2" if attention else "middle_block.1"
-        self.need(f"{last}.in_layers.2.weight")
-        self.block(last, "mid_block.resnets.1", "res")
-        return attention
-
-    def _up(self, attention: list[bool], layers: int) -> None:
-        n = len(attention)
-        for u in range(n):
-            for j in range(layers + 1):
-                orig = f"output_blocks.{u * (layers + 1) + j}"
-                self.need(f"{orig}.0.in_layers.2.weight")
-                self.block(f"{orig}.0", f"up_blocks.{u}.resnets.{j}", "res")
-                has = self._attention(f"{orig}.1", f"up_blocks.{u}.attentions.{j}")
-                if has != attention[n - 1 - u]:
-                    raise CheckpointError(
-                        f"{self.source}: '{UNET_PREFIX}{orig}' {'has' if has else 'lacks'} "
-                        "attention where its down level does not; UNet2DModel mirrors them"
-                    )
-                if j == layers and u != n - 1:
-                    up = f"{orig}.{2 if has else 1}"
-                    self.need(f"{up}.conv.weight")
-                    self.block(up, f"up_blocks.{u}.upsamplers.0", "plain")
-
-    def tensors(self) -> dict[str, Tensor]:
-        """Every original tensor under our name; a key no block claims fails the load."""
-        out: dict[str, Tensor] = {}
-        for key, value in self.sd.items():
-            m = _BLOCK.fullmatch(key)
-            if m is None or m[1] not in self.moves:
-                raise CheckpointError(
-                    f"{self.source}: UNet weights have unexpected key '{UNET_PREFIX}{key}'"
-                )
-            ours, kind = self.moves[m[1]]
-            out.update(self._rename(ours, kind, m[2], value, key))
-        return out
-
-    def _rename(
-        self, ours: str, kind: str, rest: str, value: Tensor, key: str
-    ) -> dict[str, Tensor]:
-        module, _, param = rest.rpartition(".")
-        if kind == "plain":
-            return {f"{ours}.{rest}": value}
-        if kind == "down" and module == "op":
-            return {f"{ours}.conv.{param}": value}
-        if kind == "res" and module in _ORIGINAL_RESNET:
-            return {f"{ours}.{_ORIGINAL_RESNET[module]}.{param}": value}
-        if kind == "attn" and module == "norm":
-            return {f"{ours}.group_norm.{param}": value}
-        if kind == "attn" and module == "proj_out":
-            return {f"{ours}.to_out.0.{param}": value.flatten(1) if value.ndim > 1 else value}
-        if kind == "attn" and module == "qkv":
-            fused = value.flatten(1) if value.ndim > 1 else value  # (3C, C, 1) -> (3C, C)
-            parts = split_legacy_qkv(fused, fused.shape[0] // 3 // HEAD_CHANNELS)
-            return {f"{ours}.to_{n}.{param}": t for n, t in zip("qkv", parts, strict=True)}
-        raise CheckpointError(
-            f"{self.source}: UNet weights have unexpected key '{UNET_PREFIX}{key}'"
-        )
-
-
-def unet2d_from_original(
-    sd: Mapping[str, Tensor], *, source: str
-) -> tuple[UNet2DConfig, dict[str, Tensor]]:
-    """openaimodel UNet keys (prefix stripped) -> (UNet2DModel config, its state dict)."""
-    plan = _Plan(sd, source)
-    config = plan.config()
-    return config, plan.tensors()
 
 
 def _decimal(value: float) -> float:
@@ -359,7 +169,7 @@ def load_ldm_vq_single_file(wf: WeightFile, device: torch.device, dtype: torch.d
         unet_keys, rename=lambda k: k.removeprefix(UNET_PREFIX), device=device, dtype=dtype,
         channels_last=nhwc,
     )  # fmt: skip
-    unet_cfg, unet_sd = unet2d_from_original(raw, source=source)
+    unet_cfg, unet_sd = unet2d_from_original(raw, source=source, sample_size=LATENT_SIDE)
     del raw
     if unet_cfg.in_channels not in (latent, latent + 3) or unet_cfg.out_channels != latent:
         raise CheckpointError(

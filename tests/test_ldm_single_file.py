@@ -24,10 +24,10 @@ from torch import Tensor
 
 from model import load_pipeline
 from model.ldm import LDM_SCHEDULER_CONFIG, LDM_SR_SCHEDULER_CONFIG
-from model.ldm_single_file import HEAD_CHANNELS, split_legacy_qkv
 from model.pipeline import Pipeline
 from model.samplers import NoiseSchedule
 from model.unet2d import Attention
+from model.unet2d_convert import HEAD_CHANNELS, split_legacy_qkv
 from model.unet_convert import _RESNET_RENAMES, unet_state_dict_to_ldm
 from model.vae_convert import vae_state_dict_to_ldm
 from model.vq_convert import vq_from_diffusers, vq_state_dict_to_ldm
