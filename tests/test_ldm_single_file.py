@@ -258,6 +258,21 @@ def test_defaults_without_buffers(family: str, tmp_path: Path) -> None:
     assert pipe.vae.scaling_factor == 1.0
 
 
+def test_lightning_ckpt_loads_as_its_safetensors(tmp_path: Path) -> None:
+    """The published .ckpt (Lightning: weights under `state_dict`, beside `global_step`) gives
+    the images of its .safetensors conversion."""
+    ref = build_reference("sr", "test")
+    save_reference(ref, tmp_path / "pipeline")
+    path = tmp_path / "model.safetensors"
+    write_original(ref, tmp_path / "pipeline", path, scale_factor=None)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(str(path)), "global_step": 5}, ckpt)
+    pipes = [load_pipeline(str(p), device="cpu") for p in (path, ckpt)]
+    got = [images(p, "sr", "test", "ddim", 0) for p in pipes]
+    assert pipes[1].capabilities.family == "ldm-sr"
+    assert max_diff(got[0], got[1]) == 0
+
+
 def legacy_attention_block(x: Tensor, w: dict[str, Tensor], heads: int) -> Tensor:
     """openaimodel's AttentionBlock with QKVAttentionLegacy (latent-diffusion's definition)."""
     B, C, H, W = x.shape
