@@ -16,6 +16,12 @@ import torch
 
 from model.embeddings import install_embeddings
 from model.ldm import is_ldm_folder, is_ldm_text_folder, load_ldm_folder, load_ldm_text_folder
+from model.ldm_single_file import (
+    is_ldm_text_single_file,
+    is_ldm_vq_single_file,
+    load_ldm_text_single_file,
+    load_ldm_vq_single_file,
+)
 from model.pipeline import Pipeline
 from model.samplers import SD15_SCHEDULER_CONFIG, NoiseSchedule
 from model.schedules import SDXL_SCHEDULER_CONFIG
@@ -159,11 +165,15 @@ def _prediction_type_for(path: Path, metadata: dict[str, str]) -> str:
 
 
 def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Pipeline:
-    """An original-layout single file (SD 1.x / 2.x, SDXL base / refiner, the x4 upscaler;
-    EMA-only or full, `model_ema.*` ignored)."""
+    """An original-layout single file (SD 1.x / 2.x, SDXL base / refiner, the x4 upscaler,
+    CompVis' unconditional, super-resolution and text-to-image LDMs; EMA-only or full, `model_ema.*` ignored)."""
     source = str(path)
     wf = WeightFile(path)
     shapes = wf.shapes()
+    if is_ldm_vq_single_file(shapes):  # a VQ first stage: model/ldm_single_file.py
+        return load_ldm_vq_single_file(wf, device, dtype)
+    if is_ldm_text_single_file(shapes):  # CompVis' BERTEmbedder: txt2img-f8-large
+        return load_ldm_text_single_file(wf, device, dtype)
     sdxl = any(k.startswith(SGM_PREFIX) for k in shapes)
     unet_keys = [k for k in shapes if k.startswith(UNET_PREFIX)]
     if not unet_keys:

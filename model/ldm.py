@@ -39,6 +39,20 @@ LDM_SCHEDULER_CONFIG: dict[str, Any] = {
 """The CompVis LDM training schedule (linear in sqrt(beta)), for folders without a scheduler
 config; the published folders carry DDIM configs over it."""
 
+LDM_SR_SCHEDULER_CONFIG: dict[str, Any] = {**LDM_SCHEDULER_CONFIG, "beta_end": 0.0155}
+"""The super-resolution model's training schedule (`models/ldm/bsr_sr/config.yaml`: linear_end
+0.0155), for its single files without a `betas` buffer; LDM_SCHEDULER_CONFIG is celebahq's."""
+
+LDM_TEXT2IM_SCHEDULER_CONFIG: dict[str, Any] = {
+    **LDM_SCHEDULER_CONFIG,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "set_alpha_to_one": False,
+}
+"""txt2img-f8-large's (`txt2img-1p4B-eval.yaml`: linear_start 0.00085, linear_end 0.012), for
+its single files without `betas`; the last DDIM step goes to alpha-bar[0], as CompVis' DDIM
+sampler (and diffusers' set_alpha_to_one=False) does."""
+
 
 def is_ldm_folder(folder: Path) -> bool:
     """A diffusers folder of the text-free LDM families: a `vqvae/` and no text encoder."""

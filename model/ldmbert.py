@@ -14,6 +14,7 @@ language-model head (`to_logits`) is not part of conditioning and is dropped by 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from model.weights import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,80 @@ def ldmbert_state_dict_from_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Ten
             continue
         out[key.removeprefix("model.")] = value
     return out
+
+
+COMPVIS_PREFIX = "cond_stage_model.transformer."  # BERTEmbedder's x-transformers TransformerWrapper
+COMPVIS_HEAD_DIM = 64  # x-transformers' DEFAULT_DIM_HEAD; BERTEmbedder sets no other
+_COMPVIS_LAYER = re.compile(r"attn_layers\.layers\.(\d+)\.(0|1)\.(.+)")
+_COMPVIS_ATTENTION = {"to_q.weight": "q_proj.weight", "to_k.weight": "k_proj.weight",
+                      "to_v.weight": "v_proj.weight", "to_out.weight": "out_proj.weight",
+                      "to_out.bias": "out_proj.bias"}  # fmt: skip
+_COMPVIS_FEED_FORWARD = {"net.0.0": "fc1", "net.2": "fc2"}
+
+
+def _compvis_name(key: str) -> str | None:
+    """Our name for a TransformerWrapper key: layer 2i is block i's pre-norm + attention,
+    layer 2i + 1 its pre-norm + GELU MLP (x-transformers' ('a', 'f') blocks)."""
+    fixed = {"token_emb.weight": "embed_tokens.weight", "pos_emb.emb.weight":
+             "embed_positions.weight", "norm.weight": "layer_norm.weight",
+             "norm.bias": "layer_norm.bias"}  # fmt: skip
+    if key in fixed:
+        return fixed[key]
+    m = _COMPVIS_LAYER.fullmatch(key)
+    if m is None:
+        return None
+    n, part, rest = int(m[1]), m[2], m[3]
+    block, attention = f"layers.{n // 2}", n % 2 == 0
+    if part == "0" and rest in ("weight", "bias"):
+        norm = "self_attn_layer_norm" if attention else "final_layer_norm"
+        return f"{block}.{norm}.{rest}"
+    if attention:
+        return (
+            f"{block}.self_attn.{_COMPVIS_ATTENTION[rest]}" if rest in _COMPVIS_ATTENTION else None
+        )
+    module, _, param = rest.rpartition(".")
+    return (
+        f"{block}.{_COMPVIS_FEED_FORWARD[module]}.{param}"
+        if module in _COMPVIS_FEED_FORWARD
+        else None
+    )
+
+
+def ldmbert_from_compvis(
+    sd: Mapping[str, Tensor], *, source: str
+) -> tuple[LDMBertConfig, dict[str, Tensor]]:
+    """CompVis BERTEmbedder weights (keys below `cond_stage_model.transformer.`; the LM head
+    `to_logits.*` dropped by name) -> (our config from their shapes, our state dict). Heads
+    are not in the shapes: x-transformers' 64 channels per head."""
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith(UNUSED_KEYS):
+            continue
+        name = _compvis_name(key)
+        if name is None:
+            raise CheckpointError(
+                f"{source}: LDMBert weights have unexpected key '{COMPVIS_PREFIX}{key}'"
+            )
+        out[name] = value
+    try:
+        vocab, d_model = out["embed_tokens.weight"].shape
+        inner = int(out["layers.0.self_attn.q_proj.weight"].shape[0])
+        config = LDMBertConfig(
+            vocab_size=int(vocab), max_positions=int(out["embed_positions.weight"].shape[0]),
+            layers=len({k.split(".")[1] for k in out if k.startswith("layers.")}),
+            ffn_dim=int(out["layers.0.fc1.weight"].shape[0]), heads=inner // COMPVIS_HEAD_DIM,
+            head_dim=COMPVIS_HEAD_DIM, d_model=int(d_model),
+        )  # fmt: skip
+    except KeyError as exc:
+        raise CheckpointError(
+            f"{source}: LDMBert weights lack {exc.args[0]!r} (our name)"
+        ) from None
+    if inner % COMPVIS_HEAD_DIM:
+        raise CheckpointError(
+            f"{source}: '{COMPVIS_PREFIX}attn_layers.layers.0.1.to_q.weight' gives {inner} "
+            f"channels, not heads of {COMPVIS_HEAD_DIM}"
+        )
+    return config, out
 
 
 class BertTextEncoder:

@@ -85,6 +85,13 @@ def build_reference(
     vq_cfg, unet_cfg = SHAPES[family][shape]
     if n_embed is not None:
         vq_cfg = {**vq_cfg, "num_vq_embeddings": n_embed}
+    return reference_pipeline(family, vq_cfg, unet_cfg)
+
+
+def reference_pipeline(
+    family: str, vq_cfg: dict[str, Any], unet_cfg: dict[str, Any]
+) -> LDMPipeline | LDMSuperResolutionPipeline:
+    """diffusers' pipeline of `family` over random weights of these VQModel / UNet2DModel configs."""
     vq = randomize_(VQModel(**vq_cfg), seed=41, scale=0.1).eval()
     unet = randomize_(UNet2DModel(**unet_cfg), seed=42, scale=0.05).eval()
     cls = LDMPipeline if family == "uncond" else LDMSuperResolutionPipeline

@@ -296,6 +296,28 @@ UNET2D_IRREGULAR: dict[str, Any] = {
 }
 UNET2D_IRREGULAR_SR: dict[str, Any] = {**UNET2D_IRREGULAR, "in_channels": 6, "out_channels": 3}
 
+# The same families in what CompVis LDM single files leave to convention (model/
+# ldm_single_file.py): 32 channels per head (2 heads at 64), 32 norm groups everywhere, and an
+# irregular shape: three levels, attention on levels 0 and 2 (1 and 3 heads), one res block per
+# level, scale-shift time embedding (the mid attention keeps its norm, as openaimodel's).
+UNET2D_UNCOND_SINGLE_FILE: dict[str, Any] = {**UNET2D_UNCOND, "attention_head_dim": 32}
+UNET2D_SR_SINGLE_FILE: dict[str, Any] = {**UNET2D_SR, "attention_head_dim": 32}
+UNET2D_IRREGULAR_SINGLE_FILE: dict[str, Any] = {
+    **UNET2D_IRREGULAR,
+    "block_out_channels": [32, 64, 96],
+    "attention_head_dim": 32,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": 32,
+    "freq_shift": 0,  # openaimodel's sinusoids, downsampling padding
+    "flip_sin_to_cos": True,
+    "downsample_padding": 1,
+}
+UNET2D_IRREGULAR_SR_SINGLE_FILE: dict[str, Any] = {
+    **UNET2D_IRREGULAR_SINGLE_FILE,
+    "in_channels": 6,
+    "out_channels": 3,
+}
+
 
 BATCHING_SCHEDULER: dict[str, Any] = {
     "beta_schedule": "linear",
