@@ -44,8 +44,7 @@ import torch
 torch.set_num_threads(int(sys.argv[1]))
 quick, latent = sys.argv[2] == "1", int(sys.argv[3])
 from model import load_pipeline
-from model.unet import UNetModel
-from model.unet_config import UNetConfig
+from model.unet import UNetConfig, UNetModel  # both trees: the earlier one has no unet_config
 from service.engine import Engine
 from service import engine_types as et
 
