@@ -52,7 +52,9 @@ def test_cli_generate_has_a_flag_per_field() -> None:
 
 def test_sampler_names_and_strength_rule_mirror_the_model() -> None:
     assert SAMPLER_NAMES == samplers.SAMPLER_NAMES
-    assert DEFAULT_STRENGTH == __import__("model.pipeline").pipeline.DEFAULT_STRENGTH
+    assert (
+        DEFAULT_STRENGTH == __import__("model.generation_checks").generation_checks.DEFAULT_STRENGTH
+    )
     assert UPSCALE_INPUT_MULTIPLE == __import__("model.pipeline").pipeline.UPSCALE_INPUT_MULTIPLE
     for steps in range(1, 40):
         for strength in (0.01, 0.1, 0.25, 0.3, 1 / 3, 0.5, 0.55, 0.7, 0.75, 0.999, 1.0):
