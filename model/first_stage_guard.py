@@ -25,7 +25,8 @@ class NonFiniteDecodeError(RuntimeError):
     """The VAE gave NaN or inf even in float32: such an image is never returned."""
 
 
-def _dtype_of(module: FirstStage) -> torch.dtype:
+def dtype_of(module: FirstStage) -> torch.dtype:
+    """The dtype a first stage computes in (its parameters')."""
     return next(module.parameters()).dtype  # type: ignore[attr-defined]
 
 
@@ -47,7 +48,7 @@ class FiniteFirstStage:
 
     def float32(self, vae: FirstStage) -> FirstStage:
         """`vae` in float32 (itself when it already is): a copy, made once per module."""
-        if _dtype_of(vae) == torch.float32:
+        if dtype_of(vae) == torch.float32:
             return vae
         if self._fp32 is None or self._fp32[0] is not vae:
             self._fp32 = (vae, copy.deepcopy(vae).float())  # type: ignore[attr-defined]
@@ -55,7 +56,7 @@ class FiniteFirstStage:
 
     def encode(self, vae: FirstStage, pixels: torch.Tensor) -> Posterior:
         """The posterior of pixels in [-1, 1] on the module's device, in float32 (unscaled)."""
-        return self._run(vae, lambda m: m.encode(pixels.to(_dtype_of(m))).float(),
+        return self._run(vae, lambda m: m.encode(pixels.to(dtype_of(m))).float(),
                          _finite_posterior, "encoding")  # fmt: skip
 
     def decode(
@@ -63,7 +64,7 @@ class FiniteFirstStage:
     ) -> torch.Tensor:
         """Pixels (b, 3, H, W) in [-1, 1], float32, of latents `z` (divided by `scale` in the
         module's dtype, as diffusers unscales them)."""
-        return self._run(vae, lambda m: m.decode(z.to(_dtype_of(m)) / scale, tile=tile).float(),
+        return self._run(vae, lambda m: m.decode(z.to(dtype_of(m)) / scale, tile=tile).float(),
                          _finite_tensor, "decoding")  # fmt: skip
 
     def _run(
@@ -73,9 +74,9 @@ class FiniteFirstStage:
         out = call(vae)
         if finite(out):
             return out
-        if _dtype_of(vae) != torch.float32:
+        if dtype_of(vae) != torch.float32:
             log.warning("%s: VAE %s gave non-finite values in %s; retrying in float32",
-                        self.name, what, _dtype_of(vae))  # fmt: skip
+                        self.name, what, dtype_of(vae))  # fmt: skip
             out = call(self.float32(vae))
             if finite(out):
                 return out

@@ -25,7 +25,7 @@ from model.conditioning import Conditioning
 from model.denoise import ConditioningCache, denoise_step
 from model.embeddings import expand_prompt
 from model.first_stage import FirstStage, Posterior
-from model.first_stage_guard import FiniteFirstStage
+from model.first_stage_guard import FiniteFirstStage, dtype_of
 from model.generation_checks import (
     GenerationError,
     check_generation,
@@ -52,10 +52,6 @@ def pad_texts(texts: Sequence[Conditioning], empty: Conditioning) -> list[Condit
     longest (rows that share a UNet call hold one context length); pooled vectors stay."""
     padded = prompt_encoding.pad_to_longest([t.crossattn for t in texts], empty.crossattn)
     return [replace(t, crossattn=h) for t, h in zip(texts, padded, strict=True)]
-
-
-def _dtype_of(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
 
 
 @dataclass
@@ -121,7 +117,7 @@ class Pipeline:
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        return _dtype_of(self.vae)  # type: ignore[arg-type]
+        return dtype_of(self.vae)
 
     @property
     def model_fields(self) -> tuple[str, ...]:

@@ -72,11 +72,12 @@ class SampleState:
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLER_RULES)
 _RULES = list(dict.fromkeys(rule[1] for rule in SAMPLER_RULES.values()))
+_RANKS = {name: _RULES.index(rule[1]) for name, rule in SAMPLER_RULES.items()}
 
 
 def rule_rank(sampler: str) -> int:
     """Samplers sharing an update rule share a rank (`advance` updates them as one group)."""
-    return _RULES.index(SAMPLER_RULES[sampler][1])
+    return _RANKS[sampler]
 
 
 def start_step(steps: int, strength: float | None) -> int:
