@@ -251,7 +251,7 @@ def main() -> None:
     else:
         jobs = make_jobs(args.jobs, rate, args.latent, args.steps, args.seed, args.uniform)
     from service.settings import Settings
-    from service.worker import warm_up
+    from service.warm_up import warm_up
 
     t = time.monotonic()
     # As a worker warms up with its defaults (the UNet compiled where that is the default,

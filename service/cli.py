@@ -123,7 +123,8 @@ def cmd_api(settings: Settings) -> int:
 
 def cmd_worker(settings: Settings) -> int:
     from model import load_pipeline
-    from service.worker import serve, warm_up
+    from service.warm_up import warm_up
+    from service.worker import serve
 
     if settings.model == "demo":
         log.info(DEMO_NOTE)

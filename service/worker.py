@@ -24,9 +24,7 @@ from typing import Literal
 from redis.exceptions import RedisError
 
 from model.capabilities import describe
-from model.compiled import compiles_by_default, default_buckets
 from model.pipeline import GenerationError, Pipeline
-from service import call_cost
 from service.api_errors import ApiError
 from service.call_cost import CallCosts
 from service.contract import GENERATION_FIELDS, IMAGE_FIELDS, GenerationParams
@@ -464,25 +462,3 @@ async def serve(
     worker = Worker(settings, pipeline, model_name, call_costs)
     install_signal_handlers(worker)
     await worker.run()
-
-
-def warm_up(pipeline: Pipeline, settings: Settings | None = None) -> CallCosts | None:
-    """One tiny generation so first requests don't pay for lazy initialisation; then, with
-    ``call_sizing`` on, the UNet's call costs on this device (service.call_cost)."""
-    start = time.perf_counter()
-    pipeline.generate(**pipeline.probe_inputs(8 * pipeline.vae_scale_factor), steps=1,
-                      sampler="euler")  # fmt: skip
-    log.info("warm-up took %.2fs", time.perf_counter() - start)
-    wanted = None if settings is None else settings.compile_unet
-    if settings is not None and (compiles_by_default(pipeline.unet) if wanted is None else wanted):
-        mode = settings.compile_mode
-        if mode is None and pipeline.device.type == "cuda":
-            mode = "reduce-overhead"  # CUDA graphs per bucket
-        pipeline.compile_unet(default_buckets(settings.max_batch), mode)
-        for side in settings.compile_sides or [pipeline.native_size]:
-            pipeline.warm_compiled(side, side)
-    if settings is None or not settings.call_sizing:
-        return None
-    return call_cost.measure(
-        pipeline, settings.max_batch, settings.call_sizing_side, settings.call_sizing_budget_s
-    )

@@ -1,0 +1,41 @@
+"""Getting a loaded model ready to serve, before the worker claims its first job: one tiny
+generation (so first requests don't pay for lazy initialisation), the compiled UNet where the
+settings (or the default for this device and model: model.compiled.compiles_by_default) ask
+for it, warmed at the sizes it will serve, and the UNet's call costs on this device
+(service.call_cost) for the engine's call sizing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from model.compiled import compiles_by_default, default_buckets
+from model.pipeline import Pipeline
+from service import call_cost
+from service.call_cost import CallCosts
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def warm_up(pipeline: Pipeline, settings: Settings | None = None) -> CallCosts | None:
+    """One tiny generation so first requests don't pay for lazy initialisation; then, with
+    ``call_sizing`` on, the UNet's call costs on this device (service.call_cost)."""
+    start = time.perf_counter()
+    pipeline.generate(**pipeline.probe_inputs(8 * pipeline.vae_scale_factor), steps=1,
+                      sampler="euler")  # fmt: skip
+    log.info("warm-up took %.2fs", time.perf_counter() - start)
+    wanted = None if settings is None else settings.compile_unet
+    if settings is not None and (compiles_by_default(pipeline.unet) if wanted is None else wanted):
+        mode = settings.compile_mode
+        if mode is None and pipeline.device.type == "cuda":
+            mode = "reduce-overhead"  # CUDA graphs per bucket
+        pipeline.compile_unet(default_buckets(settings.max_batch), mode)
+        for side in settings.compile_sides or [pipeline.native_size]:
+            pipeline.warm_compiled(side, side)
+    if settings is None or not settings.call_sizing:
+        return None
+    return call_cost.measure(
+        pipeline, settings.max_batch, settings.call_sizing_side, settings.call_sizing_budget_s
+    )
