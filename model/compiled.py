@@ -91,7 +91,10 @@ class BucketedUNet:
                 self._warm.add(key)
             elif key not in self._warm:  # not compiled at warm-up: eager, never a stall
                 return self.unet(x, t, cond)
-            return self.compiled(*args)[:n]
+            out = self.compiled(*args)[:n]
+            # CUDA graphs write every replay's output into the same memory; callers keep rows
+            # (multistep history), so they get their own copy
+            return out.clone() if self.mode == "reduce-overhead" else out
 
     _warming = False
 

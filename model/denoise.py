@@ -19,6 +19,7 @@ from torch import Tensor
 
 from model import samplers
 from model.conditioning import Conditioning
+from model.host_threads import one_cpu_thread
 from model.samplers import SampleState, Trajectory
 
 UNetFn = Callable[[Tensor, Tensor, Conditioning], Tensor]  # (x, t, cond) -> float32 output
@@ -85,8 +86,8 @@ def denoise_step(
 
     Rows are taken in the order of their sampler's update rule (rows never mix, so the order
     is free), so that each rule's rows are one slice of the batch and the next step joins
-    them without copies (`samplers.joined`)."""
-    order = sorted(range(len(rows)), key=lambda i: samplers.rule_rank(rows[i].traj.sampler))
+    them without copies (`samplers.joined`); see `samplers.row_order`."""
+    order = sorted(range(len(rows)), key=lambda i: samplers.row_order(rows[i].traj.sampler))
     if order != list(range(len(rows))):
         new = _step(unet, [rows[i] for i in order], cache)
         result: list[SampleState] = [None] * len(rows)  # type: ignore[list-item]
@@ -98,30 +99,34 @@ def denoise_step(
 
 def _step(unet: UNetFn, rows: Sequence[Row], cache: ConditioningCache | None) -> list[SampleState]:
     trajs, states = [r.traj for r in rows], [r.state for r in rows]
-    x_in, t = samplers.model_input(trajs, states)  # (n, C, h, w), (n,)
-    guided = [i for i, r in enumerate(rows) if r.uncond is not None]
-    conds = [r.cond for r in rows] + [rows[i].uncond for i in guided]
-    cond = Conditioning.cat(conds) if cache is None else cache.cat(conds)  # type: ignore[arg-type]
     n = len(rows)
-    if guided:
-        idx = torch.tensor(guided, device=x_in.device)
-        x_in, t = torch.cat([x_in, x_in[idx]]), torch.cat([t, t[idx]])  # (n + g, ...)
-    if cond.scale_concat and cond.concat is not None:  # as the latents: x / in_scale
-        scale = [r.traj.in_scale[r.state.k] for r in rows]
-        scale = torch.tensor(scale + [scale[i] for i in guided], device=x_in.device)
-        cond = replace(cond, concat=cond.concat / scale.view(-1, 1, 1, 1).to(cond.concat.dtype))
+    guided = [i for i, r in enumerate(rows) if r.uncond is not None]
+    with one_cpu_thread(states[0].x.device):
+        x_in, t = samplers.model_input(trajs, states)  # (n, C, h, w), (n,)
+        conds = [r.cond for r in rows] + [rows[i].uncond for i in guided]
+        cond = Conditioning.cat(conds) if cache is None else cache.cat(conds)  # type: ignore[arg-type]
+        if guided:
+            idx = torch.tensor(guided, device=x_in.device)
+            x_in, t = torch.cat([x_in, x_in[idx]]), torch.cat([t, t[idx]])  # (n + g, ...)
+        if cond.scale_concat and cond.concat is not None:  # as the latents: x / in_scale
+            scale = [r.traj.in_scale[r.state.k] for r in rows]
+            scale = torch.tensor(scale + [scale[i] for i in guided], device=x_in.device)
+            concat = cond.concat / scale.view(-1, 1, 1, 1).to(cond.concat.dtype)
+            cond = replace(cond, concat=concat)
     out = unet(x_in, t, cond)  # (n + g, C, h, w) float32
-    model_out = out[:n]
-    if guided:
-        idx = idx.to(out.device)
-        scale = torch.tensor([rows[i].guidance for i in guided], dtype=out.dtype, device=out.device)
-        out_cond, out_uncond = model_out[idx], out[n:]
-        guided_out = out_uncond + scale[:, None, None, None] * (out_cond - out_uncond)
-        model_out = model_out.index_copy(0, idx, guided_out)
-    new = samplers.advance(trajs, states, model_out)
-    for row, state in zip(rows, new, strict=True):
-        if row.blend is not None:
-            b = row.blend
-            target = samplers.renoise(row.traj, state.k, b.clean, b.noise)
-            state.x = (1 - b.mask) * target + b.mask * state.x
+    with one_cpu_thread(out.device):
+        model_out = out[:n]
+        if guided:
+            idx = idx.to(out.device)
+            weights = [rows[i].guidance for i in guided]
+            scale = torch.tensor(weights, dtype=out.dtype, device=out.device).view(-1, 1, 1, 1)
+            out_cond, out_uncond = model_out[idx], out[n:]
+            guided_out = torch.addcmul(out_uncond, scale, out_cond - out_uncond)
+            model_out = model_out.index_copy(0, idx, guided_out)
+        new = samplers.advance(trajs, states, model_out)
+        for row, state in zip(rows, new, strict=True):
+            if row.blend is not None:
+                b = row.blend
+                target = samplers.renoise(row.traj, state.k, b.clean, b.noise)
+                state.x = (1 - b.mask) * target + b.mask * state.x
     return new

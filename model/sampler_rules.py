@@ -24,9 +24,23 @@ from torch import Tensor
 from model.schedules import NoiseSchedule, dpm_grid, spaced_timesteps, ve_grid
 
 Memory = dict[str, Tensor]
-Cols = list[Tensor]  # one (G, 1, 1, 1) coefficient column per name, gathered row by row
 Update = tuple[Tensor, Memory]
-Noise = tuple[Tensor | None, Tensor] | None  # (rows that draw, None: all; their draws) or none
+# (rows that draw: a slice when consecutive, None when all; their draws), or None: no draws
+Noise = tuple[Tensor | slice | None, Tensor] | None
+
+
+@dataclass(frozen=True)
+class Cols:
+    """A group's coefficients at this evaluation: one (G, 1, 1, 1) column per name on the
+    latents' device, and the same values on the host, so that an update can drop a term (or
+    pass a buffer on instead of copying it) where the value is the same for every row."""
+
+    cols: list[Tensor]
+    host: Sequence[tuple[float, ...]]  # (G,) rows of the plan's coefficient table
+
+    def every(self, j: int, value: float) -> bool:
+        """Whether coefficient `j` is `value` for every row of the group."""
+        return all(row[j] == value for row in self.host)
 
 
 @dataclass(frozen=True)
@@ -93,17 +107,20 @@ def _plan_ddim(steps: int, sched: NoiseSchedule, start: int) -> Table:
 
 def _step_linear(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Noise) -> Update:
     """x' = cx·x + co·out (+ cn·noise): DDIM (eta 0), Euler, Euler ancestral and LCM all fold
-    into this form at plan time, so rows of the four share one group and three passes; the
-    noise term touches only the rows that draw."""
-    cx, co, cn = c
-    x_new = cx * x
-    x_new += co * out
+    into this form at plan time, so rows of the four share one group; two passes over the
+    latents (a product into a fresh tensor, then a fused multiply-add into it), and the noise
+    term touches only the rows that draw."""
+    cx, co, cn = c.cols
+    x_new = torch.mul(x, cx).addcmul_(out, co)
     if noise is not None:
         rows, draws = noise
         if rows is None:
-            x_new += cn * draws
-        else:
-            x_new.index_add_(0, rows, cn.index_select(0, rows) * draws)
+            x_new.addcmul_(draws, cn)
+        elif isinstance(rows, slice):  # consecutive drawing rows (the batch is ordered so)
+            x_new[rows].addcmul_(draws, cn[rows])
+        else:  # the same fused multiply-add on the drawing rows: a row's result is its solo one
+            part = x_new.index_select(0, rows).addcmul_(draws, cn.index_select(0, rows))
+            x_new.index_copy_(0, rows, part)
     return x_new, mem
 
 
@@ -170,10 +187,19 @@ def _plan_heun(steps: int, sched: NoiseSchedule, start: int) -> Table:
 def _step_heun(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Noise) -> Update:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1) with the derivative
     d = dx·x + do·out: the Euler predictor x + dt·d, then the corrector
-    x_prev + dt·(d_prev + d)/2; the coefficients (0 or 1 per stage) pick the stage."""
-    dx, do, cx, co, cxp, cdp = c
-    x_new = cx * x + co * out + cxp * mem["x_prev"] + cdp * mem["d_prev"]
-    return x_new, {"x_prev": x, "d_prev": dx * x + do * out}
+    x_prev + dt·(d_prev + d)/2; the coefficients (0 or 1 per stage) pick the stage.
+
+    A group all at the predictor skips the history terms; one all at the corrector keeps no
+    history, since the next evaluation is a predictor, which weighs it by 0 (x stands in: any
+    finite tensor gives the same sum)."""
+    dx, do, cx, co, cxp, cdp = c.cols
+    x_new = torch.mul(x, cx).addcmul_(out, co)
+    predictor = c.every(4, 0.0) and c.every(5, 0.0)
+    if not predictor:
+        x_new.addcmul_(mem["x_prev"], cxp).addcmul_(mem["d_prev"], cdp)
+    if c.every(4, 1.0):
+        return x_new, {"x_prev": x, "d_prev": x}
+    return x_new, {"x_prev": x, "d_prev": torch.mul(x, dx).addcmul_(out, do)}
 
 
 def _plan_dpm(steps: int, sched: NoiseSchedule, start: int, karras: bool) -> Table:
@@ -203,9 +229,12 @@ def _plan_dpm(steps: int, sched: NoiseSchedule, start: int, karras: bool) -> Tab
 
 def _step_dpmpp_2m(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Noise) -> Update:
     """DPM-Solver++(2M) multistep update in data-prediction form (Lu et al. 2022)."""
-    x0x, x0o, cx, c0, c1 = c
-    x0 = x0x * x + x0o * out
-    return cx * x + c0 * x0 + c1 * mem["x0_prev"], {"x0_prev": x0}
+    x0x, x0o, cx, c0, c1 = c.cols
+    x0 = torch.mul(x, x0x).addcmul_(out, x0o)
+    x_new = torch.mul(x, cx).addcmul_(x0, c0)
+    if not c.every(4, 0.0):  # first-order steps have no history term
+        x_new.addcmul_(mem["x0_prev"], c1)
+    return x_new, {"x0_prev": x0}
 
 
 def _plan_lcm(steps: int, sched: NoiseSchedule, start: int) -> Table:
@@ -260,25 +289,35 @@ def _plan_pndm(steps: int, sched: NoiseSchedule, start: int) -> Table:
         w = _PLMS_WEIGHTS[min(c, 4)]
         ex, eo = (math.sqrt(1 - a), math.sqrt(a)) if sched.v_prediction else (0.0, 1.0)
         gain = (ap - a) / (a * math.sqrt(1 - ap) + math.sqrt(a * (1 - a) * ap))
-        rows.append((float(c != 1), *w, float(c != 1), ex, eo, math.sqrt(ap / a), gain))
+        keep = math.sqrt(ap / a)  # x' = keep·base - gain·eps, eps = ex·base + eo·combo
+        rows.append((float(c != 1), *w, float(c != 1), keep - gain * ex, -gain * eo))
     return Table([float(t) for t in ts], rows, noise=[_vp(sched, t) for t in ts])
 
 
 def _step_pndm(x: Tensor, out: Tensor, mem: Memory, c: Cols, noise: Noise) -> Update:
     """Pseudo linear multistep (PLMS) update (Liu et al. 2022, PNDM); push ∈ {0, 1} keeps
-    history. `lerp` with a 0/1 weight returns one end exactly, in one pass."""
-    from_x, w0, w1, w2, w3, push, ex, eo, keep, gain = c
+    history. The planner folds the eps estimate into the update (x' = cb·base + cc·combo).
+    Where a 0/1 weight is the same for every row, the history moves by reference (no pass);
+    otherwise `lerp` with it returns one end exactly, in one pass; all-zero weights of the
+    warm-up drop their terms."""
+    from_x, w0, w1, w2, w3, push, cb, cc = c.cols
     e1, e2, e3 = mem["e1"], mem["e2"], mem["e3"]
-    base = torch.lerp(mem["x_start"], x, from_x)
-    combo = w0 * out + w1 * e1 + w2 * e2 + w3 * e3
-    eps = ex * base + eo * combo
-    new = {
-        "e1": torch.lerp(e1, out, push),
-        "e2": torch.lerp(e2, e1, push),
-        "e3": torch.lerp(e3, e2, push),
-        "x_start": base,
-    }
-    return keep * base - gain * eps, new
+    base = x if c.every(0, 1.0) else torch.lerp(mem["x_start"], x, from_x)
+    combo = torch.mul(out, w0)
+    for j, (e, w) in enumerate(((e1, w1), (e2, w2), (e3, w3)), start=2):
+        if not c.every(j, 0.0):
+            combo.addcmul_(e, w)
+    if c.every(5, 1.0):
+        new = {"e1": out, "e2": e1, "e3": e2}
+    elif c.every(5, 0.0):
+        new = {"e1": e1, "e2": e2, "e3": e3}
+    else:
+        new = {
+            "e1": torch.lerp(e1, out, push),
+            "e2": torch.lerp(e2, e1, push),
+            "e3": torch.lerp(e3, e2, push),
+        }
+    return torch.mul(base, cb).addcmul_(combo, cc), {**new, "x_start": base}
 
 
 Step = Callable[[Tensor, Tensor, Memory, Cols, Noise], Update]

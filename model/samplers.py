@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from model.sampler_rules import SAMPLER_RULES, Memory, Noise, Step
+from model.sampler_rules import SAMPLER_RULES, Cols, Memory, Noise, Step
 from model.schedules import (
     SD15_SCHEDULER_CONFIG,
     NoiseSchedule,
@@ -73,11 +73,19 @@ class SampleState:
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLER_RULES)
 _RULES = list(dict.fromkeys(rule[1] for rule in SAMPLER_RULES.values()))
 _RANKS = {name: _RULES.index(rule[1]) for name, rule in SAMPLER_RULES.items()}
+_ORDER = {name: (_RANKS[name], i) for i, name in enumerate(SAMPLER_RULES)}
 
 
 def rule_rank(sampler: str) -> int:
     """Samplers sharing an update rule share a rank (`advance` updates them as one group)."""
     return _RANKS[sampler]
+
+
+def row_order(sampler: str) -> tuple[int, int]:
+    """Where a row of `sampler` goes in a batch: by update rule, then by sampler, so that each
+    rule's rows are one slice and, within it, the rows that draw noise (Euler ancestral, LCM)
+    are consecutive (their noise term then needs no gather)."""
+    return _ORDER[sampler]
 
 
 def start_step(steps: int, strength: float | None) -> int:
@@ -176,25 +184,27 @@ def _check(traj: Trajectory, state: SampleState) -> None:
 def _runs(parts: Sequence[Tensor]) -> list[Tensor]:
     """The rows as few (n, ...) tensors as possible without copying: maximal runs of rows that
     are consecutive rows of one tensor, as views (each step's states are slices of the last
-    update's batch, so a group that keeps its composition is one run)."""
+    update's batch, so a group that keeps its composition is one run). Adjacency is read
+    from data pointers; a run is kept only if its first and last rows share one storage."""
     runs: list[Tensor] = []
-    first, n = parts[0], 0
-    for p in parts:
-        if n and (
-            p.shape == first.shape
-            and p.is_contiguous()
-            and p.storage_offset() == first.storage_offset() + n * first.numel()
-            and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-        ):
-            n += 1
-            continue
-        if n:
-            runs.append(_rows_of(first, n))
-        first, n = p, 1 if p.is_contiguous() else 0
-        if not n:
-            runs.append(p)
-    if n:
-        runs.append(_rows_of(first, n))
+    i, n = 0, len(parts)
+    while i < n:
+        first, j = parts[i], i + 1
+        if first.is_contiguous():
+            ptr, size, shape = first.data_ptr(), first.numel() * first.element_size(), first.shape
+            while (
+                j < n
+                and parts[j].data_ptr() == ptr + (j - i) * size
+                and parts[j].shape == shape
+                and parts[j].is_contiguous()
+            ):
+                j += 1
+            if j - i > 1 and (
+                parts[j - 1].untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            ):
+                j = i + 1  # adjacent memory of two tensors: not one view
+        runs.append(_rows_of(first, j - i))
+        i = j
     return runs
 
 
@@ -259,6 +269,8 @@ def _noise(
     noise = torch.cat(draws).to(x.device)
     if len(drawing) == len(states):
         return (None, noise), gens
+    if drawing[-1] - drawing[0] == len(drawing) - 1:
+        return (slice(drawing[0], drawing[-1] + 1), noise), gens
     return (torch.tensor(drawing, device=x.device), noise), gens
 
 
@@ -269,7 +281,8 @@ def advance(
 ) -> list[SampleState]:
     """New states after one evaluation per row. Rows are grouped by update rule (DDIM, Euler,
     Euler ancestral and LCM share one) and each group is updated together; a group whose rows
-    are consecutive in the batch reads its slice of the output without a copy."""
+    are consecutive in the batch reads its slice of the output without a copy, and may keep
+    rows of `model_output` as history: it must not be overwritten afterwards."""
     if not len(trajs) == len(states) == model_output.shape[0]:
         raise ValueError(
             f"{len(trajs)} trajectories, {len(states)} states, {model_output.shape[0]} outputs"
@@ -287,16 +300,15 @@ def advance(
             out = out_all.narrow(0, rows[0], len(rows))
         else:
             out = out_all.index_select(0, torch.tensor(rows, device=out_all.device))
-        coef = torch.tensor([trajs[i].coefs[states[i].k] for i in rows], dtype=torch.float32)
-        cols = list(coef.to(x.device).view(len(rows), -1, 1, 1, 1).unbind(1))  # each (G, 1, 1, 1)
+        host = [trajs[i].coefs[states[i].k] for i in rows]
+        coef = torch.tensor(host, dtype=torch.float32).to(x.device)
+        cols = Cols(list(coef.view(len(rows), -1, 1, 1, 1).unbind(1)), host)  # (G, 1, 1, 1) each
         mem = {key: joined([states[i].memory[key] for i in rows]) for key in keys}
         noise, gens = _noise([trajs[i] for i in rows], [states[i] for i in rows], x)
         x_new, mem_new = step(x, out, mem, cols, noise)
+        xs = x_new.split(1)  # row views in one call
+        split = {key: v.split(1) for key, v in mem_new.items()}
         for j, i in enumerate(rows):
-            result[i] = SampleState(
-                x=x_new[j : j + 1],
-                k=states[i].k + 1,
-                memory={key: v[j : j + 1] for key, v in mem_new.items()},
-                generator=gens[j],
-            )
+            memory = {key: v[j] for key, v in split.items()}
+            result[i] = SampleState(x=xs[j], k=states[i].k + 1, memory=memory, generator=gens[j])
     return [st for st in result if st is not None]

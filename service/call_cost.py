@@ -6,6 +6,10 @@ on a CPU it can rise past a few rows (caches), so one 12-row call may cost more 
 group's rows into the calls with the least estimated total time (`CallCosts.split`); the
 per-call row limit (`max_batch`, lowered after an out-of-memory error) stays an upper bound.
 
+Where larger calls save little (`CallCosts.efficient_rows`), the engine advances only the
+jobs closest to their end in a step (service.call_plan.CallPlanner.select): with time about
+linear in rows, running every job in every call only stretches the short ones.
+
 Calls of other latent sizes are estimated from the same curve by their *work*, rows × latent
 pixels / the measured latent pixels: a UNet's cost follows the pixels it processes.
 """
@@ -25,6 +29,10 @@ from model.denoise import denoise_step
 from model.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+
+EFFICIENT_WITHIN = 0.05
+"""A call size counts as efficient when its time per row is within 5% of the least."""
 
 
 @dataclass(frozen=True)
@@ -54,19 +62,27 @@ class CallCosts:
         (w0, s0), (w1, s1) = pts[i - 1], pts[i]
         return max(s0 + (s1 - s0) * (work - w0) / (w1 - w0), 1e-9)
 
-    def best_rows(self, limit: int, pixels: int) -> int:
-        """The call size (1..limit rows) with the least estimated time per row; ties: larger."""
-        best, best_cost = 1, float("inf")
-        for r in range(1, limit + 1):
-            per_row = self.seconds(r, pixels) / r
-            if per_row <= best_cost * (1 + 1e-6):
-                best, best_cost = r, min(per_row, best_cost)
-        return best
+    def efficient_rows(self, limit: int, pixels: int, tolerance: float = EFFICIENT_WITHIN) -> int:
+        """The smallest call size (1..limit rows) whose time per row is within ``tolerance``
+        of the least: larger calls would save at most that much work, while every row in
+        them waits for the whole call (on a CPU, whose time grows about linearly with rows,
+        this is a few rows; on a GPU, where rows are nearly free until it saturates, the
+        limit)."""
+        per_row = [self.seconds(r, pixels) / r for r in range(1, limit + 1)]
+        least = min(per_row)
+        return next(r for r, c in enumerate(per_row, start=1) if c <= least * (1 + tolerance))
 
     def split(self, rows: Sequence[int], pixels: int, limit: int) -> list[int]:
         """Split samples of ``rows`` rows each (in order; a sample's rows share a call) into
         calls of at most ``limit`` rows with the least estimated total time; returns the
         number of samples per call. Ties go to fewer calls."""
+        return self._best_split(rows, pixels, limit)[1]
+
+    def split_seconds(self, rows: Sequence[int], pixels: int, limit: int) -> float:
+        """Estimated seconds of ``split``'s calls."""
+        return self._best_split(rows, pixels, limit)[0]
+
+    def _best_split(self, rows: Sequence[int], pixels: int, limit: int) -> tuple[float, list[int]]:
         total = sum(rows)
         best: tuple[float, list[int]] | None = None
         seen: set[int] = set()
@@ -80,7 +96,7 @@ class CallCosts:
             if best is None or cost < best[0] * (1 - 1e-6):
                 best = (cost, counts)
         assert best is not None
-        return best[1]
+        return best
 
     def to_dict(self) -> dict[str, object]:
         return {"pixels": self.pixels, "points": [list(p) for p in self.points],

@@ -198,16 +198,16 @@ class Engine:
             return out
         self._tick += 1
         self._last_stepped[key] = self._tick
-        self._advance(key, out)
-        self._report_progress(self._groups[key], out)
+        advanced = self._advance(key, out)
+        self._report_progress(advanced, out)
         self._retire_finished(key, out)
         return out
 
     def _gathering_locked(self, out: StepOutput) -> bool:
         """Whether an idle engine waits a moment for more jobs before starting the first.
 
-        Measured rule: only while what is pending fills less than the call size with the least
-        time per row, and for at most one call of what is pending (so a job waits no longer
+        Measured rule: only while what is pending fills less than the smallest call size
+        within a few percent of the least time per row (CallCosts.efficient_rows), and for at most one call of what is pending (so a job waits no longer
         than one step would take), bounded by `admission_wait_s`; jobs submitted at about the
         same time then share calls from their first step instead of the first one running
         ahead alone and the others stretching it."""
@@ -220,7 +220,7 @@ class Engine:
         f = self.pipeline.vae_scale_factor
         pixels = (head.width or 0) // f * ((head.height or 0) // f)
         rows = sum(h.request.rows for h in self._pending)
-        best = costs.best_rows(self.max_batch, pixels)
+        best = costs.efficient_rows(self.max_batch, pixels)
         if rows >= min(best, self.max_batch) or pixels <= 0:
             return False
         wait = min(self.admission_wait_s, costs.seconds(rows, pixels))
@@ -343,17 +343,24 @@ class Engine:
             return None
         return min(live, key=lambda k: self._last_stepped.get(k, 0))
 
-    def _advance(self, key: tuple[int, ...], out: StepOutput) -> None:
-        """One evaluation for every sample of the group, in calls of <= call_rows rows.
+    def _advance(self, key: tuple[int, ...], out: StepOutput) -> list[Sample]:
+        """One evaluation for the samples of the group the planner selects (all of them
+        unless larger calls save little: CallPlanner.select), in calls of <= call_rows rows;
+        returns the samples that took part.
 
         A call holds one text context length (prompts of different chunk counts never pad
         each other, so a job's image stays its solo image); within a length, samples closest
         to their end come first, so that calls hold jobs that leave together."""
-        todo = sorted(
-            self._groups[key],
-            key=lambda s: (s.context_length, s.row.traj.n_evals - s.row.state.k),
-        )
         pixels = key[2] * key[3]
+        group = self._groups[key]
+        chosen = self.planner.select(group, pixels)
+        if len(chosen) < len(group):
+            picked = {id(s) for s in chosen}
+            for sample in group:
+                if id(sample) not in picked:
+                    sample.waited += 1
+        todo = sorted(chosen, key=lambda s: (s.context_length, s.row.traj.n_evals - s.row.state.k))
+        advanced = list(todo)
         plan: list[int] = []
         while todo:
             if not plan:
@@ -392,6 +399,7 @@ class Engine:
             out.calls.append((rows, len({s.job.id for s in chunk})))
             self.planner.succeeded()
             todo = todo[len(chunk) :]
+        return [s for s in advanced if s.job.state is JobState.RUNNING]
 
     def _oom_message(self, sample: Sample) -> str:
         p = sample.job.request.params

@@ -141,6 +141,7 @@ class Sample:
     job: JobHandle
     index: int
     row: Row
+    waited: int = 0  # steps of its group it was left out of (CallPlanner.select's aging)
 
     @property
     def shape_key(self) -> tuple[int, ...]:

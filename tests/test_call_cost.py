@@ -24,8 +24,11 @@ def test_estimates_interpolate_and_scale_with_pixels() -> None:
     assert CPU_LIKE.seconds(6, 1024) == pytest.approx(5.8)  # between 4 and 8 rows
     assert CPU_LIKE.seconds(8, 256) == pytest.approx(1.9)  # 8 rows of 16x16 = 2 rows' work
     assert CPU_LIKE.seconds(32, 1024) == pytest.approx(44.0)  # past the end: last slope
-    assert CPU_LIKE.best_rows(16, 1024) == 4 and GPU_LIKE.best_rows(16, 1024) == 16
-    assert GPU_LIKE.best_rows(10, 1024) == 10  # the limit bounds it
+    # the smallest size within 5% of the least time per row (0.90 s at 4 rows): 3 rows
+    # (2.75 s, interpolated) on the CPU-like curve, 14 of 16 on the GPU-like one
+    assert CPU_LIKE.efficient_rows(16, 1024) == 3 and GPU_LIKE.efficient_rows(16, 1024) == 14
+    assert GPU_LIKE.efficient_rows(10, 1024) == 9  # within the limit (10 rows: 0.20 s per row)
+    assert CPU_LIKE.efficient_rows(16, 1024, tolerance=0.0) == 4
     with pytest.raises(ValueError, match="increasing"):
         CallCosts(((2, 1.0), (1, 0.5)), 64)
 
@@ -74,28 +77,58 @@ def test_measure_times_every_candidate_size(demo: Pipeline) -> None:
 
 
 def test_engine_calls_follow_the_split_and_images_stay_solo(demo: Pipeline) -> None:
-    engine = Engine(demo, max_batch=16, call_costs=CPU_LIKE)
+    """On a GPU-like curve the whole group shares its calls."""
+    engine = Engine(demo, max_batch=16, call_costs=GPU_LIKE)
     jobs = [req(f"j{i}", f"p{i}", steps=3, sampler="ddim", width=256, height=256, seed=i,
                 guidance_scale=1.0) for i in range(6)]  # fmt: skip
     handles = [engine.submit(j) for j in jobs]
     outs = engine.run_until_idle()
     first = next(o for o in outs if o.calls)
-    assert [rows for rows, _ in first.calls] == [3, 3]  # 6 rows → two calls of 3 (best: 4)
+    assert [rows for rows, _ in first.calls] == [6]  # one call: rows are nearly free
     for handle in handles:
         assert max_diff(np.stack(handle.images), solo(demo, handle.request)) <= 2
 
 
-def test_shortest_remaining_jobs_share_calls(demo: Pipeline) -> None:
+def test_on_a_linear_curve_the_jobs_closest_to_their_end_go_first(demo: Pipeline) -> None:
+    """CPU-like costs: a call of 3 rows is within 5% of the best per row, so each step
+    advances the 3 jobs with the fewest evaluations left; the short jobs leave first and
+    the long ones are not stretched over them; the images stay the solo ones."""
     engine = Engine(demo, max_batch=16, call_costs=CPU_LIKE)
-    steps = [2, 6, 2, 6, 2, 6, 2, 6]  # interleaved arrivals of two settings groups
+    steps = [6, 2, 6, 2, 6, 2, 6, 2]  # interleaved arrivals of two settings groups
+    handles = []
     for i, n in enumerate(steps):
-        engine.submit(req(f"j{i}", f"p{i}", steps=n, sampler="euler", width=256, height=256,
-                          seed=i, guidance_scale=1.0))  # fmt: skip
+        job = req(f"j{i}", f"p{i}", steps=n, sampler="euler", width=256, height=256, seed=i,
+                  guidance_scale=1.0)  # fmt: skip
+        handles.append(engine.submit(job))
     outs = engine.run_until_idle()
     ended = [h.id for o in outs for h in o.ended]
-    assert set(ended[:4]) == {"j0", "j2", "j4", "j6"}  # the short ones leave first, together
+    assert set(ended[:4]) == {"j1", "j3", "j5", "j7"}  # the short ones leave first
+    calls = [rows for o in outs for rows, _ in o.calls]
+    assert max(calls) <= 3 and sum(calls) == 4 * 2 + 4 * 6  # every evaluation, none twice
     first = next(o for o in outs if o.calls)
-    assert [rows for rows, _ in first.calls] == [4, 4]
+    assert [p[0].id for p in first.progress] == ["j1", "j3", "j5"]  # only the advanced report
+    for handle in handles:
+        assert max_diff(np.stack(handle.images), solo(demo, handle.request)) <= 2
+
+
+def test_waiting_jobs_age_so_none_starves(demo: Pipeline) -> None:
+    """A long job left out while shorter ones keep coming gains a step of priority per step
+    it waits, so it is advanced long before the stream of short jobs ends."""
+    engine = Engine(demo, max_batch=16, call_costs=CPU_LIKE)
+    long = engine.submit(req("long", "l", steps=8, sampler="euler", width=256, height=256,
+                             guidance_scale=1.0))  # fmt: skip
+    advanced_at = None
+    for i in range(40):
+        if engine.free_rows() >= 3:
+            for j in range(3):
+                engine.submit(req(f"s{i}.{j}", "s", steps=2, sampler="euler", width=256,
+                                  height=256, seed=j, guidance_scale=1.0))  # fmt: skip
+        out = engine.step()
+        if advanced_at is None and any(job is long for job, _ in out.progress):
+            advanced_at = i
+    # left out at first (shorter jobs go first), then in well before the stream ends (12 here)
+    assert advanced_at is not None and 0 < advanced_at <= 16, advanced_at
+    assert long.done()
 
 
 def test_idle_engine_gathers_jobs_for_at_most_one_call(demo: Pipeline) -> None:
