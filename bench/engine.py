@@ -214,8 +214,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="6 short jobs (smoke test)")
     p.add_argument("--rounds", type=int, default=1, help="rounds of (b) and (c), alternated")
-    p.add_argument("--eager", action="store_true", help="engine UNet eager even where a worker "
-                   "would compile it (compare with the default)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="engine UNet compiled (buckets), as "
+                   "a worker with compile_unet=true (default: eager, the worker's default)")  # fmt: skip
     args = p.parse_args()
     if args.latent is None:
         args.latent = 16 if args.unet == "sd15" else 8
@@ -254,10 +254,10 @@ def main() -> None:
     from service.warm_up import warm_up
 
     t = time.monotonic()
-    # As a worker warms up with its defaults (the UNet compiled where that is the default,
+    # As a worker warms up with its defaults (eager unless --compile,
     # call costs measured), at the jobs' size rather than the model's native one.
     side = 8 * args.latent
-    settings = Settings(max_batch=args.max_rows, compile_unet=False if args.eager else None,
+    settings = Settings(max_batch=args.max_rows, compile_unet=args.compile,
                         compile_sides=[side], call_sizing_side=side)  # fmt: skip
     costs = warm_up(ours, settings)
     compiled = ours.compiled_unet is not None

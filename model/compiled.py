@@ -25,20 +25,10 @@ from model.conditioning import Conditioning, pad_rows
 log = logging.getLogger(__name__)
 
 
-BY_DEFAULT_MIN_PARAMS = 300_000_000
-"""UNets this large compile by default on CPU: measured at SD 1.5's (860M parameters) a
-compiled call took 0.65 of eager's time (batch 2, latent 32) and a whole generate() 0.95 of
-diffusers' where eager measured 1.00-1.10 (bench/generate.py --compile). Smaller ones (test and
-demo models) stay eager: their calls are cheap and compiling would dominate warm-up."""
-
-
-def compiles_by_default(unet: nn.Module) -> bool:
-    """Where compiling was measured faster: CPU and an SD 1.5-class UNet. CUDA stays eager
-    until bench/gpu.py has measured it on a card."""
-    p = next(unet.parameters())
-    return p.device.type == "cpu" and sum(t.numel() for t in unet.parameters()) >= (
-        BY_DEFAULT_MIN_PARAMS
-    )
+MEASURED = """Off by default everywhere: at SD 1.5's shape on the 2-core CPU (quiet, 2 Dec 2026)
+a compiled call took 0.97-1.00 of eager's (batch 2 and 4, latent 32; /tmp probe with this
+module's settings), for ~100 s of compiling per bucket; an earlier 0.65 was measured under
+load and did not repeat. CUDA is unmeasured (bench/gpu.py has not run on a card)."""
 
 
 def default_buckets(max_rows: int) -> tuple[int, ...]:

@@ -51,12 +51,11 @@ class Settings(BaseSettings):
     worker_ttl_s: float = Field(
         default=10.0, gt=0, description="A worker without a heartbeat for this long is dead."
     )
-    compile_unet: bool | None = Field(
-        default=None,
+    compile_unet: bool = Field(
+        default=False,
         description="Run the UNet through torch.compile at bucketed batch sizes, compiled at "
-        "warm-up for the native image size (model.compiled). None: on where it measured "
-        "faster — CPU workers with a UNet of SD 1.5's class (model.compiled.compiles_by_default"
-        "; warm-up then takes ~2 minutes per bucket on a small CPU) — off elsewhere.",
+        "warm-up for the native image size (model.compiled; ~2 minutes per bucket on a small "
+        "CPU). Off by default: on CPU it measured no faster than eager (model.compiled.MEASURED).",
     )
     compile_sides: list[int] | None = Field(
         default=None,

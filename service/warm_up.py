@@ -1,8 +1,7 @@
 """Getting a loaded model ready to serve, before the worker claims its first job: one tiny
 generation (so first requests don't pay for lazy initialisation), the compiled UNet where the
-settings (or the default for this device and model: model.compiled.compiles_by_default) ask
-for it, warmed at the sizes it will serve, and the UNet's call costs on this device
-(service.call_cost) for the engine's call sizing.
+settings ask for it (`compile_unet`), warmed at the sizes it will serve, and the UNet's call
+costs on this device (service.call_cost) for the engine's call sizing.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from model.compiled import compiles_by_default, default_buckets
+from model.compiled import default_buckets
 from model.pipeline import Pipeline
 from service import call_cost
 from service.call_cost import CallCosts
@@ -26,8 +25,7 @@ def warm_up(pipeline: Pipeline, settings: Settings | None = None) -> CallCosts |
     pipeline.generate(**pipeline.probe_inputs(8 * pipeline.vae_scale_factor), steps=1,
                       sampler="euler")  # fmt: skip
     log.info("warm-up took %.2fs", time.perf_counter() - start)
-    wanted = None if settings is None else settings.compile_unet
-    if settings is not None and (compiles_by_default(pipeline.unet) if wanted is None else wanted):
+    if settings is not None and settings.compile_unet:
         mode = settings.compile_mode
         if mode is None and pipeline.device.type == "cuda":
             mode = "reduce-overhead"  # CUDA graphs per bucket
