@@ -8,14 +8,26 @@ back after a run of good calls (memory frees up as other work leaves the device)
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Sequence
 
-from service.call_cost import EFFICIENT_WITHIN, CallCosts
+from service.call_cost import CallCosts
 from service.engine_types import Sample
 
 log = logging.getLogger(__name__)
+
+
+def _left(sample: Sample) -> int:
+    """UNet evaluations a sample still needs."""
+    return sample.row.traj.n_evals - sample.row.state.k
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_seconds(costs: CallCosts, rows: tuple[int, ...], pixels: int, limit: int) -> float:
+    """`CallCosts.split_seconds`, remembered: the same compositions recur step after step."""
+    return costs.split_seconds(rows, pixels, limit)
 
 
 class CallPlanner:
@@ -29,47 +41,55 @@ class CallPlanner:
         self._good_calls = 0
 
     def select(self, group: Sequence[Sample], pixels: int) -> list[Sample]:
-        """The samples to advance this step: all of them, unless costs say that a smaller
-        call loses little. Then whole jobs, by fewest remaining evaluations less the steps
-        they have waited (aging: no job starves), until the next would overfill the smallest
-        efficient call (`CallCosts.efficient_rows`; one job at least), provided that this
-        call and the rest's calls are estimated within `EFFICIENT_WITHIN` of the time of
-        the whole group's best split. With time about linear in rows (a CPU), the jobs
-        closest to their end then finish first instead of every job being stretched over
-        all the rows (shortest remaining first minimises mean latency); where rows are
-        nearly free (a GPU), the whole group still shares its calls."""
+        """The samples to advance this step: whole jobs, the ones closest to their end first
+        (fewest remaining evaluations less the steps they have waited: aging, so no job
+        starves), as many as gives the least estimated sum of completion times. Each
+        candidate (the first k jobs now, the rest after them; k = all: every job in every
+        step) is played forward with the measured costs (`_completions`). Where rows are
+        nearly free (a GPU) sharing calls wins and the whole group runs; where time grows
+        about linearly with rows (a CPU) running everything together only stretches the
+        short jobs over the long ones' rows, and they go first. Without costs, all."""
         if self.costs is None:
-            return list(group)
-        target = self.costs.efficient_rows(self.limit, pixels)
-        if sum(s.rows for s in group) <= target:
             return list(group)
         jobs: dict[str, list[Sample]] = {}
         for sample in group:
             jobs.setdefault(sample.job.id, []).append(sample)
+        if len(jobs) == 1:
+            return list(group)
 
         def priority(samples: list[Sample]) -> tuple[int, float]:
             first = samples[0]
-            left = first.row.traj.n_evals - first.row.state.k
-            return left - first.waited, first.job.submitted_at
+            return _left(first) - first.waited, first.job.submitted_at
 
-        chosen: list[Sample] = []
-        rows = 0
-        for samples in sorted(jobs.values(), key=priority):
-            need = sum(s.rows for s in samples)
-            if chosen and rows + need > target:
+        ordered = sorted(jobs.values(), key=priority)
+        work = [(_left(samples[0]), tuple(s.rows for s in samples)) for samples in ordered]
+        best_k, best = len(work), self._completions(work, pixels, 0.0)[1]
+        for k in range(1, len(work)):
+            if sum(sum(r) for _, r in work[:k]) > self.limit:
                 break
-            chosen += samples
-            rows += need
-        picked = {id(s) for s in chosen}
-        rest = [s.rows for s in group if id(s) not in picked]
-        if not rest:
-            return chosen
-        split = self.costs.split_seconds
-        whole = split([s.rows for s in group], pixels, self.limit)
-        apart = split([s.rows for s in chosen], pixels, self.limit) + split(
-            rest, pixels, self.limit
-        )
-        return chosen if apart <= whole * (1 + EFFICIENT_WITHIN) else list(group)
+            end, first = self._completions(work[:k], pixels, 0.0)
+            total = first + self._completions(work[k:], pixels, end)[1]
+            if total < best * (1 - 1e-6):
+                best_k, best = k, total
+        return [s for samples in ordered[:best_k] for s in samples]
+
+    def _completions(
+        self, work: Sequence[tuple[int, tuple[int, ...]]], pixels: int, start: float
+    ) -> tuple[float, float]:
+        """(end time, sum of completion times) of jobs (remaining evaluations, rows of each
+        sample) all advanced every step from `start`, each step costing its best split."""
+        assert self.costs is not None
+        left = sorted(work, key=lambda w: w[0])
+        now, done, total, i = start, 0, 0.0, 0
+        while i < len(left):
+            rows = [r for _, sample_rows in left[i:] for r in sample_rows]
+            step = _split_seconds(self.costs, tuple(rows), pixels, self.limit)
+            now += (left[i][0] - done) * step
+            done = left[i][0]
+            while i < len(left) and left[i][0] == done:
+                total += now
+                i += 1
+        return now, total
 
     def plan(self, todo: Sequence[Sample], pixels: int) -> list[int]:
         """Samples per call, in `todo`'s order (sorted by context length by the caller)."""

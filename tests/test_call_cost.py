@@ -90,9 +90,9 @@ def test_engine_calls_follow_the_split_and_images_stay_solo(demo: Pipeline) -> N
 
 
 def test_on_a_linear_curve_the_jobs_closest_to_their_end_go_first(demo: Pipeline) -> None:
-    """CPU-like costs: a call of 3 rows is within 5% of the best per row, so each step
-    advances the 3 jobs with the fewest evaluations left; the short jobs leave first and
-    the long ones are not stretched over them; the images stay the solo ones."""
+    """CPU-like costs (time about linear in rows): advancing every job in every step would
+    stretch the short jobs over the long ones' rows, so a step advances the jobs with the
+    fewest evaluations left; the short jobs leave first; the images stay the solo ones."""
     engine = Engine(demo, max_batch=16, call_costs=CPU_LIKE)
     steps = [6, 2, 6, 2, 6, 2, 6, 2]  # interleaved arrivals of two settings groups
     handles = []
@@ -106,7 +106,8 @@ def test_on_a_linear_curve_the_jobs_closest_to_their_end_go_first(demo: Pipeline
     calls = [rows for o in outs for rows, _ in o.calls]
     assert max(calls) <= 3 and sum(calls) == 4 * 2 + 4 * 6  # every evaluation, none twice
     first = next(o for o in outs if o.calls)
-    assert [p[0].id for p in first.progress] == ["j1", "j3", "j5"]  # only the advanced report
+    advanced = {p[0].id for p in first.progress}  # only the advanced samples report
+    assert {"j1", "j3", "j5", "j7"} <= advanced and len(advanced) < len(steps)
     for handle in handles:
         assert max_diff(np.stack(handle.images), solo(demo, handle.request)) <= 2
 
@@ -152,3 +153,25 @@ def test_idle_engine_gathers_jobs_for_at_most_one_call(demo: Pipeline) -> None:
     off = Engine(demo, max_batch=8, call_costs=slow, admission_wait_s=0.0)
     off.submit(req("d", "x", steps=2, width=256, height=256, guidance_scale=1.0))
     assert off.step().calls == [(1, 1)]
+
+
+def test_the_measured_sd15_cpu_curve_runs_the_short_group_first(demo: Pipeline) -> None:
+    """The curve a worker measured for SD 1.5 at 256² on the 2-core CPU (eager, 20 s budget:
+    1, 2 and 4 rows, larger calls extrapolated) is sublinear, yet running 12 CFG rows
+    together saves less than it costs the short jobs in waiting: bench/engine.py's burst of
+    three 2-step and three 4-step jobs starts with the short ones (and at most one other)."""
+    measured = CallCosts(((1, 1.293), (2, 1.995), (4, 3.275)), 32 * 32)
+    engine = Engine(demo, max_batch=16, call_costs=measured)
+    for i, n in enumerate([4, 2, 4, 2, 4, 2]):
+        engine.submit(req(f"j{i}", f"p{i}", steps=n, sampler="ddim", width=256, height=256,
+                          seed=i))  # fmt: skip
+    first = next(o for o in iter(engine.step, None) if o.calls)
+    advanced = {p[0].id for p in first.progress}
+    assert {"j1", "j3", "j5"} <= advanced and len(advanced) <= 4  # at most one long one joins
+    engine.run_until_idle()
+    gpu = Engine(demo, max_batch=16, call_costs=GPU_LIKE)
+    for i, n in enumerate([4, 2, 4, 2, 4, 2]):
+        gpu.submit(req(f"g{i}", f"p{i}", steps=n, sampler="ddim", width=256, height=256))
+    first = next(o for o in iter(gpu.step, None) if o.calls)
+    assert sum(rows for rows, _ in first.calls) == 12  # rows nearly free: everyone shares
+    gpu.run_until_idle()
