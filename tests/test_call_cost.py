@@ -169,9 +169,3 @@ def test_the_measured_sd15_cpu_curve_runs_the_short_group_first(demo: Pipeline) 
     advanced = {p[0].id for p in first.progress}
     assert {"j1", "j3", "j5"} <= advanced and len(advanced) <= 4  # at most one long one joins
     engine.run_until_idle()
-    gpu = Engine(demo, max_batch=16, call_costs=GPU_LIKE)
-    for i, n in enumerate([4, 2, 4, 2, 4, 2]):
-        gpu.submit(req(f"g{i}", f"p{i}", steps=n, sampler="ddim", width=256, height=256))
-    first = next(o for o in iter(gpu.step, None) if o.calls)
-    assert sum(rows for rows, _ in first.calls) == 12  # rows nearly free: everyone shares
-    gpu.run_until_idle()
