@@ -7,6 +7,11 @@ from the output: rows of a UNet call never mix, so real rows get what they would
 and every bucket is compiled at worker warm-up (`warm`), not on a user's first request. On
 CUDA the "reduce-overhead" mode also captures CUDA graphs per bucket. Other latent sizes
 compile on first use (each size once per bucket).
+
+Off by default everywhere (setting `compile_unet`): at SD 1.5's shape on the 2-core CPU
+(quiet, 2 Dec 2026) a compiled call took 0.97-1.00 of eager's (batch 2 and 4, latent 32),
+for ~100 s of compiling per bucket; an earlier 0.65 was measured under load and did not
+repeat. CUDA is unmeasured (bench/gpu.py has not run on a card).
 """
 
 from __future__ import annotations
@@ -23,12 +28,6 @@ from torch import Tensor, nn
 from model.conditioning import Conditioning, pad_rows
 
 log = logging.getLogger(__name__)
-
-
-MEASURED = """Off by default everywhere: at SD 1.5's shape on the 2-core CPU (quiet, 2 Dec 2026)
-a compiled call took 0.97-1.00 of eager's (batch 2 and 4, latent 32; /tmp probe with this
-module's settings), for ~100 s of compiling per bucket; an earlier 0.65 was measured under
-load and did not repeat. CUDA is unmeasured (bench/gpu.py has not run on a card)."""
 
 
 def default_buckets(max_rows: int) -> tuple[int, ...]:

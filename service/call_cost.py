@@ -6,9 +6,9 @@ on a CPU it can rise past a few rows (caches), so one 12-row call may cost more 
 group's rows into the calls with the least estimated total time (`CallCosts.split`); the
 per-call row limit (`max_batch`, lowered after an out-of-memory error) stays an upper bound.
 
-Where larger calls save little (`CallCosts.efficient_rows`), the engine advances only the
-jobs closest to their end in a step (service.call_plan.CallPlanner.select): with time about
-linear in rows, running every job in every call only stretches the short ones.
+The same estimates decide which jobs a step advances (service.call_plan.CallPlanner.select):
+with time about linear in rows, running every job in every call only stretches the short
+ones, so the jobs closest to their end may go first.
 
 Calls of other latent sizes are estimated from the same curve by their *work*, rows × latent
 pixels / the measured latent pixels: a UNet's cost follows the pixels it processes.

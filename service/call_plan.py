@@ -19,7 +19,7 @@ from service.engine_types import Sample
 log = logging.getLogger(__name__)
 
 
-def _left(sample: Sample) -> int:
+def evaluations_left(sample: Sample) -> int:
     """UNet evaluations a sample still needs."""
     return sample.row.traj.n_evals - sample.row.state.k
 
@@ -59,13 +59,17 @@ class CallPlanner:
 
         def priority(samples: list[Sample]) -> tuple[int, float]:
             first = samples[0]
-            return _left(first) - first.waited, first.job.submitted_at
+            return evaluations_left(first) - first.waited, first.job.submitted_at
 
         ordered = sorted(jobs.values(), key=priority)
-        work = [(_left(samples[0]), tuple(s.rows for s in samples)) for samples in ordered]
+        work = [
+            (evaluations_left(samples[0]), tuple(s.rows for s in samples)) for samples in ordered
+        ]
         best_k, best = len(work), self._completions(work, pixels, 0.0)[1]
+        head_rows = 0
         for k in range(1, len(work)):
-            if sum(sum(r) for _, r in work[:k]) > self.limit:
+            head_rows += sum(work[k - 1][1])
+            if head_rows > self.limit:
                 break
             end, first = self._completions(work[:k], pixels, 0.0)
             total = first + self._completions(work[k:], pixels, end)[1]

@@ -32,7 +32,7 @@ from model.lora_library import PendingAdapters
 from model.pipeline import Pipeline, pad_texts
 from model.preview import preview_pixels
 from service.call_cost import CallCosts
-from service.call_plan import CallPlanner
+from service.call_plan import CallPlanner, evaluations_left
 from service.engine_types import (
     GenerationRequest,
     JobHandle,
@@ -207,8 +207,9 @@ class Engine:
         """Whether an idle engine waits a moment for more jobs before starting the first.
 
         Measured rule: only while what is pending fills less than the smallest call size
-        within a few percent of the least time per row (CallCosts.efficient_rows), and for at most one call of what is pending (so a job waits no longer
-        than one step would take), bounded by `admission_wait_s`; jobs submitted at about the
+        within a few percent of the least time per row (CallCosts.efficient_rows), and for
+        at most one call of what is pending (so a job waits no longer than one step would
+        take), bounded by `admission_wait_s`; jobs submitted at about the
         same time then share calls from their first step instead of the first one running
         ahead alone and the others stretching it."""
         costs = self.planner.costs
@@ -344,9 +345,9 @@ class Engine:
         return min(live, key=lambda k: self._last_stepped.get(k, 0))
 
     def _advance(self, key: tuple[int, ...], out: StepOutput) -> list[Sample]:
-        """One evaluation for the samples of the group the planner selects (all of them
-        unless larger calls save little: CallPlanner.select), in calls of <= call_rows rows;
-        returns the samples that took part.
+        """One evaluation for the samples of the group the planner selects
+        (CallPlanner.select: all of them unless leaving some for later lowers the estimated
+        mean latency), in calls of <= call_rows rows; returns the samples that took part.
 
         A call holds one text context length (prompts of different chunk counts never pad
         each other, so a job's image stays its solo image); within a length, samples closest
@@ -359,7 +360,7 @@ class Engine:
             for sample in group:
                 if id(sample) not in picked:
                     sample.waited += 1
-        todo = sorted(chosen, key=lambda s: (s.context_length, s.row.traj.n_evals - s.row.state.k))
+        todo = sorted(chosen, key=lambda s: (s.context_length, evaluations_left(s)))
         advanced = list(todo)
         plan: list[int] = []
         while todo:

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
         default=False,
         description="Run the UNet through torch.compile at bucketed batch sizes, compiled at "
         "warm-up for the native image size (model.compiled; ~2 minutes per bucket on a small "
-        "CPU). Off by default: on CPU it measured no faster than eager (model.compiled.MEASURED).",
+        "CPU). Off by default: on CPU it measured no faster than eager (model/compiled.py).",
     )
     compile_sides: list[int] | None = Field(
         default=None,
