@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,10 +26,10 @@ import torch
 
 from model.denoise import ConditioningCache, denoise_step
 from model.generation_checks import MODEL_FIELDS, GenerationError
-from model.lora_files import LoraError
 from model.lora_library import PendingAdapters
-from model.pipeline import Pipeline, pad_texts
+from model.pipeline import Pipeline
 from model.preview import preview_pixels
+from service.admission import Admission
 from service.call_cost import CallCosts
 from service.call_plan import CallPlanner, evaluations_left
 from service.engine_types import (
@@ -42,7 +41,8 @@ from service.engine_types import (
     Sample,
     StepOutput,
 )
-from service.prompt_cache import PromptCache, prompt_key
+from service.job_start import start_jobs
+from service.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,9 @@ class Engine:
         self.pipeline = pipeline
         self.max_batch = max_batch
         self.planner = CallPlanner(max_batch, call_costs, grow_after)  # rows per call
-        self.backfill_limit = backfill_limit  # calls a too-big head job lets smaller ones pass
         self.prompts = PromptCache(pipeline, prompt_cache_size)
-        self.admission_wait_s = admission_wait_s  # bound on gathering jobs into an idle engine
         self._lock = threading.Lock()
-        self._pending: deque[JobHandle] = deque()
+        self._admission = Admission(pipeline, max_batch, backfill_limit, admission_wait_s)
         self._cancel: set[str] = set()
         self._ended: list[JobHandle] = []  # ended outside step() (pending cancels)
         self._groups: dict[tuple[int, ...], list[Sample]] = {}
@@ -87,9 +85,7 @@ class Engine:
         self._last_stepped: dict[tuple[int, ...], int] = {}
         self._active_rows = 0
         self._running: set[str] = set()  # ids of admitted, unfinished jobs
-        self._adapter_loads: dict[str, PendingAdapters] = {}  # pending jobs' LoRA reads
         self._tick = 0
-        self._head_waits = 0
         self._admitting = True
         self.calls = 0  # UNet calls made
         self._family = pipeline.capabilities.family  # picks the live previews' colour map
@@ -127,7 +123,7 @@ class Engine:
             )
         handle = JobHandle(request)
         with self._lock:
-            self._pending.append(handle)
+            self._admission.pending.append(handle)
         return handle
 
     def cancel(self, job_id: str) -> bool:
@@ -135,13 +131,11 @@ class Engine:
 
         Either way the handle is returned as ended by the next `step()`."""
         with self._lock:
-            for handle in self._pending:
-                if handle.id == job_id:
-                    self._pending.remove(handle)
-                    self._adapter_loads.pop(job_id, None)
-                    handle.end(JobState.CANCELED)
-                    self._ended.append(handle)
-                    return True
+            handle = self._admission.remove(job_id)
+            if handle is not None:
+                handle.end(JobState.CANCELED)
+                self._ended.append(handle)
+                return True
             if job_id in self._running:
                 self._cancel.add(job_id)
                 return True
@@ -150,20 +144,17 @@ class Engine:
     def free_rows(self) -> int:
         """Rows neither running nor promised to pending jobs: how much more a worker may claim."""
         with self._lock:
-            return self.max_batch - self._active_rows - sum(h.request.rows for h in self._pending)
+            return self.max_batch - self._active_rows - self._admission.rows()
 
     def idle(self) -> bool:
         with self._lock:
-            return not self._pending and self._active_rows == 0 and not self._ended
+            return not self._admission.pending and self._active_rows == 0 and not self._ended
 
     def close_admission(self) -> list[JobHandle]:
         """Stop admitting (graceful drain): return the pending jobs, now owned by the caller."""
         with self._lock:
             self._admitting = False
-            handed_back = list(self._pending)
-            self._pending.clear()
-            self._adapter_loads.clear()
-            return handed_back
+            return self._admission.take_all()
 
     def run_until_idle(self, limit: int = 100_000) -> list[StepOutput]:
         """Step until nothing is left (tests, benchmarks, `generate`-like batch use)."""
@@ -185,15 +176,14 @@ class Engine:
             canceled, self._cancel = self._cancel, set()
             out.ended.extend(self._ended)
             self._ended = []
-            gathering = self._gathering_locked(out)
-            admitted = self._admit_locked() if self._admitting and not gathering else []
+            admitted = self._admit_locked(out) if self._admitting else []
         for job_id in canceled:
             self._drop(job_id, JobState.CANCELED, None, out)
         if admitted:
             self._start_samples(admitted, out)
         key = self._pick_group()
         if key is None:
-            if self._adapter_loads and not out.wait_s:
+            if self._admission.reading_adapters() and not out.wait_s:
                 out.wait_s = ADAPTER_POLL_S  # only jobs whose adapters are being read
             return out
         self._tick += 1
@@ -203,129 +193,33 @@ class Engine:
         self._retire_finished(key, out)
         return out
 
-    def _gathering_locked(self, out: StepOutput) -> bool:
-        """Whether an idle engine waits a moment for more jobs before starting the first.
-
-        Measured rule: only while what is pending fills less than the smallest call size
-        within a few percent of the least time per row (CallCosts.efficient_rows), and for
-        at most one call of what is pending (so a job waits no longer than one step would
-        take), bounded by `admission_wait_s`; jobs submitted at about the
-        same time then share calls from their first step instead of the first one running
-        ahead alone and the others stretching it."""
-        costs = self.planner.costs
-        if self.admission_wait_s <= 0 or costs is None or not self._pending:
-            return False
-        if self._active_rows > 0 or not self._admitting:
-            return False
-        head = self._pending[0].request.params
-        f = self.pipeline.vae_scale_factor
-        pixels = (head.width or 0) // f * ((head.height or 0) // f)
-        rows = sum(h.request.rows for h in self._pending)
-        best = costs.efficient_rows(self.max_batch, pixels)
-        if rows >= min(best, self.max_batch) or pixels <= 0:
-            return False
-        wait = min(self.admission_wait_s, costs.seconds(rows, pixels))
-        waited = time.monotonic() - min(h.submitted_at for h in self._pending)
-        if waited >= wait:
-            return False
-        out.wait_s = wait - waited
-        return True
-
-    def _admit_locked(self) -> list[JobHandle]:
-        """FIFO admission into free rows; smaller jobs may pass a too-big head for a while."""
-        free = self.max_batch - self._active_rows
-        admitted: list[JobHandle] = []
-        for i, handle in enumerate(list(self._pending)):
-            if not self._adapters_ready_locked(handle):
-                continue  # its adapters are being read off this thread; others go on
-            rows = handle.request.rows
-            if rows <= free:
-                admitted.append(handle)
-                free -= rows
-                if i == 0:
-                    self._head_waits = 0
-            elif i == 0:
-                self._head_waits += 1
-                if self._head_waits > self.backfill_limit:
-                    break  # stop backfilling until the head fits
+    def _admit_locked(self, out: StepOutput) -> list[JobHandle]:
+        """Pending jobs into free rows (service.admission), unless an idle engine is still
+        gathering them (then `out.wait_s` says for how long)."""
+        out.wait_s = self._admission.gathering(self._active_rows, self.planner.costs)
+        if out.wait_s > 0:
+            return []
+        admitted = self._admission.admit(self.max_batch - self._active_rows)
         for handle in admitted:
-            self._pending.remove(handle)
             self._active_rows += handle.request.rows
             self._running.add(handle.id)
         return admitted
 
-    def _adapters_ready_locked(self, handle: JobHandle) -> bool:
-        """Whether a pending job's LoRA adapters are read (or failed to be); starts reading them
-        on the library's loader thread the first time, so a large file never stalls a step."""
-        loras = handle.request.params.loras
-        if not loras:
-            return True
-        if handle.id not in self._adapter_loads:
-            specs = [lo.model_dump() for lo in loras]
-            load = self.pipeline.loras.prefetch(specs, allow_paths=False)
-            self._adapter_loads[handle.id] = load
-        return self._adapter_loads[handle.id].done()
-
     def _start_samples(self, handles: Sequence[JobHandle], out: StepOutput) -> None:
-        """Embed prompts (one batch for all new ones), prepare images, group the samples.
+        """Start the admitted jobs (service.job_start) and put their samples in their groups;
+        a job that cannot start fails and releases its rows."""
 
-        Anything failing here (text encoder, VAE encoder, a bad image) fails the jobs being
-        admitted and releases their rows; it never leaves them holding rows unfinished."""
-        adapters = {}
-        for handle in handles:  # a missing or corrupt adapter fails only the job naming it
+        def adapter_reads(handle: JobHandle) -> PendingAdapters | None:
             with self._lock:
-                load = self._adapter_loads.pop(handle.id, None)
-            try:  # read already: installing the layers here, between UNet calls, is cheap
-                adapters[handle.id] = load.adapter_set() if load is not None else ()
-            except LoraError as exc:
-                self._fail_unstarted(handle, str(exc), out)
-            except Exception as exc:
-                log.exception("job %s: reading its LoRA adapters failed", handle.id)
-                self._fail_unstarted(handle, f"LoRA load failed: {type(exc).__name__}: {exc}", out)
-        handles = [h for h in handles if h.id in adapters]
-        keys = [
-            key
-            for p in (h.request.params for h in handles)
-            for key in (
-                prompt_key(p.prompt, p.clip_skip, p.prompt_2),
-                prompt_key(p.negative_prompt, p.clip_skip, p.negative_prompt_2),
-                prompt_key("", p.clip_skip),  # padding chunks
-            )
-        ]
-        try:
-            sets = [adapters[h.id] for h in handles for _ in range(3)]
-            embeddings = iter(self.prompts.get_many(keys, sets))
-        except Exception as exc:
-            log.exception("encoding prompts failed for %d jobs", len(handles))
-            for handle in handles:
-                self._fail_unstarted(
-                    handle, f"text encoder failed: {type(exc).__name__}: {exc}", out
-                )
-            return
-        for handle in handles:
-            cond, uncond, empty = next(embeddings), next(embeddings), next(embeddings)
-            req, p = handle.request, handle.request.params
-            if req.guided:  # CFG's rows of one job share a length, as in generate()
-                cond, uncond = pad_texts([cond, uncond], empty)
-                uncond = self.pipeline.unconditional(p.negative_prompt, cond, uncond)
-            try:
-                handle.start = self.pipeline.begin(
-                    cond, uncond if req.guided else None, width=p.width, height=p.height,  # type: ignore[arg-type]
-                    steps=p.steps, guidance_scale=p.guidance_scale, sampler=p.sampler,
-                    seed=p.seed or 0, num_images=p.num_images, image=req.image, mask=req.mask,
-                    strength=p.strength, keep_unmasked=p.keep_unmasked,
-                    adapters=adapters[handle.id],
-                    aesthetic_score=p.aesthetic_score,
-                    negative_aesthetic_score=p.negative_aesthetic_score,
-                    noise_level=p.noise_level,
-                )  # fmt: skip
-            except Exception as exc:
-                log.exception("job %s could not start", handle.id)
-                self._fail_unstarted(handle, f"could not start: {type(exc).__name__}: {exc}", out)
-                continue
+                return self._admission.adapters_of(handle)
+
+        def failed(handle: JobHandle, error: str) -> None:
+            self._fail_unstarted(handle, error, out)
+
+        for handle in start_jobs(self.pipeline, self.prompts, handles, adapter_reads, failed):
             handle.state = JobState.RUNNING
             handle.started_at = time.monotonic()
-            for i, row in enumerate(handle.start.rows):
+            for i, row in enumerate(handle.start.rows):  # type: ignore[union-attr]
                 sample = Sample(handle, i, row)
                 group = self._groups.setdefault(sample.shape_key, [])
                 if not group:
