@@ -329,6 +329,11 @@ def main() -> None:
         f"p95 latency {1 + ratios['p95_latency_c_vs_b']:.3f}; "
         f"max pixel diff (a) vs (c): {diff}/255"
     )
+    bound = (
+        burst_bound(ours, jobs, costs, args) if args.workload == "groups" and args.burst else None
+    )
+    if bound is not None:
+        print(bound.pop("text"))
     emit_json(
         "engine",
         {
@@ -343,9 +348,58 @@ def main() -> None:
             "max_pixel_diff_a_vs_c": diff,
             "engine_unet_compiled": compiled,
             "modes": summary,
+            "schedule_bound": bound,
             **ratios,
         },
     )
+
+
+def burst_bound(ours: Any, jobs: list[Job], costs: Any, args: argparse.Namespace) -> dict | None:
+    """The best any step schedule could do on this burst with the engine's measured call
+    costs (bench/schedule_bound.py), against static batching's schedule on the same costs."""
+    from schedule_bound import MAX_JOBS, best_at_wall, groups_in_turn, pareto
+
+    from model.samplers import plan
+
+    if len(jobs) > MAX_JOBS or costs is None:
+        return None
+    pixels = args.latent * args.latent
+    rows = 2  # one image with classifier-free guidance
+    work = {j.id: (plan(j.sampler, j.steps, ours.schedule).n_evals, rows) for j in jobs}
+    waiting, groups = list(jobs), []
+    while waiting:  # as serve_static takes a burst: the oldest job's batchable group first
+        group = [j for j in waiting if j.key == waiting[0].key][: args.static_batch]
+        waiting = [j for j in waiting if j not in group]
+        groups.append([work[j.id] for j in group])
+    static = groups_in_turn(groups, lambda r: costs.seconds(r, pixels))
+    front = pareto(
+        list(work.values()),
+        lambda r: costs.split_seconds([rows] * (r // rows), pixels, args.max_rows),
+    )
+    n = len(jobs)
+    at_static = best_at_wall(front, static[0])
+    least = min(front, key=lambda p: p[1])
+    fastest = front[0]
+
+    def ratio(p: tuple[float, float]) -> tuple[float, float]:
+        return p[0] / static[0], p[1] / static[1]
+
+    lines = [
+        "schedule bound (every schedule of whole jobs per step, UNet seconds from the measured "
+        f"call costs; static's own schedule: wall {static[0]:.1f}s, mean {static[1] / n:.1f}s):",
+        "  least wall: wall {:.3f}, mean {:.3f} of static's".format(*ratio(fastest)),
+        "  least mean at wall <= static's: wall {:.3f}, mean {:.3f}".format(*ratio(at_static))
+        if at_static
+        else "  no schedule is as short as static's",
+        "  least mean at any wall: wall {:.3f}, mean {:.3f}".format(*ratio(least)),
+    ]
+    return {
+        "static_model": {"wall_s": static[0], "mean_s": static[1] / n},
+        "least_wall": ratio(fastest),
+        "least_mean_at_static_wall": ratio(at_static) if at_static else None,
+        "least_mean": ratio(least),
+        "text": "\n".join(lines),
+    }
 
 
 def timed_job(ref: Any, job: Job) -> float:
