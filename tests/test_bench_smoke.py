@@ -26,6 +26,8 @@ CASES = {
     "sdxl_unet": ["bench/sdxl_unet.py", "--quick"],
     "load_memory": ["bench/load_memory.py", "--quick", "--dtypes", "fp16"],
     "engine": ["bench/engine.py", "--quick"],
+    # a burst: also the exhaustive schedule bound (bench/schedule_bound.py)
+    "engine:burst": ["bench/engine.py", "--quick", "--workload", "groups", "--burst"],
     "engine_overhead": ["bench/engine_overhead.py", "--quick"],
     "generate": ["bench/generate.py", "--quick"],
     "gpu": ["bench/gpu.py", "--device", "cpu", "--tiny", "--quick", "--no-compile"],
@@ -56,5 +58,8 @@ def test_quick_mode_runs_and_prints_json(name: str) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     record = parse_json(proc.stdout)
-    assert record["bench"] == name
+    assert record["bench"] == name.split(":")[0]
     assert record["quick"] is True
+    if name == "engine:burst":  # static's schedule is one of those searched
+        least = record["schedule_bound"]["least_mean_at_static_wall"]
+        assert least is not None and least[0] <= 1 + 1e-9 and least[1] <= 1 + 1e-9
