@@ -2,7 +2,7 @@
 
 One worker per GPU. It loads the model once, warms it up, heart-beats, claims only as many
 jobs as the engine has free rows, feeds them into the engine, stores finished images and
-acks through the queue's guarded writes. Cancellations and take-overs are noticed on every
+acks through the queue's guarded writes (service.worker_reports). Cancellations and take-overs are noticed on every
 progress write (one Redis round trip per UNet step for the whole batch) and the job is
 dropped before the next step. SIGTERM stops claiming, lets running jobs finish within the
 drain timeout, hands the rest back and exits 0.
@@ -11,14 +11,13 @@ drain timeout, hands the rest back and exits 0.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import signal
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Literal
 
 from redis.exceptions import RedisError
@@ -31,18 +30,13 @@ from service.contract import GENERATION_FIELDS, IMAGE_FIELDS, GenerationParams
 from service.engine import Engine
 from service.engine_types import (
     GenerationRequest,
-    JobHandle,
-    JobState,
-    Preview,
-    Progress,
     StepOutput,
 )
 from service.image_input import decode_image
-from service.image_output import encode_images
-from service.infotext import image_infotexts
 from service.queue import Claim, WorkerInfo, WorkerQueue, new_worker_id
 from service.settings import Settings
 from service.watchdog import Watchdog
+from service.worker_reports import Reporter, Running
 
 log = logging.getLogger(__name__)
 _MODES: dict[str, Literal["RGB", "L"]] = {"image": "RGB", "mask": "L"}
@@ -71,23 +65,6 @@ def request_from_claim(
     )
 
 
-@dataclass
-class _Running:
-    claim: Claim
-    handle: JobHandle | None = None
-    encoded: list[bytes] | None = None  # result bytes, kept while storing them is retried
-
-
-@dataclass
-class _Events:
-    """What the engine's delivery thread reports, drained by the event loop."""
-
-    progress: dict[str, Progress] = field(default_factory=dict)
-    previews: dict[str, Preview] = field(default_factory=dict)  # the latest per job
-    done: list[JobHandle] = field(default_factory=list)
-    batch_rows: list[int] = field(default_factory=list)
-
-
 class Worker:
     """Runs until stopped; `run()` is the whole life of a worker process."""
 
@@ -112,12 +89,11 @@ class Worker:
         self.watchdog = Watchdog(
             settings, self.queue, self.worker_id, self._busy, self.engine.cancel
         )
-        self.running: dict[str, _Running] = {}
+        self.running: dict[str, Running] = {}
         # A job on its last attempt after crashing workers runs alone (see _claim_loop);
         # normally at most one is held here, more only while Redis is away.
         self._deferred: deque[Claim] = deque()
         self._isolated: str | None = None
-        self._events = _Events()
         self._wake = asyncio.Event()
         self._work = asyncio.Event()  # the engine has something new (a job or a cancel)
         self._stop = asyncio.Event()
@@ -125,6 +101,9 @@ class Worker:
         # redis-py can swallow a cancel that lands inside a command (as a timeout error)
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.reports = Reporter(
+            settings, self.queue, self.watchdog, self.running, self._encoder, self._drop
+        )
         self.info = WorkerInfo(
             worker_id=self.worker_id,
             model=self.model_name,
@@ -145,23 +124,12 @@ class Worker:
             except Exception:  # a bug must not kill the loop; the step's jobs were failed
                 log.exception("engine step failed")
                 out = StepOutput()
-            self._absorb(out)
-            if not out.worked:
+            self.reports.absorb(out)
+            if out.worked:
+                self._wake.set()
+            else:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._work.wait(), min(0.5, out.wait_s or 0.5))
-
-    def _absorb(self, out: StepOutput) -> None:
-        ev = self._events
-        for handle, progress in out.progress:
-            ev.progress[handle.id] = progress
-        for handle, preview in out.previews:
-            ev.previews[handle.id] = preview
-        ev.done.extend(out.ended)
-        ev.batch_rows.extend(rows for rows, _ in out.calls)
-        if out.calls or out.ended:
-            self.watchdog.beat()  # the engine made progress (a stalled step never returns)
-        if out.worked:
-            self._wake.set()
 
     # ----------------------------------------------------------------- lifecycle
     def request_stop(self) -> None:
@@ -187,7 +155,7 @@ class Worker:
             self._work.set()
             self._wake.set()
             await asyncio.gather(engine, *tasks, watchdog, return_exceptions=True)
-            await self._flush_events()
+            await self.reports.flush()
             self._stepper.shutdown(wait=True)
             self._encoder.shutdown(wait=True)
             try:
@@ -308,7 +276,12 @@ class Worker:
             log.warning("job %s refused: %s", claim.job_id, exc)
             await self.queue.fail(claim, "invalid_request", str(exc))
             return
-        self.running[claim.job_id] = _Running(claim, handle)
+        self.running[claim.job_id] = Running(claim, handle)
+        self._work.set()
+
+    def _drop(self, job_id: str) -> None:
+        """Stop running a job canceled or taken over elsewhere (before the next step)."""
+        self.engine.cancel(job_id)
         self._work.set()
 
     async def _events_loop(self) -> None:
@@ -318,107 +291,11 @@ class Worker:
             if self._closed.is_set():
                 return  # run() flushes once more after the engine has stopped
             try:
-                await self._flush_events()
+                await self.reports.flush()
             except (RedisError, OSError) as exc:
                 log.warning("reporting to Redis failed: %s; retrying", exc)
                 await asyncio.sleep(0.5)
                 self._wake.set()
-
-    async def _flush_events(self) -> None:
-        """One round trip of progress for all jobs; drop the lost ones; store finished ones."""
-        ev = self._events
-        progress, ev.progress = ev.progress, {}
-        previews, ev.previews = ev.previews, {}
-        done, ev.done = ev.done, []
-        rows, ev.batch_rows = ev.batch_rows, []
-        # A job's last progress arrives with its end (same engine step): still write it first,
-        # so readers see step == total before the final status; canceled jobs get none.
-        updates = [
-            (self.running[j].claim, p.step, p.total, p.eta_s)
-            for j, p in progress.items()
-            if j in self.running and self.running[j].handle.state is not JobState.CANCELED  # type: ignore[union-attr]
-        ]
-        try:
-            lost = await self.queue.progress_many(updates)
-            if rows:
-                await self.queue.record_batch(rows)
-        except BaseException:
-            for j, p in progress.items():  # keep them for the retry
-                ev.progress.setdefault(j, p)
-            ev.done[:0] = done
-            raise
-        await self._publish_previews(previews, skip=lost)
-        for job_id in lost:
-            log.info("job %s canceled or taken over: dropping it", job_id)
-            self.engine.cancel(job_id)
-            self._work.set()
-        for i, handle in enumerate(done):
-            try:
-                await self._store(handle)
-            except BaseException:
-                ev.done[:0] = done[i:]  # not stored yet: retried with the next flush
-                raise
-
-    async def _publish_previews(self, previews: dict[str, Preview], skip: set[str]) -> None:
-        """Live previews of running jobs; best effort (a lost one is replaced k steps later)."""
-        items = []
-        for job_id, preview in previews.items():
-            entry = self.running.get(job_id)
-            if entry is None or job_id in skip or entry.handle is None or entry.handle.done():
-                continue
-            h, w = preview.pixels.shape[:2]
-            items.append(
-                (
-                    entry.claim,
-                    {
-                        "step": preview.step,
-                        "total": preview.total,
-                        "width": w,
-                        "height": h,
-                        "image": base64.b64encode(
-                            encode_images([preview.pixels], "png")[0]
-                        ).decode(),
-                    },
-                )
-            )
-        try:
-            await self.queue.previews(items)
-        except (RedisError, OSError) as exc:
-            log.warning("publishing live previews failed: %s", exc)
-
-    async def _store(self, handle: JobHandle) -> None:
-        """Write a finished job's outcome. The job stays in ``running`` until the write went
-        through: if Redis is away the caller retries, and the result is not dropped while
-        this worker's heartbeat keeps anyone else from taking the job over."""
-        entry = self.running.get(handle.id)
-        if entry is None:
-            return
-        claim = entry.claim
-        if handle.state is JobState.DONE:
-            if entry.encoded is None:
-                fmt = str(claim.params.get("output_format", "png"))
-                loop = asyncio.get_running_loop()
-                texts = None
-                if self.settings.png_parameters:
-                    texts = image_infotexts(claim.params, len(handle.images), claim.model)
-                entry.encoded = await loop.run_in_executor(
-                    self._encoder, encode_images, handle.images, fmt, texts
-                )
-            if await self.queue.finish(claim, entry.encoded):
-                log.info("job %s succeeded (%d images)", claim.job_id, len(entry.encoded))
-            else:
-                log.info("job %s result discarded: no longer ours", claim.job_id)
-        elif handle.state is JobState.FAILED:
-            if self.watchdog.device_failed(handle.error):
-                return  # not the job's fault: this process exits and the job is reclaimed
-            await self.queue.fail(claim, "generation_failed", handle.error or "generation failed")
-        # CANCELED: the queue already says so (or we handed it back while draining).
-        self.running.pop(handle.id, None)
-        if handle.state is not JobState.CANCELED and claim.params.get("inputs"):
-            try:
-                await self.queue.drop_inputs(claim.job_id)
-            except (RedisError, OSError) as exc:  # left for the sweep (input_ttl_s)
-                log.warning("could not delete job %s's input images: %s", claim.job_id, exc)
 
     async def _drain(self) -> None:
         """Stop claiming; finish running jobs within the drain timeout; hand back the rest."""
