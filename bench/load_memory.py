@@ -66,7 +66,8 @@ def write_checkpoint(path: Path, dtype_name: str, quick: bool) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from model.text import random_text_encoder, text_state_dict_to_ldm
+    from model.text import random_text_encoder
+    from model.text_ldm import text_state_dict_to_ldm
     from model.unet import UNetModel
     from model.unet_convert import unet_state_dict_to_ldm
     from model.vae import AutoencoderKL

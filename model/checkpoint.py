@@ -36,8 +36,9 @@ from model.sd_upscale import (
     x4_folder_noise,
     x4_single_file_unet,
 )
-from model.text import TextEncoder, text_encoder_from_ldm
+from model.text import TextEncoder
 from model.text_diffusers import text_encoder_from_diffusers
+from model.text_ldm import text_encoder_from_ldm
 from model.text_sdxl import (
     SGM_PREFIX,
     SDXLTextEncoder,

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from model.prompt_encoding import encode_prompts, pad_to_chunks
-from model.text import TextEncoder, open_clip_state_dict, text_encoder_from_ldm
+from model.text import TextEncoder
 from model.text_diffusers import text_encoder_from_diffusers, text_encoder_with_projection
+from model.text_ldm import open_clip_state_dict, text_encoder_from_ldm
 from model.weights import CheckpointError
 
 SGM_PREFIX = "conditioner.embedders."  # SDXL single files: embedders.0 (ViT-L), .1 (bigG)

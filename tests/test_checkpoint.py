@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from model import load_pipeline
 from model.pipeline import GenerationError, Pipeline
-from model.text import text_state_dict_to_ldm
+from model.text_ldm import text_state_dict_to_ldm
 from model.unet_convert import unet_state_dict_to_ldm
 from model.vae_convert import vae_state_dict_to_ldm
 from model.weights import CheckpointError

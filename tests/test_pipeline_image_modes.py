@@ -262,7 +262,7 @@ def test_single_file_inpainting_checkpoint_loads_and_agrees(tmp_path: Path) -> N
     OpenCLIP text tower back to the original layout is not implemented.)"""
     from safetensors.torch import save_file
 
-    from model.text import text_state_dict_to_ldm
+    from model.text_ldm import text_state_dict_to_ldm
     from model.unet_convert import unet_state_dict_to_ldm
     from model.vae_convert import vae_state_dict_to_ldm
 

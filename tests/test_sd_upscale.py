@@ -28,7 +28,7 @@ from model import load_pipeline
 from model.pipeline import GenerationError, Pipeline
 from model.samplers import SAMPLER_NAMES
 from model.sd_upscale import X4_FAMILY, X4_SCHEDULER_CONFIG
-from model.text import open_clip_state_dict
+from model.text_ldm import open_clip_state_dict
 from model.unet_convert import unet_state_dict_to_ldm
 from model.vae_convert import vae_state_dict_to_ldm
 from tests.reference_x4 import (

@@ -16,15 +16,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from model.text import (
-    ASSETS,
-    TextEncoder,
-    random_text_encoder,
-    text_encoder_from_ldm,
-    text_state_dict_to_ldm,
-    tiny_text_config,
-)
+from model.text import ASSETS, TextEncoder, random_text_encoder, tiny_text_config
 from model.text_diffusers import text_encoder_from_diffusers
+from model.text_ldm import text_encoder_from_ldm, text_state_dict_to_ldm
 from model.weights import CheckpointError
 from tests.clip_reference import PROMPTS, reference_ids
 
