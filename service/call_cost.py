@@ -117,23 +117,16 @@ def _fill(rows: Sequence[int], target: int) -> tuple[list[int], list[int]]:
     return counts, sizes
 
 
-LONG_CALL_S = 0.5
-"""A measured call at least this long is timed once (its noise is small next to it), and the
-sizes after it get no warm-up call: on a CPU at a real model's shape every call is seconds, and
-repeats would spend the budget before the larger sizes, whose cost would then be guessed."""
-
-
 def measure(pipeline: Pipeline, max_rows: int, side: int | None = None,
             budget_s: float = 20.0, repeats: int = 2) -> CallCosts:  # fmt: skip
     """Time real denoising steps of 1, 2, 4, ... rows at ``side`` pixels (default: the
-    model's native size): short calls after a warm-up call, the least of ``repeats``; long
-    ones once (`LONG_CALL_S`). Stops early once the measurements used ``budget_s`` (the
-    larger sizes are then extrapolated from the last segment)."""
+    model's native size); stops early once the measurements used ``budget_s`` (the larger
+    sizes are then extrapolated from the last segment)."""
     probe = pipeline.probe_inputs(side or pipeline.native_size)
     emb = pipeline.encode_prompts([""])
     width, height = probe["width"], probe["height"]
     points: list[tuple[float, float]] = []
-    spent, long = 0.0, False
+    spent = 0.0
     for rows in default_buckets(max_rows):
         job = pipeline.begin(
             emb, None, width=width, height=height, steps=2, guidance_scale=1.0,
@@ -141,16 +134,14 @@ def measure(pipeline: Pipeline, max_rows: int, side: int | None = None,
             mask=probe.get("mask"),
         )  # fmt: skip
         times = []
-        for _ in range(1 if long else repeats + 1):  # a short size: warm-up first
+        for _ in range(repeats + 1):  # the first call of a new size warms it up
             start = time.perf_counter()
             denoise_step(pipeline.unet_forward, job.rows)
             if pipeline.device.type == "cuda":
                 torch.cuda.synchronize(pipeline.device)
             times.append(time.perf_counter() - start)
         spent += sum(times)
-        seconds = min(times[1:] or times)
-        points.append((float(rows), seconds))
-        long = seconds >= LONG_CALL_S
+        points.append((float(rows), min(times[1:])))
         if spent > budget_s:
             break
     f = pipeline.vae_scale_factor

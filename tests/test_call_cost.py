@@ -76,25 +76,6 @@ def test_measure_times_every_candidate_size(demo: Pipeline) -> None:
     assert [w for w, _ in one.points] == [1]
 
 
-def test_long_calls_are_timed_once(demo: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CPU at a real shape spends seconds per call: after the first size (warm-up + repeats)
-    every size is one call, so the budget reaches the larger sizes."""
-    import service.call_cost as call_cost
-
-    calls: list[int] = []
-    real = call_cost.denoise_step
-
-    def counted(unet, rows, *args):  # type: ignore[no-untyped-def]
-        calls.append(len(rows))
-        return real(unet, rows, *args)
-
-    monkeypatch.setattr(call_cost, "denoise_step", counted)
-    monkeypatch.setattr(call_cost, "LONG_CALL_S", 0.0)
-    costs = measure(demo, 8, side=64, budget_s=60, repeats=2)
-    assert [w for w, _ in costs.points] == [1, 2, 4, 8]
-    assert len(calls) == 3 + 1 + 1 + 1
-
-
 def test_engine_calls_follow_the_split_and_images_stay_solo(demo: Pipeline) -> None:
     """On a GPU-like curve the whole group shares its calls."""
     engine = Engine(demo, max_batch=16, call_costs=GPU_LIKE)
