@@ -2,13 +2,16 @@
 
 The API process has no torch and no model; workers publish these with their registration so a
 request that the model cannot run is refused at submit (422 naming the field), never accepted
-and failed later. `service.contract.check_capabilities` reads the same dict.
+and failed later. `service.contract.check_capabilities` reads the same dict. `probe_inputs`
+makes a request of the model's first mode (warm-up, call-cost measurement).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from PIL import Image
 
 from model.sampler_rules import SAMPLER_RULES
 
@@ -87,3 +90,28 @@ def describe(pipe: Pipeline) -> Capabilities:
         loras=tuple(pipe.loras.names()) if pipe.lora_dir is not None else (),
         fields=pipe.model_fields,
     )
+
+
+def probe_inputs(pipe: Pipeline, side: int) -> dict[str, Any]:
+    """`Pipeline.generate()` keywords for a throwaway job of the model's first mode with a
+    side x side output (warm-up, call-cost measurement): whatever inputs the mode needs."""
+    f = pipe.vae_scale_factor
+    side = max(f, side // f * f)
+    mode = pipe.capabilities.modes[0]
+    if mode == "upscale":
+        low = max(pipe.upscale_input_multiple, side // f)
+        image = Image.new("RGB", (low, low))
+        width, height = pipe.output_size(None, None, image)
+        prompt = {"prompt": "warm-up"} if pipe.takes_prompt else {}
+        return {"image": image, "width": width, "height": height, **prompt}
+    kw: dict[str, Any] = {"width": side, "height": side}
+    if mode == "inpaint":
+        kw |= {
+            "image": Image.new("RGB", (side, side)),
+            "mask": Image.new("L", (side, side), 255),
+        }
+    elif mode == "img2img":
+        kw["image"] = Image.new("RGB", (side, side))
+    if pipe.takes_prompt:
+        kw["prompt"] = "warm-up"
+    return kw

@@ -7,7 +7,6 @@ a job served by the engine and a `generate()` call with the same parameters give
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,12 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import prompt_encoding, samplers
+from model import samplers, text_conditioning
 from model.capabilities import Capabilities, describe
 from model.compiled import BucketedUNet
 from model.conditioning import Conditioning
 from model.denoise import ConditioningCache, denoise_step
-from model.embeddings import expand_prompt
 from model.first_stage import FirstStage, Posterior
 from model.first_stage_guard import FiniteFirstStage, dtype_of
 from model.generation_checks import (
@@ -45,13 +43,6 @@ log = logging.getLogger(__name__)
 
 
 UPSCALE_INPUT_MULTIPLE = 32  # LDMSuperResolutionPipeline resizes its input down to multiples of 32
-
-
-def pad_texts(texts: Sequence[Conditioning], empty: Conditioning) -> list[Conditioning]:
-    """Text conditionings whose contexts are padded with the empty prompt's chunks to the
-    longest (rows that share a UNet call hold one context length); pooled vectors stay."""
-    padded = prompt_encoding.pad_to_longest([t.crossattn for t in texts], empty.crossattn)
-    return [replace(t, crossattn=h) for t, h in zip(texts, padded, strict=True)]
 
 
 @dataclass
@@ -212,30 +203,6 @@ class Pipeline:
         (model.generation_checks.check_generation)."""
         return check_generation(self, **request)
 
-    def probe_inputs(self, side: int) -> dict[str, Any]:
-        """`generate()` keywords for a throwaway job of this model's first mode with a
-        side x side output (warm-up, call-cost measurement): whatever inputs the mode needs."""
-        f = self.vae_scale_factor
-        side = max(f, side // f * f)
-        mode = self.capabilities.modes[0]
-        if mode == "upscale":
-            low = max(self.upscale_input_multiple, side // f)
-            image = Image.new("RGB", (low, low))
-            width, height = self.output_size(None, None, image)
-            prompt = {"prompt": "warm-up"} if self.takes_prompt else {}
-            return {"image": image, "width": width, "height": height, **prompt}
-        kw: dict[str, Any] = {"width": side, "height": side}
-        if mode == "inpaint":
-            kw |= {
-                "image": Image.new("RGB", (side, side)),
-                "mask": Image.new("L", (side, side), 255),
-            }
-        elif mode == "img2img":
-            kw["image"] = Image.new("RGB", (side, side))
-        if self.takes_prompt:
-            kw["prompt"] = "warm-up"
-        return kw
-
     def mode_of(self, image: Image.Image | None, mask: Image.Image | None) -> str:
         """The mode a request's inputs ask for on this model."""
         modes = self.capabilities.modes
@@ -253,38 +220,8 @@ class Pipeline:
         prompts_2: Sequence[str] | None = None,
         adapters: Sequence[AdapterSet] | None = None,
     ) -> list[Conditioning]:
-        """Each prompt's text conditioning (one row: context (1, 77·k, D) in the UNet's dtype,
-        and SDXL's pooled vector): A1111's 75-token chunks and weights (model.prompt_encoding),
-        not padded; one encoder call per adapter set (`adapters`: each prompt's LoRAs, their
-        text-encoder parts applied); textual inversion words expanded. SDXL's second encoder
-        reads `prompts_2` (default: `prompts`). A text-free model gets a (1, 0, 0) context."""
-        skip = clip_skip or 1
-        if self.text is None:
-            empty = torch.zeros((1, 0, 0), device=self.device, dtype=self.dtype)
-            return [Conditioning(empty) for _ in prompts]
-        sdxl = isinstance(self.text, SDXLTextEncoder)
-        second = list(prompts if prompts_2 is None else prompts_2)
-        if self.embeddings:  # both SDXL towers hold the same words
-            tower = self.text.second if sdxl else self.text  # type: ignore[union-attr]
-            prompts, second = ([expand_prompt(p, self.embeddings, tower) for p in ps]  # type: ignore[arg-type]
-                               for ps in (prompts, second))  # fmt: skip
-        sets = list(adapters) if adapters else [()] * len(prompts)
-        out: list[Conditioning | None] = [None] * len(prompts)
-        for adapter_set in dict.fromkeys(sets):  # prompts sharing adapters encode together
-            idx = [i for i, a in enumerate(sets) if a == adapter_set]
-            mine = [prompts[i] for i in idx]
-            scope = (
-                self.loras.text_applied(adapter_set) if adapter_set else contextlib.nullcontext()
-            )
-            with scope:
-                if sdxl:
-                    pairs = self.text.embed(mine, [second[i] for i in idx], clip_skip=skip)  # type: ignore[union-attr]
-                else:
-                    embs = prompt_encoding.encode_prompts(self.text, mine, clip_skip=skip)  # type: ignore[arg-type]
-                    pairs = [(e.hidden, None) for e in embs]
-            for i, (h, pooled) in zip(idx, pairs, strict=True):
-                out[i] = Conditioning(h, pooled=pooled).to(self.device, self.dtype)
-        return out  # type: ignore[return-value]
+        """Each prompt's text conditioning, not padded (model.text_conditioning.embed)."""
+        return text_conditioning.embed(self, prompts, clip_skip, prompts_2, adapters)
 
     def encode_prompts(
         self,
@@ -293,29 +230,14 @@ class Pipeline:
         prompts_2: Sequence[str] | None = None,
         adapters: Sequence[AdapterSet] | None = None,
     ) -> Conditioning:
-        """The text part of N rows' conditioning, shorter prompts padded with empty-prompt
-        chunks to the longest (so CFG's rows batch); a (N, 0, 0) context without text."""
-        if self.text is None:
-            empty = torch.zeros((len(prompts), 0, 0), device=self.device, dtype=self.dtype)
-            return Conditioning(empty)
-        sets = list(adapters) if adapters else [()] * len(prompts)
-        pad_set = sets[0] if sets and all(a == sets[0] for a in sets) else ()  # a job's own
-        second = None if prompts_2 is None else [*prompts_2, ""]
-        *embs, empty = self.embed_prompts([*prompts, ""], clip_skip, second, [*sets, pad_set])
-        return Conditioning.cat(pad_texts(embs, empty))
+        """N rows' text conditioning, padded to one length (model.text_conditioning.encode)."""
+        return text_conditioning.encode(self, prompts, clip_skip, prompts_2, adapters)
 
     def unconditional(
         self, negative_prompt: str, cond: Conditioning, encoded: Conditioning
     ) -> Conditioning:
-        """CFG's unconditional text: the encoded negative prompt (padded as `cond`), or zeros
-        shaped like `cond` where the model asks for them for an empty one (SDXL's
-        force_zeros_for_empty_prompt)."""
-        if self.zero_empty_negative and negative_prompt == "":
-            return Conditioning(
-                torch.zeros_like(cond.crossattn),
-                pooled=None if cond.pooled is None else torch.zeros_like(cond.pooled),
-            )
-        return encoded
+        """CFG's unconditional text (model.text_conditioning.unconditional)."""
+        return text_conditioning.unconditional(self, negative_prompt, cond, encoded)
 
     @torch.inference_mode()
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

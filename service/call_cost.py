@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.capabilities import probe_inputs
 from model.compiled import default_buckets
 from model.denoise import denoise_step
 from model.pipeline import Pipeline
@@ -122,7 +123,7 @@ def measure(pipeline: Pipeline, max_rows: int, side: int | None = None,
     """Time real denoising steps of 1, 2, 4, ... rows at ``side`` pixels (default: the
     model's native size); stops early once the measurements used ``budget_s`` (the larger
     sizes are then extrapolated from the last segment)."""
-    probe = pipeline.probe_inputs(side or pipeline.native_size)
+    probe = probe_inputs(pipeline, side or pipeline.native_size)
     emb = pipeline.encode_prompts([""])
     width, height = probe["width"], probe["height"]
     points: list[tuple[float, float]] = []

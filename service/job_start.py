@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 
 from model.lora_files import LoraError
 from model.lora_library import PendingAdapters
-from model.pipeline import Pipeline, pad_texts
+from model.pipeline import Pipeline
+from model.text_conditioning import pad_texts
 from service.engine_types import JobHandle
 from service.prompt_cache import PromptCache, prompt_key
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from model.capabilities import probe_inputs
 from model.compiled import default_buckets
 from model.pipeline import Pipeline
 from service import call_cost
@@ -22,7 +23,7 @@ def warm_up(pipeline: Pipeline, settings: Settings | None = None) -> CallCosts |
     """One tiny generation so first requests don't pay for lazy initialisation; then, with
     ``call_sizing`` on, the UNet's call costs on this device (service.call_cost)."""
     start = time.perf_counter()
-    pipeline.generate(**pipeline.probe_inputs(8 * pipeline.vae_scale_factor), steps=1,
+    pipeline.generate(**probe_inputs(pipeline, 8 * pipeline.vae_scale_factor), steps=1,
                       sampler="euler")  # fmt: skip
     log.info("warm-up took %.2fs", time.perf_counter() - start)
     if settings is not None and settings.compile_unet:
