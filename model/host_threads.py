@@ -21,24 +21,19 @@ measured slower (thread hand-offs, one memory bus), so they stay on one thread.
 from __future__ import annotations
 
 import itertools
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import partial
-from typing import TypeVar
 
 import torch
 from torch import Tensor
-
-T = TypeVar("T")
 
 PARALLEL_DRAW = 32768
 """Values each thread should draw at least (~0.1 ms here): below, handing work to a thread
 costs more than it saves."""
 
 _outer_threads = 1  # torch's thread count outside the innermost one_cpu_thread block
-_pool: ThreadPoolExecutor | None = None  # helper threads, made on first use
+_pool: ThreadPoolExecutor | None = None  # noise-drawing threads, made on first use
 _pool_size = 0
 
 
@@ -59,51 +54,30 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         _outer_threads = outer
 
 
-def run_parallel(tasks: Sequence[Callable[[], T]], device: torch.device) -> list[T]:
-    """The tasks' results, in order. On the CPU inside `one_cpu_thread` they run on up to the
-    outer thread count of Python threads (the caller among them, each taking the next task
-    when done: tasks of unequal size balance); torch releases the GIL in its kernels, so
-    independent element-wise passes overlap. Elsewhere, or for one task, in order here."""
-    threads = min(len(tasks), _outer_threads if device.type == "cpu" else 1)
-    if threads < 2:
-        return [task() for task in tasks]
-    global _pool, _pool_size
-    if _pool is None or _pool_size < threads - 1:  # grows with the largest need seen
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="host")
-        _pool_size = threads - 1
-    results: list[T | None] = [None] * len(tasks)
-    order = iter(range(len(tasks)))
-    lock = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with lock:
-                i = next(order, None)
-            if i is None:
-                return
-            results[i] = tasks[i]()
-
-    helpers = [_pool.submit(work) for _ in range(threads - 1)]
-    work()
-    for helper in helpers:
-        helper.result()
-    return results  # type: ignore[return-value]
-
-
 def fill_normal(rows: Tensor, generators: Sequence[torch.Generator]) -> None:
     """rows[i] ~ N(0, 1) from generators[i], exactly as torch.randn(..., generator=...) draws
-    it; on the CPU the rows are split over threads (`run_parallel`; see the module docstring)."""
+    it; on the CPU inside `one_cpu_thread`, large draws are split over up to the outer thread
+    count of Python threads, the caller drawing the first part (see the module docstring)."""
     if rows.shape[0] != len(generators):
         raise ValueError(f"{rows.shape[0]} rows, {len(generators)} generators")
+    threads = _outer_threads if rows.device.type == "cpu" else 1
     per_row = rows[0].numel() if len(rows) else 0
-    parts = max(1, min(len(generators), _outer_threads, len(rows) * per_row // PARALLEL_DRAW))
+    parts = max(1, min(len(generators), threads, len(rows) * per_row // PARALLEL_DRAW))
+    if parts == 1:
+        _fill(rows, generators)
+        return
+    global _pool, _pool_size
+    if _pool is None or _pool_size < parts - 1:  # grows with the largest need seen
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="noise")
+        _pool_size = parts - 1
     bounds = [len(generators) * k // parts for k in range(parts + 1)]
-    run_parallel(
-        [partial(_fill, rows[a:b], generators[a:b]) for a, b in itertools.pairwise(bounds)],
-        rows.device,
-    )
+    spans = list(itertools.pairwise(bounds))
+    helpers = [_pool.submit(_fill, rows[a:b], generators[a:b]) for a, b in spans[1:]]
+    _fill(rows[: spans[0][1]], generators[: spans[0][1]])
+    for helper in helpers:
+        helper.result()
 
 
 def _fill(rows: Tensor, generators: Sequence[torch.Generator]) -> None:

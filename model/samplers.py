@@ -260,9 +260,7 @@ def advance(
     Euler ancestral and LCM share one) and each group is updated together; a group whose rows
     are consecutive in the batch reads its slice of the output without a copy, and may keep
     rows of `model_output` as history: it must not be overwritten afterwards. The step's
-    noise is drawn first, for every group at once (split over threads on the CPU:
-    `host_threads.fill_normal`). The updates themselves run one after another: run side by
-    side on two threads they measured slower here (thread hand-offs and one memory bus)."""
+    noise is drawn first, for every group at once (`host_threads.fill_normal`)."""
     if not len(trajs) == len(states) == model_output.shape[0]:
         raise ValueError(
             f"{len(trajs)} trajectories, {len(states)} states, {model_output.shape[0]} outputs"
@@ -274,11 +272,14 @@ def advance(
         by_rule.setdefault(SAMPLER_RULES[traj.sampler][1], []).append(i)
     groups = list(by_rule.items())
     gens = [st.generator for st in states]
-    drawing = [[i for i in rows if trajs[i].draws[states[i].k]] for _, rows in groups]
-    noises = _draw(out_all, [i for d in drawing for i in d], states, gens)
-
-    def update(g: int) -> tuple[Tensor, dict[str, Tensor]]:
-        step, rows = groups[g]
+    drawing = [  # per group: the positions of its rows that draw this step
+        [j for j, i in enumerate(rows) if trajs[i].draws[states[i].k]] for _, rows in groups
+    ]
+    drawing_rows = [rows[j] for (_, rows), d in zip(groups, drawing, strict=True) for j in d]
+    drawn = _draw(out_all, drawing_rows, states, gens)
+    result: list[SampleState | None] = [None] * len(states)
+    at = 0  # the group's first row in `drawn`: groups drew in order
+    for (step, rows), draws in zip(groups, drawing, strict=True):
         keys = SAMPLER_RULES[trajs[rows[0]].sampler][2]
         x = joined([states[i].x for i in rows])  # (G, C, h, w)
         if rows == list(range(rows[0], rows[0] + len(rows))):
@@ -289,11 +290,9 @@ def advance(
         coef = torch.tensor(host, dtype=torch.float32).to(x.device)
         cols = Cols(list(coef.view(len(rows), -1, 1, 1, 1).unbind(1)), host)  # (G, 1, 1, 1) each
         mem = {key: joined([states[i].memory[key] for i in rows]) for key in keys}
-        return step(x, out, mem, cols, _noise_of(rows, drawing[g], noises, x.device))
-
-    updated = [update(g) for g in range(len(groups))]
-    result: list[SampleState | None] = [None] * len(states)
-    for (_, rows), (x_new, mem_new) in zip(groups, updated, strict=True):
+        noise = _noise_term(draws, len(rows), drawn, at, x.device)
+        at += len(draws)
+        x_new, mem_new = step(x, out, mem, cols, noise)
         xs = x_new.split(1)  # row views in one call
         split = {key: v.split(1) for key, v in mem_new.items()}
         for j, i in enumerate(rows):
@@ -304,12 +303,12 @@ def advance(
 
 def _draw(
     like: Tensor, drawing: list[int], states: Sequence[SampleState], gens: list[torch.Generator]
-) -> dict[int, Tensor]:
-    """One fresh noise row (1, C, h, w) per drawing row, each from a copy of its own
+) -> Tensor | None:
+    """One fresh noise row per drawing row (D, C, h, w), each from a copy of its own
     generator (the input state keeps its position; `gens` gets the copies), drawn where the
     generators live (`fill_normal`) and moved to the latents' device in one copy."""
     if not drawing:
-        return {}
+        return None
     forks = [_fork(states[i].generator) for i in drawing]
     for i, gen in zip(drawing, forks, strict=True):
         gens[i] = gen
@@ -317,21 +316,20 @@ def _draw(
         (len(drawing), *like.shape[1:]), dtype=torch.float32, device=forks[0].device
     )
     fill_normal(drawn, forks)
-    rows = drawn.to(like.device).split(1)
-    return dict(zip(drawing, rows, strict=True))
+    return drawn.to(like.device)
 
 
-def _noise_of(
-    rows: list[int], drawing: list[int], noises: dict[int, Tensor], device: torch.device
+def _noise_term(
+    draws: list[int], n: int, drawn: Tensor | None, at: int, device: torch.device
 ) -> Noise:
-    """A group's noise term: which of its rows draw (None: all, a slice when consecutive, else
-    indices) and their noise (D, C, h, w); None when none does."""
-    if not drawing:
+    """A group of `n` rows' noise term: which of its rows draw (None: all, a slice when
+    consecutive, else their indices) and their noise, rows at..at+len(draws) of `drawn`;
+    None when none does."""
+    if not draws or drawn is None:
         return None
-    noise = joined([noises[i] for i in drawing])
-    if len(drawing) == len(rows):
+    noise = drawn[at : at + len(draws)]
+    if len(draws) == n:
         return None, noise
-    at = [rows.index(i) for i in drawing]
-    if at[-1] - at[0] == len(at) - 1:
-        return slice(at[0], at[-1] + 1), noise
-    return torch.tensor(at, device=device), noise
+    if draws[-1] - draws[0] == len(draws) - 1:
+        return slice(draws[0], draws[-1] + 1), noise
+    return torch.tensor(draws, device=device), noise

@@ -34,6 +34,10 @@ class Admission:
         self._adapter_loads: dict[str, PendingAdapters] = {}  # pending jobs' LoRA reads
         self._head_waits = 0
 
+    def add(self, handle: JobHandle) -> None:
+        """Queue a submitted job (last in line)."""
+        self.pending.append(handle)
+
     def rows(self) -> int:
         """Rows promised to pending jobs."""
         return sum(h.request.rows for h in self.pending)

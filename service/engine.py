@@ -123,7 +123,7 @@ class Engine:
             )
         handle = JobHandle(request)
         with self._lock:
-            self._admission.pending.append(handle)
+            self._admission.add(handle)
         return handle
 
     def cancel(self, job_id: str) -> bool:
