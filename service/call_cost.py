@@ -16,6 +16,7 @@ pixels / the measured latent pixels: a UNet's cost follows the pixels it process
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from bisect import bisect_left
@@ -28,6 +29,7 @@ from model.capabilities import probe_inputs
 from model.compiled import default_buckets
 from model.denoise import denoise_step
 from model.pipeline import Pipeline
+from service.settings import PinnedCallCosts
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +148,21 @@ def measure(pipeline: Pipeline, max_rows: int, side: int | None = None,
         if spent > budget_s:
             break
     f = pipeline.vae_scale_factor
-    compiled = pipeline.compiled_unet
-    buckets = None if compiled is None else compiled.buckets
-    costs = CallCosts(tuple(points), (width // f) * (height // f), buckets)
-    log.info("UNet call costs at %dx%d: %s", width, height,
-             ", ".join(f"{int(w)} rows {s * 1000:.1f} ms" for w, s in points))  # fmt: skip
+    costs = CallCosts(tuple(points), (width // f) * (height // f), _buckets(pipeline))
+    log.info("UNet call costs at %dx%d: %s; to pin them: LDMSERVE_CALL_COSTS='%s'", width,
+             height, ", ".join(f"{int(w)} rows {s * 1000:.1f} ms" for w, s in points),
+             json.dumps(costs.to_dict()))  # fmt: skip
     return costs
+
+
+def pinned(pipeline: Pipeline, spec: PinnedCallCosts) -> CallCosts:
+    """Costs an operator gave (setting ``call_costs``) instead of measuring them; a compiled
+    UNet still pads calls to its buckets."""
+    costs = CallCosts(tuple(spec.points), spec.pixels, _buckets(pipeline))
+    log.info("UNet call costs pinned at %d latent pixels: %s", costs.pixels, list(costs.points))
+    return costs
+
+
+def _buckets(pipeline: Pipeline) -> tuple[int, ...] | None:
+    compiled = pipeline.compiled_unet
+    return None if compiled is None else compiled.buckets

@@ -8,8 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PinnedCallCosts(BaseModel):
+    """UNet call costs given rather than measured (``call_costs``): the shape of
+    ``service.call_cost.CallCosts.to_dict``, which a worker logs after measuring, so an
+    operator can pin a device's curve (reproducible call sizes, no measuring at each start).
+    Its ``buckets`` are not read: they come from the worker's own compiled UNet."""
+
+    pixels: PositiveInt  # latent pixels (h x w) of the calls the points describe
+    points: list[tuple[PositiveFloat, PositiveFloat]] = Field(min_length=1)  # (rows, seconds)
 
 
 class Settings(BaseSettings):
@@ -75,6 +85,11 @@ class Settings(BaseSettings):
     )
     call_sizing_budget_s: float = Field(
         default=20.0, gt=0, description="Warm-up time the cost measurement may take."
+    )
+    call_costs: PinnedCallCosts | None = Field(
+        default=None,
+        description='Call costs to use instead of measuring them, as JSON: {"pixels": 64, '
+        '"points": [[1, 0.012], [2, 0.013], ...]} (what a worker logs after measuring).',
     )
     admission_wait_s: float = Field(
         default=0.2,

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def warm_up(pipeline: Pipeline, settings: Settings | None = None) -> CallCosts | None:
     """One tiny generation so first requests don't pay for lazy initialisation; then, with
-    ``call_sizing`` on, the UNet's call costs on this device (service.call_cost)."""
+    ``call_sizing`` on, the UNet's call costs on this device (service.call_cost), or the
+    ones the ``call_costs`` setting pins."""
     start = time.perf_counter()
     pipeline.generate(**probe_inputs(pipeline, 8 * pipeline.vae_scale_factor), steps=1,
                       sampler="euler")  # fmt: skip
@@ -35,6 +36,8 @@ def warm_up(pipeline: Pipeline, settings: Settings | None = None) -> CallCosts |
             pipeline.warm_compiled(side, side)
     if settings is None or not settings.call_sizing:
         return None
+    if settings.call_costs is not None:
+        return call_cost.pinned(pipeline, settings.call_costs)
     return call_cost.measure(
         pipeline, settings.max_batch, settings.call_sizing_side, settings.call_sizing_budget_s
     )

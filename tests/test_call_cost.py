@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from model import load_pipeline
 from model.compiled import default_buckets
 from model.pipeline import Pipeline
 from service.call_cost import CallCosts, measure
 from service.engine import Engine
+from service.settings import PinnedCallCosts, Settings
+from service.warm_up import warm_up
 from tests.test_engine import max_diff, req, solo
 
 # Seconds per call at 1, 2, 4, 8, 16 rows of 32x32 latents.
@@ -74,6 +78,31 @@ def test_measure_times_every_candidate_size(demo: Pipeline) -> None:
     assert costs.pixels == 8 * 8 and all(s > 0 for _, s in costs.points)
     one = measure(demo, 8, side=64, budget_s=1e-9)  # the budget stops it after one size
     assert [w for w, _ in one.points] == [1]
+
+
+def test_pinned_costs_replace_the_measurement(
+    demo: Pipeline, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The JSON a worker logs after measuring, set as LDMSERVE_CALL_COSTS, is the curve the
+    next worker uses, without measuring; a curve that is not increasing is refused."""
+    with caplog.at_level(logging.INFO, logger="service.call_cost"):
+        measured = measure(demo, 4, side=64, budget_s=60)
+    logged = next(r.getMessage() for r in caplog.records if "LDMSERVE_CALL_COSTS" in r.message)
+    monkeypatch.setenv("LDMSERVE_CALL_COSTS", logged.split("LDMSERVE_CALL_COSTS='")[1][:-1])
+    settings = Settings()
+    assert settings.call_costs is not None
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="service.call_cost"):
+        assert warm_up(demo, settings) == measured  # same points and pixels, no buckets
+    assert [r.message for r in caplog.records if "UNet call costs" in r.message] == [
+        f"UNet call costs pinned at 64 latent pixels: {list(measured.points)}"
+    ]  # nothing measured
+    assert warm_up(demo, Settings(call_sizing=False)) is None  # sizing off wins
+    bad = Settings(call_costs=PinnedCallCosts(pixels=64, points=[(2, 1.0), (1, 0.5)]))
+    with pytest.raises(ValueError, match="increasing"):
+        warm_up(demo, bad)
+    with pytest.raises(ValidationError):
+        Settings(call_costs={"pixels": 64, "points": [[1, -1.0]]})
 
 
 def test_engine_calls_follow_the_split_and_images_stay_solo(demo: Pipeline) -> None:
